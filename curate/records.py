@@ -1,0 +1,140 @@
+"""The canonical record: one conversation, where it came from, and its stable content id.
+
+Every reader turns its rows into these dicts; every stage reads and writes them; the version
+writer stores them as the Arrow schema below. `meta` is free-form, so it travels as a JSON string
+in tables and as a dict in Python (see `meta_of`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from typing import Any
+
+import pyarrow as pa
+
+ROLES = ("system", "user", "assistant", "tool")
+
+MESSAGE_TYPE = pa.struct(
+    [
+        pa.field("role", pa.string()),
+        pa.field("content", pa.string()),
+        # JSON text of OpenAI-style tool calls made by an assistant turn, or null.
+        pa.field("tool_calls", pa.string()),
+        # name of the tool whose result a "tool" turn carries, or null.
+        pa.field("name", pa.string()),
+    ]
+)
+MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
+
+SOURCE_TYPE = pa.struct(
+    [
+        pa.field("name", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("format", pa.string()),
+    ]
+)
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("messages", MESSAGES_TYPE, nullable=False),
+        pa.field("source", SOURCE_TYPE),
+        pa.field("origin", pa.string()),
+        pa.field("parent_id", pa.string()),
+        pa.field("meta", pa.string()),
+        # JSON text of the tool definitions offered to the model, or null.
+        pa.field("tools", pa.string()),
+        # the dispreferred continuation of a preference pair (same shape as messages), or null.
+        pa.field("rejected", MESSAGES_TYPE),
+        # KTO desirability label, or null.
+        pa.field("label", pa.bool_()),
+    ]
+)
+RECORD_COLUMNS = RECORD_SCHEMA.names
+
+
+def message(role: str, content: str, tool_calls: Any = None, name: str | None = None) -> dict:
+    """A canonical message dict; tool calls are stored as JSON text so the Arrow type stays fixed."""
+    if tool_calls is not None and not isinstance(tool_calls, str):
+        tool_calls = json.dumps(tool_calls, ensure_ascii=False, sort_keys=True)
+    return {"role": role, "content": content, "tool_calls": tool_calls, "name": name}
+
+
+def _id_key_text(text: str) -> str:
+    # The id must not change when the normalize stage only cleans whitespace or Unicode forms.
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def record_id(messages: list[dict]) -> str:
+    """Stable content id: the same conversation gives the same id in any run, file or format."""
+    key = [
+        (m["role"], _id_key_text(m.get("content") or ""), m.get("tool_calls") or "", m.get("name") or "")
+        for m in messages
+    ]
+    blob = json.dumps(key, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def make_record(
+    messages: list[dict],
+    source: dict,
+    *,
+    origin: str = "real",
+    parent_id: str | None = None,
+    meta: dict | None = None,
+    tools: Any = None,
+    rejected: list[dict] | None = None,
+    label: bool | None = None,
+) -> dict:
+    """Build a canonical record dict with its id; messages must already be canonical dicts."""
+    if tools is not None and not isinstance(tools, str):
+        tools = json.dumps(tools, ensure_ascii=False)
+    return {
+        "id": record_id(messages),
+        "messages": messages,
+        "source": source,
+        "origin": origin,
+        "parent_id": parent_id,
+        "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
+        "tools": tools,
+        "rejected": rejected,
+        "label": label,
+    }
+
+
+def meta_of(record: dict) -> dict:
+    """The record's meta as a dict (it is stored as JSON text)."""
+    raw = record.get("meta")
+    return json.loads(raw) if raw else {}
+
+
+def with_meta(record: dict, **updates: Any) -> dict:
+    """A copy of the record with meta keys added or replaced."""
+    meta = meta_of(record)
+    meta.update(updates)
+    return {**record, "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
+
+
+def to_table(records: list[dict]) -> pa.Table:
+    """Records as an Arrow table with the canonical schema (missing optional keys become null)."""
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def empty_table() -> pa.Table:
+    return RECORD_SCHEMA.empty_table()
+
+
+def train_messages(messages: list[dict]) -> list[dict]:
+    """Messages as TRL and Axolotl read them: nulls left out, tool calls parsed back to lists."""
+    out = []
+    for m in messages:
+        item = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            item["tool_calls"] = json.loads(m["tool_calls"])
+        if m.get("name"):
+            item["name"] = m["name"]
+        out.append(item)
+    return out

@@ -1,0 +1,15 @@
+"""Stages, one per file; importing this package registers every stage under its recipe name."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from curate.stages.base import STAGES, Drop, RowStage, Stage, StageContext, TableStage, TableVerdicts
+
+# Each module in this package registers its stage on import; base holds the model itself.
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["STAGES", "Drop", "RowStage", "Stage", "StageContext", "TableStage", "TableVerdicts"]

@@ -1,0 +1,196 @@
+"""The stage model: a typed config, one method that decides, and a registry keyed by recipe name.
+
+Two kinds of stage exist. A `RowStage` looks at one record at a time and keeps it, drops it with a
+reason, or returns a rewritten record. A `TableStage` sees the whole table (dedup, decontamination,
+diversity, blending) and returns one verdict per row, plus any records it adds. The runner does
+the counting, timing, caching, evidence and progress for every stage alike, so a stage only
+decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import polars as pl
+
+from curate.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Why a record leaves the set, with the evidence a reviewer needs to agree."""
+
+    reason: str
+    evidence: dict = field(default_factory=dict)
+
+
+Verdict = typing.Union[None, Drop, dict]  # keep as is, drop, or keep this rewritten record
+
+
+@dataclass
+class TableVerdicts:
+    """A table stage's answer: one verdict per input row (None keeps it) and records it adds."""
+
+    verdicts: list[Drop | dict | None]
+    added: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides its config: the recipe's eval sets, seed, folders, progress."""
+
+    base_dir: Path
+    cache_dir: Path
+    seed: int = 0
+    eval_sets: list[dict] = field(default_factory=list)  # eval set specs from the recipe
+    progress: Any = None  # a callable(advance: int) or None
+    recipe: dict = field(default_factory=dict)
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress(n)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A config field with its documentation (printed by `curate stages`)."""
+    if default is not dataclasses.MISSING and isinstance(default, (list, dict, set)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+class Stage:
+    """Base of all stages. Subclasses set `name`, `Config` and a one-line docstring."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any, context: StageContext) -> None:
+        self.config = config
+        self.context = context
+
+    def setup(self) -> None:
+        """Load models or indexes once, before the first record (optional)."""
+
+
+class RowStage(Stage):
+    """A stage that judges each record on its own."""
+
+    def process(self, record: dict) -> Verdict:
+        raise NotImplementedError
+
+    def process_batch(self, records: list[dict]) -> list[Verdict]:
+        return [self.process(r) for r in records]
+
+
+class TableStage(Stage):
+    """A stage that needs the whole table at once."""
+
+    def apply(self, table: pl.DataFrame) -> TableVerdicts:
+        raise NotImplementedError
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage available under its recipe name."""
+    STAGES[cls.name] = cls
+    return cls
+
+
+def build_config(config_cls: type, options: dict | None, where: str) -> Any:
+    """Validate recipe options into the stage's config dataclass, with errors that point at the key."""
+    options = dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    for key in options:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known options: {', '.join(fields)}"
+            raise RecipeError(f"{where}: unknown option '{key}'", hint=hint)
+    for key, value in options.items():
+        sub_cls = _dataclass_in(hints[key])
+        if sub_cls is not None and isinstance(value, dict):
+            options[key] = build_config(sub_cls, value, f"{where}.{key}")
+        elif not _type_ok(hints[key], value):
+            raise RecipeError(
+                f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}",
+                hint=fields[key].metadata.get("help", ""),
+            )
+    try:
+        config = config_cls(**options)
+    except TypeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    check = getattr(config, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+    return config
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    for arg in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _type_ok(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_type_ok(arg, value) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe_config(config_cls: type) -> list[dict]:
+    """Options of a stage config, for `curate stages`: name, type, default, help."""
+    hints = typing.get_type_hints(config_cls)
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
+        rows.append(
+            {"name": f.name, "type": _type_name(hints[f.name]), "default": default, "help": f.metadata.get("help", "")}
+        )
+    return rows
