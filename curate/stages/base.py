@@ -30,7 +30,7 @@ class Drop:
     evidence: dict = field(default_factory=dict)
 
 
-Verdict = typing.Union[None, Drop, dict]  # keep as is, drop, or keep this rewritten record
+Verdict = Drop | dict | None  # drop, keep this rewritten record, or keep as is
 
 
 @dataclass
@@ -191,6 +191,11 @@ def describe_config(config_cls: type) -> list[dict]:
         if dataclasses.is_dataclass(default):
             default = dataclasses.asdict(default)
         rows.append(
-            {"name": f.name, "type": _type_name(hints[f.name]), "default": default, "help": f.metadata.get("help", "")}
+            {
+                "name": f.name,
+                "type": _type_name(hints[f.name]),
+                "default": default,
+                "help": f.metadata.get("help", ""),
+            }
         )
     return rows

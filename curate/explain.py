@@ -1,0 +1,90 @@
+"""Explain one record of a version: its text, where it came from, what each stage did, or why it left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from rich.console import Console
+from rich.panel import Panel
+
+from curate.errors import CurateError
+
+# Evidence keys that name another record of the same run (e.g. the kept copy of a duplicate).
+_POINTERS = ("duplicate_of",)
+
+
+def explain(version: Path, record_id: str | None = None, source_ref: str | None = None) -> dict:
+    """Find a record by id (or by `path:row` of its input) in a version's kept and dropped tables."""
+    if source_ref:
+        path, _, row = source_ref.rpartition(":")
+        if not path or not row.isdigit():
+            raise CurateError(
+                f"--source {source_ref!r}: expected PATH:ROW", hint="e.g. --source data/a.jsonl:12"
+            )
+        condition = (pl.col("source").struct.field("row") == int(row)) & pl.col("source").struct.field(
+            "path"
+        ).str.ends_with(path)
+    else:
+        condition = pl.col("id") == record_id
+    kept = pl.read_parquet(version / "data.parquet").filter(condition)
+    dropped = pl.read_parquet(version / "dropped.parquet").filter(condition)
+    ids = set(kept["id"]) | set(dropped["id"])
+    edits = pl.read_parquet(version / "edits.parquet").filter(pl.col("id").is_in(list(ids)))
+    if not ids:
+        where = record_id or source_ref
+        raise CurateError(
+            f"no record {where} in {version.name}",
+            hint="ids are in data.parquet and dropped.parquet; unreadable lines are in quarantine.jsonl",
+        )
+    result = {"kept": kept.to_dicts(), "dropped": [], "edits": edits.to_dicts()}
+    for row in dropped.to_dicts():
+        row["evidence"] = json.loads(row["evidence"] or "{}")
+        for key in _POINTERS:
+            target = row["evidence"].get(key)
+            if target:
+                row[key + "_record"] = _summary(version, target)
+        result["dropped"].append(row)
+    return result
+
+
+def _summary(version: Path, record_id: str) -> dict | None:
+    for name in ("data.parquet", "dropped.parquet"):
+        hit = pl.read_parquet(version / name).filter(pl.col("id") == record_id).head(1).to_dicts()
+        if hit:
+            return {
+                "id": record_id,
+                "source": hit[0]["source"],
+                "where": name,
+                "first_turn": _first_user(hit[0]),
+            }
+    return None
+
+
+def _first_user(record: dict) -> str:
+    return next((m["content"] for m in record["messages"] if m["role"] == "user"), "")[:300]
+
+
+def render_explanation(found: dict, console: Console) -> None:
+    for rec in found["kept"]:
+        _render_record(rec, "kept", "green", console)
+    for rec in found["dropped"]:
+        _render_record(rec, f"dropped by {rec['stage']}: {rec['reason']}", "red", console)
+        console.print("  evidence: " + json.dumps(rec["evidence"], ensure_ascii=False))
+        target = rec.get("duplicate_of_record")
+        if target:
+            src = target["source"]
+            console.print(
+                f"  duplicate of {target['id']} ({src['path']}:{src['row']}, {target['where']}): "
+                f"{target['first_turn'][:120]!r}"
+            )
+    for edit in found["edits"]:
+        console.print(f"  [dim]{edit['stage']}[/dim]: {edit['change']}  ({edit['id']})")
+
+
+def _render_record(rec: dict, status: str, colour: str, console: Console) -> None:
+    src = rec["source"]
+    body = "\n".join(f"[bold]{m['role']}[/bold]: {m['content'][:600]}" for m in rec["messages"])
+    title = f"{rec['id']}  [{colour}]{status}[/{colour}]  {src['path']}:{src['row']} ({src['format']})"
+    console.print(Panel(body, title=title, title_align="left", expand=True))

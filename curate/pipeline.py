@@ -1,0 +1,545 @@
+"""Recipes and the runner: load and check a recipe whole, then ingest, run each stage, and cache results.
+
+The runner owns everything stages have in common: counting, timing, evidence, progress and the
+stage cache. A stage's cache key chains the key of its input with its own name, options and code,
+so re-running a recipe whose first stages did not change reuses their output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import polars as pl
+import pyarrow as pa
+import yaml
+
+import curate
+from curate import stages as stage_registry
+from curate.errors import CurateError, RecipeError
+from curate.formats import InputSpec, read_input
+from curate.progress import Progress
+from curate.records import RECORD_SCHEMA, to_table
+from curate.stages.base import Drop, RowStage, Stage, StageContext, TableStage, build_config
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+ROW_BATCH = 4096
+
+# Extra words for the most common recipe mistakes, keyed by the schema keyword that failed.
+_SCHEMA_HINTS = {
+    "required": "see pipelines/demo.yaml for a complete recipe",
+    "additionalProperties": "top-level keys are name, description, seed, inputs, eval_sets, stages, output, "
+    "allow_eval_overlap",
+    "maxProperties": "write each stage as its own list item: `- dedup: {...}`",
+    "minProperties": "write each stage as its own list item: `- dedup: {...}`",
+}
+
+
+@dataclass
+class StageStep:
+    """One stage of a recipe: its name, validated config and the options as written."""
+
+    name: str
+    config: Any
+    options: dict
+
+    @property
+    def cls(self) -> type[Stage]:
+        return stage_registry.STAGES[self.name]
+
+
+@dataclass
+class Recipe:
+    """A validated recipe; paths in it resolve against `base_dir` (the recipe's folder)."""
+
+    name: str
+    inputs: list[InputSpec]
+    stages: list[StageStep]
+    eval_sets: list[dict] = field(default_factory=list)
+    output_dir: Path | None = None
+    seed: int = 0
+    allow_eval_overlap: bool = False
+    base_dir: Path = Path(".")
+    raw: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def stage_options(self, name: str) -> dict | None:
+        return next((s.options for s in self.stages if s.name == name), None)
+
+
+def load_schema(name: str) -> dict:
+    return json.loads((SCHEMA_DIR / name).read_text())
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe and check all of it (shape, stage names, every option) before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe not found: {path}", hint="give the path of a pipeline YAML, e.g. pipelines/demo.yaml"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path}: a recipe is a mapping with inputs and stages", hint=_SCHEMA_HINTS["required"]
+        )
+    return recipe_from_dict(raw, base_dir=path.resolve().parent, path=path)
+
+
+def recipe_from_dict(raw: dict, base_dir: Path, path: Path | None = None) -> Recipe:
+    validator = jsonschema.Draft202012Validator(load_schema("pipeline.schema.json"))
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = _key_path(err.absolute_path) or "recipe"
+        raise RecipeError(f"{where}: {err.message}", hint=_SCHEMA_HINTS.get(err.validator, ""))
+    inputs = [InputSpec.from_recipe(entry, f"inputs[{i}]") for i, entry in enumerate(raw["inputs"])]
+    eval_sets = list(raw.get("eval_sets") or [])
+    if eval_sets:
+        from curate.evalsets import EvalSetSpec
+
+        for i, entry in enumerate(eval_sets):
+            EvalSetSpec.from_recipe(entry, f"eval_sets[{i}]")
+        names = [e["name"] for e in eval_sets]
+        if len(set(names)) != len(names):
+            raise RecipeError("eval_sets: names must be unique", hint=f"got {names}")
+    steps = []
+    for i, item in enumerate(raw["stages"]):
+        ((name, options),) = item.items()
+        if name not in stage_registry.STAGES:
+            close = difflib.get_close_matches(name, stage_registry.STAGES, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "`curate stages` lists them"
+            raise RecipeError(f"stages[{i}]: unknown stage '{name}'", hint=hint)
+        cls = stage_registry.STAGES[name]
+        steps.append(
+            StageStep(name, build_config(cls.Config, options, f"stages[{i}].{name}"), dict(options or {}))
+        )
+    out = (raw.get("output") or {}).get("dir")
+    return Recipe(
+        name=raw.get("name") or (path.stem if path else "recipe"),
+        inputs=inputs,
+        stages=steps,
+        eval_sets=eval_sets,
+        output_dir=(base_dir / out) if out else None,
+        seed=int(raw.get("seed", 0)),
+        allow_eval_overlap=bool(raw.get("allow_eval_overlap", False)),
+        base_dir=base_dir,
+        raw=raw,
+        path=path,
+    )
+
+
+def _key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+@dataclass
+class StageResult:
+    """What one stage did: counts, reasons, time, and whether its output came from the cache."""
+
+    name: str
+    rows_in: int
+    rows_out: int
+    dropped: dict[str, int]
+    added: int
+    seconds: float
+    cached: bool
+
+    def as_manifest(self) -> dict:
+        return {
+            "name": self.name,
+            "in": self.rows_in,
+            "out": self.rows_out,
+            "dropped": self.dropped,
+            "added": self.added,
+            "seconds": round(self.seconds, 3),
+            "cached": self.cached,
+        }
+
+
+@dataclass
+class RunOutput:
+    """Everything a run produced, before the version is written."""
+
+    kept: pl.DataFrame
+    dropped: pl.DataFrame
+    edits: pl.DataFrame
+    quarantine: list[dict]
+    inputs: list[dict]
+    stages: list[StageResult]
+    ingested: int
+
+    @property
+    def synthetic(self) -> int:
+        return sum(s.added for s in self.stages)
+
+
+DROPPED_EXTRA = pa.schema(
+    [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("evidence", pa.string())]
+)
+EDITS_SCHEMA = pa.schema(
+    [pa.field("id", pa.string()), pa.field("stage", pa.string()), pa.field("change", pa.string())]
+)
+
+
+def code_fingerprint(obj: Any) -> str:
+    """Hash of the source of the module that defines `obj`: a code change invalidates its cache."""
+    source = inspect.getsource(inspect.getmodule(obj))
+    return hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+
+
+def _digest(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=12).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Runner:
+    """Runs a recipe on the local engine, reusing cached stage outputs under `cache_dir`."""
+
+    def __init__(self, recipe: Recipe, cache_dir: Path, progress: Progress) -> None:
+        self.recipe = recipe
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    def run(self) -> RunOutput:
+        table, quarantine, inputs, key = self._ingest()
+        ingested = table.height
+        dropped_parts: list[pl.DataFrame] = []
+        edit_parts: list[pl.DataFrame] = []
+        results = []
+        for i, step in enumerate(self.recipe.stages):
+            key = _digest(
+                key,
+                step.name,
+                dataclasses.asdict(step.config),
+                code_fingerprint(step.cls),
+                curate.__version__,
+            )
+            cached = self._load_cached(key)
+            if cached is not None:
+                kept, dropped, edits, result = cached
+                result.cached = True
+                self.progress.note(f"{step.name}: cached ({result.rows_in:,} -> {result.rows_out:,})")
+            else:
+                kept, dropped, edits, result = self._run_stage(i, step, table)
+                self._store_cached(key, kept, dropped, edits, result)
+            table = kept
+            dropped_parts.append(dropped)
+            edit_parts.append(edits)
+            results.append(result)
+        return RunOutput(
+            kept=table,
+            dropped=pl.concat(dropped_parts) if dropped_parts else _empty_dropped(),
+            edits=pl.concat(edit_parts) if edit_parts else pl.from_arrow(EDITS_SCHEMA.empty_table()),
+            quarantine=quarantine,
+            inputs=inputs,
+            stages=results,
+            ingested=ingested,
+        )
+
+    # ingest ---------------------------------------------------------------------------------------
+
+    def _ingest(self) -> tuple[pl.DataFrame, list[dict], list[dict], str]:
+        from curate import formats
+        from curate.formats import input_files
+
+        base = self.recipe.base_dir
+        files = []
+        for spec in self.recipe.inputs:
+            paths = input_files(spec, base)
+            if not paths and not spec.path.startswith("hf:"):
+                raise CurateError(
+                    f"input '{spec.path}' matches no file", hint=f"paths resolve against {base}"
+                )
+            files.append([(p, file_sha256(p)) for p in paths if p.is_file()])
+        key = _digest(
+            "ingest",
+            [dataclasses.asdict(s) for s in self.recipe.inputs],
+            [[(str(p), h) for p, h in group] for group in files],
+            code_fingerprint(formats),
+            curate.__version__,
+        )
+        cached = self._load_cached(key)
+        if cached is not None:
+            table, _, _, result = cached
+            self.progress.note(f"ingest: cached ({table.height:,} records)")
+            meta = json.loads((self.cache_dir / key / "ingest.json").read_text())
+            return table, meta["quarantine"], meta["inputs"], key
+        tables: list[pa.Table] = []
+        quarantine: list[dict] = []
+        per_file: dict[str, dict] = {}
+        task = self.progress.task("ingest", total=None, unit="records")
+        for spec, group in zip(self.recipe.inputs, files, strict=True):
+            hashes = {_rel(p, base): h for p, h in group}
+            for batch in read_input(spec, base):
+                entry = per_file.setdefault(
+                    batch.path,
+                    {
+                        "path": batch.path,
+                        "name": spec.name,
+                        "format": batch.format,
+                        "sha256": hashes.get(batch.path),
+                        "records": 0,
+                        "quarantined": 0,
+                    },
+                )
+                entry["records"] += len(batch.records)
+                entry["quarantined"] += len(batch.quarantined)
+                if batch.records:
+                    tables.append(to_table(batch.records))
+                quarantine.extend(batch.quarantined)
+                task.advance(len(batch.records) + len(batch.quarantined))
+        task.done()
+        arrow = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+        table = pl.from_arrow(arrow)
+        inputs = list(per_file.values())
+        self._store_cached(
+            key,
+            table,
+            _empty_dropped(),
+            _empty_edits(),
+            StageResult("ingest", 0, table.height, {}, 0, 0, False),
+        )
+        (self.cache_dir / key / "ingest.json").write_text(
+            json.dumps({"quarantine": quarantine, "inputs": inputs})
+        )
+        return table, quarantine, inputs, key
+
+    # stages ---------------------------------------------------------------------------------------
+
+    def _run_stage(self, index: int, step: StageStep, table: pl.DataFrame):
+        ctx = StageContext(
+            base_dir=self.recipe.base_dir,
+            cache_dir=self.cache_dir,
+            seed=self.recipe.seed,
+            eval_sets=self.recipe.eval_sets,
+            recipe=self.recipe.raw,
+        )
+        stage = step.cls(step.config, ctx)
+        started = time.perf_counter()
+        task = self.progress.task(step.name, total=table.height, unit="records")
+        ctx.progress = task.advance
+        stage.setup()
+        if isinstance(stage, RowStage):
+            verdicts: list = []
+            for offset in range(0, table.height, ROW_BATCH):
+                batch = table.slice(offset, ROW_BATCH).to_dicts()
+                verdicts.extend(stage.process_batch(batch))
+                task.advance(len(batch))
+            added: list[dict] = []
+        elif isinstance(stage, TableStage):
+            out = stage.apply(table)
+            verdicts, added = out.verdicts, out.added
+        else:  # pragma: no cover - registry only holds the two kinds
+            raise TypeError(f"stage {step.name} is neither a RowStage nor a TableStage")
+        task.done()
+        if len(verdicts) != table.height:
+            raise CurateError(
+                f"stage {step.name} returned {len(verdicts)} verdicts for {table.height} records"
+            )
+        kept, dropped, edits = _apply_verdicts(step.name, table, verdicts, added)
+        reasons = Counter(v.reason for v in verdicts if isinstance(v, Drop))
+        result = StageResult(
+            name=step.name,
+            rows_in=table.height,
+            rows_out=kept.height,
+            dropped=dict(sorted(reasons.items())),
+            added=len(added),
+            seconds=time.perf_counter() - started,
+            cached=False,
+        )
+        return kept, dropped, edits, result
+
+    # cache ----------------------------------------------------------------------------------------
+
+    def _load_cached(self, key: str):
+        folder = self.cache_dir / key
+        if not (folder / "done.json").is_file():
+            return None
+        result = StageResult(**json.loads((folder / "done.json").read_text()))
+        return (
+            pl.read_parquet(folder / "kept.parquet"),
+            pl.read_parquet(folder / "dropped.parquet"),
+            pl.read_parquet(folder / "edits.parquet"),
+            result,
+        )
+
+    def _store_cached(self, key: str, kept, dropped, edits, result: StageResult) -> None:
+        folder = self.cache_dir / key
+        folder.mkdir(parents=True, exist_ok=True)
+        kept.write_parquet(folder / "kept.parquet")
+        dropped.write_parquet(folder / "dropped.parquet")
+        edits.write_parquet(folder / "edits.parquet")
+        # done.json last: a crash mid-write leaves an entry that is ignored, never a half one that is used
+        (folder / "done.json").write_text(json.dumps(dataclasses.asdict(result)))
+
+
+def _rel(path: Path, base: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+def _empty_dropped() -> pl.DataFrame:
+    return pl.from_arrow(pa.unify_schemas([RECORD_SCHEMA, DROPPED_EXTRA]).empty_table())
+
+
+def _empty_edits() -> pl.DataFrame:
+    return pl.from_arrow(EDITS_SCHEMA.empty_table())
+
+
+def _apply_verdicts(stage: str, table: pl.DataFrame, verdicts: list, added: list[dict]):
+    """Split a table by its verdicts into kept rows (rewrites applied, additions appended) and drops."""
+    keep_idx, drop_idx, drops, rewrites, edits = [], [], [], {}, []
+    for i, v in enumerate(verdicts):
+        if isinstance(v, Drop):
+            drop_idx.append(i)
+            drops.append(v)
+        else:
+            keep_idx.append(i)
+            if isinstance(v, dict):
+                rewrites[i] = v
+    kept = table[keep_idx] if len(keep_idx) != table.height else table
+    if rewrites:
+        originals = table[list(rewrites)].to_dicts()
+        rows = kept.to_dicts()
+        position = {row_index: n for n, row_index in enumerate(keep_idx)}
+        for (row_index, new), old in zip(rewrites.items(), originals, strict=True):
+            rows[position[row_index]] = new
+            change = describe_change(old, new)
+            if change:
+                edits.append({"id": new["id"], "stage": stage, "change": change})
+        kept = pl.from_arrow(to_table(rows))
+    if added:
+        kept = pl.concat([kept, pl.from_arrow(to_table(added))])
+        edits.extend({"id": r["id"], "stage": stage, "change": "added (synthetic)"} for r in added)
+    dropped = table[drop_idx].with_columns(
+        pl.lit(stage).alias("stage"),
+        pl.Series("reason", [d.reason for d in drops], dtype=pl.String),
+        pl.Series(
+            "evidence",
+            [json.dumps(d.evidence, ensure_ascii=False, sort_keys=True, default=str) for d in drops],
+            dtype=pl.String,
+        ),
+    )
+    edits_df = pl.from_arrow(pa.Table.from_pylist(edits, schema=EDITS_SCHEMA))
+    return kept, dropped, edits_df
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """A short human account of what a stage changed in a record (for `curate show`)."""
+    notes = []
+    old_m, new_m = old["messages"], new["messages"]
+    old_sys = [m["content"] for m in old_m if m["role"] == "system"]
+    new_sys = [m["content"] for m in new_m if m["role"] == "system"]
+    if old_sys != new_sys:
+        notes.append("system prompt set" if new_sys else "system prompt removed")
+    old_turns = [m for m in old_m if m["role"] != "system"]
+    new_turns = [m for m in new_m if m["role"] != "system"]
+    if len(old_turns) != len(new_turns):
+        notes.append(f"turns {len(old_turns)} -> {len(new_turns)}")
+    else:
+        changed = sum(
+            a["content"] != b["content"] or a["role"] != b["role"]
+            for a, b in zip(old_turns, new_turns, strict=True)
+        )
+        if changed:
+            notes.append(f"text cleaned in {changed} turn{'s' if changed > 1 else ''}")
+    for key in ("meta", "tools", "rejected", "label"):
+        if old.get(key) != new.get(key):
+            notes.append(f"{key} changed")
+    return "; ".join(notes)
+
+
+def run_recipe(
+    recipe: Recipe, out_dir: Path | None = None, progress: Progress | None = None
+) -> tuple[Path, dict]:
+    """Run a recipe and write its version; returns the version folder and its manifest."""
+    from curate import versions
+
+    out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
+    progress = progress or Progress(enabled=False)
+    started = time.perf_counter()
+    output = Runner(recipe, out_dir / ".cache", progress).run()
+    overlap = _eval_overlap_check(recipe, output.kept)
+    dropped_key = output.dropped.select("id", "stage", "reason").rows()
+    input_hashes = [entry["sha256"] or entry["path"] for entry in output.inputs]
+    vid = versions.version_id(recipe.raw, input_hashes, output.kept["id"].to_list(), dropped_key)
+    previous = _previous_version(out_dir)
+    counts = {
+        "input": output.ingested + len(output.quarantine),
+        "kept": output.kept.height,
+        "dropped": output.dropped.height,
+        "quarantined": len(output.quarantine),
+        "synthetic": output.synthetic,
+    }
+    if counts["input"] != counts["kept"] + counts["dropped"] + counts["quarantined"] - counts["synthetic"]:
+        raise CurateError(f"internal error: counts do not add up {counts}; please report this")
+    manifest = {
+        "version": vid,
+        "parent": previous if previous != vid else None,
+        "created": versions.now_iso(),
+        "recipe": recipe.raw,
+        "recipe_path": str(recipe.path) if recipe.path else None,
+        "code_version": versions.code_version(),
+        "template": (recipe.stage_options("normalize") or {}).get("template", "chatml"),
+        "inputs": output.inputs,
+        "counts": counts,
+        "stages": [s.as_manifest() for s in output.stages],
+        "eval_overlap": overlap,
+        "llm": {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost": 0.0},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    folder = versions.write_version(
+        out_dir, vid, manifest, output.kept, output.dropped, output.edits, output.quarantine
+    )
+    return folder, versions.read_manifest(folder)
+
+
+def _previous_version(out_dir: Path) -> str | None:
+    from curate import versions
+
+    try:
+        return versions.resolve_version(out_dir).name
+    except CurateError:
+        return None
+
+
+def _eval_overlap_check(recipe: Recipe, kept: pl.DataFrame) -> dict:
+    """Refuse a version that would train on an exact copy of a declared eval item, unless allowed."""
+    if not recipe.eval_sets:
+        return {"checked": False, "exact_copies": 0}
+    from curate.stages.decontaminate import exact_eval_copies
+
+    copies = exact_eval_copies(kept, recipe.eval_sets, recipe.base_dir)
+    if copies and not recipe.allow_eval_overlap:
+        shown = "; ".join(f"record {c['id']} = {c['eval_set']}:{c['eval_id']}" for c in copies[:5])
+        raise CurateError(
+            f"refusing to write a version: {len(copies)} kept record(s) contain an exact copy of an eval "
+            f"item ({shown})",
+            hint="add a decontaminate stage (methods: [exact, ngram]) or set allow_eval_overlap: true",
+        )
+    return {"checked": True, "exact_copies": len(copies), "allowed": recipe.allow_eval_overlap}
