@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from typing import Any
 
@@ -63,9 +64,13 @@ def message(role: str, content: str, tool_calls: Any = None, name: str | None = 
     return {"role": role, "content": content, "tool_calls": tool_calls, "name": name}
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def _id_key_text(text: str) -> str:
-    # The id must not change when the normalize stage only cleans whitespace or Unicode forms.
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    # The id must not change when the normalize stage only cleans whitespace, control characters or
+    # Unicode composition: the same conversation keeps its id through the whole pipeline.
+    return " ".join(_CONTROL_CHARS.sub("", unicodedata.normalize("NFC", text)).split())
 
 
 def record_id(messages: list[dict]) -> str:

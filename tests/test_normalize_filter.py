@@ -1,0 +1,135 @@
+"""normalize and filter stages: each option changes exactly what it says, with the right drop reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from curate.errors import RecipeError
+from curate.records import make_record, message, record_id
+from curate.stages import STAGES, Drop, StageContext
+from curate.stages.base import build_config
+
+SOURCE = {"name": "t", "path": "t.jsonl", "row": 1, "format": "messages"}
+
+
+def stage(name: str, **options):
+    cls = STAGES[name]
+    s = cls(build_config(cls.Config, options, name), StageContext(base_dir=Path("."), cache_dir=Path(".")))
+    s.setup()
+    return s
+
+
+def rec(*turns, meta=None) -> dict:
+    return make_record([message(r, c) for r, c in turns], SOURCE, meta=meta)
+
+
+def test_normalize_cleans_text_and_keeps_the_id():
+    r = rec(("user", "Cafe\u0301\r\n\r\n\r\n\r\nline  \x07two  "), ("assistant", "  ok \x00"))
+    out = stage("normalize").process(r)
+    assert [m["content"] for m in out["messages"]] == ["Caf\u00e9\n\nline  two", "ok"]
+    # whitespace and Unicode cleanup must not change the content id
+    assert out["id"] == r["id"] == record_id(out["messages"])
+
+
+def test_normalize_leaves_clean_records_untouched():
+    assert stage("normalize").process(rec(("user", "hi"), ("assistant", "hello"))) is None
+
+
+def test_system_prompt_modes():
+    with_sys = rec(("system", "Be terse."), ("user", "hi"), ("assistant", "yo"))
+    without = rec(("user", "hi"), ("assistant", "yo"))
+    add = stage("normalize", system_prompt="You are helpful.")
+    assert add.process(with_sys) is None
+    assert add.process(without)["messages"][0] == message("system", "You are helpful.")
+    replace = stage("normalize", system_prompt="You are helpful.", system_prompt_mode="replace")
+    assert [m["content"] for m in replace.process(with_sys)["messages"]] == ["You are helpful.", "hi", "yo"]
+    keep = stage("normalize", system_prompt="You are helpful.", system_prompt_mode="keep")
+    assert keep.process(without) is None
+
+
+def test_merge_consecutive_turns_and_role_aliases():
+    r = make_record(
+        [message("user", "a"), message("user", "b"), message("Bot", "c"), message("assistant", "d")], SOURCE
+    )
+    out = stage("normalize", role_aliases={"bot": "assistant"}).process(r)
+    assert [(m["role"], m["content"]) for m in out["messages"]] == [
+        ("user", "a\n\nb"),
+        ("assistant", "c\n\nd"),
+    ]
+    unknown = stage("normalize").process(r)
+    assert isinstance(unknown, Drop) and unknown.reason == "unknown_role"
+
+
+def test_tool_turns_are_not_merged():
+    calls = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    r = make_record(
+        [
+            message("user", "q"),
+            message("assistant", "", calls),
+            message("tool", "1"),
+            message("tool", "2"),
+            message("assistant", "done"),
+        ],
+        SOURCE,
+    )
+    assert stage("normalize").process(r) is None
+
+
+def test_bad_options_point_at_the_key():
+    with pytest.raises(RecipeError, match="normalize: unknown option 'system_promt'") as exc:
+        build_config(STAGES["normalize"].Config, {"system_promt": "x"}, "normalize")
+    assert "system_prompt" in exc.value.hint
+    with pytest.raises(RecipeError, match=r"normalize.unicode_form: expected 'NFC' \| 'NFKC' \| 'none'"):
+        build_config(STAGES["normalize"].Config, {"unicode_form": "NFD"}, "normalize")
+    with pytest.raises(RecipeError, match="role_aliases must map"):
+        build_config(STAGES["normalize"].Config, {"role_aliases": {"bot": "robot"}}, "normalize")
+
+
+@pytest.mark.parametrize(
+    ("turns", "options", "reason"),
+    [
+        ((("user", "q"), ("assistant", "   ")), {}, "empty_turn"),
+        ((("user", "q"),), {}, "no_assistant_answer"),
+        ((("user", "q"), ("assistant", "a"), ("user", "more?")), {}, "not_ending_on_assistant"),
+        ((("user", "q"), ("assistant", "ab")), {"min_assistant_chars": 3}, "assistant_too_short"),
+        ((("user", "q"), ("assistant", "a" * 50)), {"max_chars": 20}, "too_long"),
+        ((("user", "q"), ("assistant", "ok")), {"min_chars": 10}, "too_short"),
+        ((("user", "q"), ("assistant", "one two three four")), {"max_tokens": 3}, "too_many_tokens"),
+        ((("user", "q"), ("assistant", "As an AI language model, I can't.")), {}, "refusal"),
+        ((("user", "q"), ("assistant", "I'm sorry, but I cannot help.")), {}, "refusal"),
+    ],
+)
+def test_filter_drops_with_reason(turns, options, reason):
+    verdict = stage("filter", **options).process(rec(*turns))
+    assert isinstance(verdict, Drop) and verdict.reason == reason
+
+
+def test_filter_keeps_good_records_and_reports_evidence():
+    f = stage("filter")
+    assert f.process(rec(("system", "s"), ("user", "What is 2+2?"), ("assistant", "4"))) is None
+    refusal = f.process(rec(("user", "q"), ("assistant", "Sure. As an AI model I have no body.")))
+    assert refusal.evidence == {"turn": 1, "match": "As an AI model"}
+    assert (
+        stage("filter", drop_refusals=False).process(rec(("user", "q"), ("assistant", "As an AI model")))
+        is None
+    )
+    custom = stage("filter", refusal_patterns=[r"\bnope\b"])
+    assert custom.process(rec(("user", "q"), ("assistant", "As an AI model"))) is None
+    assert custom.process(rec(("user", "q"), ("assistant", "Nope."))).reason == "refusal"
+
+
+def test_prompt_only_records_are_dropped_or_kept_for_generation():
+    prompt_only = rec(("user", "Write a haiku about rain."), meta={"needs_response": True})
+    assert stage("filter").process(prompt_only).reason == "prompt_only"
+    assert stage("filter", keep_prompt_only=True).process(prompt_only) is None
+
+
+def test_filter_rejects_bad_patterns_and_bounds():
+    with pytest.raises(RecipeError, match="not a valid regular expression"):
+        build_config(STAGES["filter"].Config, {"refusal_patterns": ["("]}, "filter")
+    with pytest.raises(RecipeError, match="max_chars is below min_chars"):
+        build_config(STAGES["filter"].Config, {"min_chars": 10, "max_chars": 5}, "filter")
+    with pytest.raises(RecipeError, match=r"filter.min_chars: expected int"):
+        build_config(STAGES["filter"].Config, {"min_chars": "ten"}, "filter")
