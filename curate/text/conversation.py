@@ -24,9 +24,15 @@ def conversation_text(table: pl.DataFrame, key: TextKey = "conversation", sep: s
             pl.when(pl.element().struct.field("role") == key).then(pl.element().struct.field("content"))
         ).list.drop_nulls()
     elif key == "first_user":
-        picked = msgs.list.eval(
-            pl.when(pl.element().struct.field("role") == "user").then(pl.element().struct.field("content"))
-        ).list.drop_nulls().list.head(1)
+        picked = (
+            msgs.list.eval(
+                pl.when(pl.element().struct.field("role") == "user").then(
+                    pl.element().struct.field("content")
+                )
+            )
+            .list.drop_nulls()
+            .list.head(1)
+        )
     else:
         raise ValueError(f"unknown text key {key!r}; use conversation, user, first_user or assistant")
     return table.select(picked.list.join(sep).fill_null("").alias("text")).to_series()
