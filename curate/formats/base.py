@@ -1,0 +1,119 @@
+"""The format registry: how each source shape is recognised and turned into canonical conversations.
+
+A format is a pair of plain functions. `detect(row)` is a cheap test on one parsed row; `convert(row,
+options)` returns the conversations the row holds (one for every shape but OASST trees with
+`oasst_paths: all`). The reader adds `source` and builds the record, so converters stay pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from curate.records import message
+
+# Keys a row uses for the text of the question and of the answer; shared by several detectors.
+ANSWER_KEYS = ("output", "response", "completion", "answer", "chosen", "rejected", "target", "outputs")
+
+
+class RecordError(ValueError):
+    """A row of a known shape whose content cannot become a conversation (it is quarantined)."""
+
+
+@dataclass
+class FormatOptions:
+    """Per-input options from the recipe (`options:` of an input), shared by all converters."""
+
+    oasst_paths: str = "best"  # "best": one conversation per tree; "all": one per root-to-leaf path
+    # Trailing end-of-text markers that GPT-3-style completion datasets append as framing.
+    end_markers: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    fields: dict | None = None  # the user's role -> source key mapping (format "fields")
+
+    KNOWN = {
+        "oasst_paths": "'best' (one conversation per OASST tree, the best-ranked path) or 'all'",
+        "end_markers": "list of trailing markers stripped from prompt/completion answers",
+    }
+
+    @classmethod
+    def from_dict(cls, options: dict, fields: dict | None) -> FormatOptions:
+        opts = cls(fields=fields)
+        if "oasst_paths" in options:
+            opts.oasst_paths = options["oasst_paths"]
+        if "end_markers" in options:
+            opts.end_markers = list(options["end_markers"])
+        return opts
+
+
+Converted = dict  # keyword arguments of curate.records.make_record, without `source`
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    detect: Callable[[dict], bool]
+    convert: Callable[[dict, FormatOptions], list[Converted]]
+    priority: int  # detection order: lower is tried first, so specific shapes win over loose ones
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(name: str, description: str, detect: Callable[[dict], bool], priority: int) -> Callable:
+    """Decorator for a converter function: make the format known under `name`."""
+
+    def wrap(convert: Callable[[dict, FormatOptions], list[Converted]]) -> Callable:
+        FORMATS[name] = Format(name, description, detect, convert, priority)
+        return convert
+
+    return wrap
+
+
+def text_of(value: Any, what: str) -> str:
+    """A field that must hold text; numbers are accepted as their text, anything else is an error."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise RecordError(f"{what} is {type(value).__name__}, expected text")
+
+
+def rest(row: dict, used: tuple[str, ...] | frozenset[str], extra: dict | None = None) -> dict | None:
+    """The row's unconverted fields (nulls left out) for the record's meta, plus `extra`."""
+    meta = {k: v for k, v in row.items() if k not in used and v is not None}
+    if extra:
+        meta.update(extra)
+    return meta or None
+
+
+def join_input(instruction: str, inp: Any) -> str:
+    """Alpaca's convention: the input follows the instruction after a blank line when it is non-empty."""
+    if inp is None:
+        return instruction
+    inp = text_of(inp, "input")
+    return f"{instruction}\n\n{inp}" if inp.strip() else instruction
+
+
+def user_assistant(user: str, assistant: str, system: str | None = None) -> list[dict]:
+    msgs = [message("system", system)] if system else []
+    msgs.append(message("user", user))
+    msgs.append(message("assistant", assistant))
+    return msgs
+
+
+def require_text(messages: list[dict]) -> list[dict]:
+    """A conversation with no text and no tool call at all is broken content, not a short record."""
+    for m in messages:
+        if m["content"].strip() or m["tool_calls"]:
+            return messages
+    raise RecordError("no text in any turn")
+
+
+def preference_pair(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Messages = the chosen conversation; rejected = the rejected turns after the shared prefix."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return chosen, rejected[n:]

@@ -1,0 +1,51 @@
+"""Prompt/completion and prompt/response pairs (T0 templates, MosaicML llm-foundry, TRL).
+
+The prompt is the user turn as written (templates inside it are data, not framing). A trailing
+end-of-text marker on the answer (`<|endoftext|>` in GPT-3-style completion data) is framing and is
+removed (option `end_markers`). TRL's conversational form, with message lists, is accepted too.
+"""
+
+from __future__ import annotations
+
+from curate.formats.base import FormatOptions, register, require_text, rest, text_of
+from curate.formats.turns import convert_turns
+from curate.records import message
+
+
+def _turns(value: object, role: str, what: str) -> list[dict]:
+    if isinstance(value, list):
+        return convert_turns(value)[0]
+    return [message(role, text_of(value, what))]
+
+
+def _pair(row: dict, answer_key: str, options: FormatOptions) -> list[dict]:
+    messages = _turns(row["prompt"], "user", "prompt")
+    answer = _turns(row[answer_key], "assistant", answer_key)
+    last = answer[-1]
+    for marker in options.end_markers:
+        if last["content"].endswith(marker):
+            last["content"] = last["content"][: -len(marker)]
+            break
+    if row.get("system"):
+        messages.insert(0, message("system", text_of(row["system"], "system")))
+    return [
+        {"messages": require_text(messages + answer), "meta": rest(row, ("prompt", answer_key, "system"))}
+    ]
+
+
+def is_prompt_completion(row: dict) -> bool:
+    return "prompt" in row and "completion" in row
+
+
+def is_prompt_response(row: dict) -> bool:
+    return "prompt" in row and "response" in row
+
+
+@register("prompt_completion", "prompt / completion pairs", is_prompt_completion, 80)
+def convert_completion(row: dict, options: FormatOptions) -> list[dict]:
+    return _pair(row, "completion", options)
+
+
+@register("prompt_response", "prompt / response pairs", is_prompt_response, 81)
+def convert_response(row: dict, options: FormatOptions) -> list[dict]:
+    return _pair(row, "response", options)

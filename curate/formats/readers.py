@@ -1,0 +1,332 @@
+"""Readers: files (JSONL, JSON, CSV, Parquet; gz/zst/xz/bz2), globs, folders, and Hugging Face datasets.
+
+Every reader streams rows as (row number, value, raw text) so memory stays bounded by one batch:
+JSONL line by line through the decompressor, JSON arrays element by element with an incremental
+decoder, CSV through the csv module, Parquet and Arrow datasets by record batch. A line that does
+not parse is yielded as `Unreadable` for the quarantine, never dropped.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import csv
+import glob
+import gzip
+import io
+import json
+import lzma
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from curate.errors import FormatError
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".xz", ".bz2")
+RAW_LIMIT = 2000
+_CHUNK = 1 << 22  # characters read per step of the incremental JSON-array decoder
+_SPACE = re.compile(r"[ \t\n\r]*")
+HF_FILES = ("dataset_info.json", "state.json")  # what Dataset.save_to_disk writes
+HF_DICT_FILE = "dataset_dict.json"  # what DatasetDict.save_to_disk writes
+
+
+class Unreadable:
+    """A row that could not be parsed: the reason and the raw text, for the quarantine."""
+
+    __slots__ = ("error", "raw")
+
+    def __init__(self, error: str, raw: str) -> None:
+        self.error = error
+        self.raw = raw[:RAW_LIMIT]
+
+
+Row = tuple[int, Any, "str | bytes | None"]  # (line or index, parsed value or Unreadable, raw text if cheap)
+
+
+def suffixes(path: Path) -> tuple[str, str]:
+    """(data suffix, compression suffix) of a file name, e.g. ('.jsonl', '.gz'); '' when absent."""
+    name = path.name.lower()
+    compression = next((s for s in COMPRESSION_SUFFIXES if name.endswith(s)), "")
+    name = name[: len(name) - len(compression)]
+    data = next((s for s in DATA_SUFFIXES if name.endswith(s)), "")
+    return data, compression
+
+
+def stem(path: Path) -> str:
+    """The file name without its data and compression suffixes: the default source name."""
+    data, compression = suffixes(path)
+    return path.name[: len(path.name) - len(data) - len(compression)] or path.name
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (all((path / f).is_file() for f in HF_FILES) or (path / HF_DICT_FILE).is_file())
+
+
+def is_data_file(path: Path) -> bool:
+    return path.is_file() and bool(suffixes(path)[0]) and not path.name.startswith(".")
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """The decompressed bytes of a file, chosen by its compression suffix."""
+    compression = suffixes(path)[1]
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression in (".zst", ".zstd"):
+        import zstandard
+
+        raw = open(path, "rb")  # noqa: SIM115 - closed with the reader below
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    if compression == ".xz":
+        return lzma.open(path, "rb")
+    if compression == ".bz2":
+        return bz2.open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115
+
+
+def open_text(path: Path) -> IO[str]:
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")
+
+
+def _raw_text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+
+
+def iter_jsonl(stream: IO[bytes]) -> Iterator[Row]:
+    """One row per non-blank line; row number = 1-based line number."""
+    loads = json.loads
+    for number, line in enumerate(stream, 1):
+        try:
+            value = loads(line)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            if not line.strip():
+                continue
+            text = _raw_text(line).rstrip("\r\n")
+            yield number, Unreadable(f"invalid JSON: {exc}", text), None
+            continue
+        yield number, value, line
+
+
+def _json_array(text: IO[str], path: Path) -> Iterator[Row]:
+    """Elements of a top-level JSON array, decoded one at a time (row number = 0-based index).
+
+    A multi-GB array never becomes one Python list: the buffer holds one chunk plus the element
+    being decoded. An element cut by the chunk boundary fails to decode and is retried with more text.
+    """
+    decode = json.JSONDecoder().raw_decode
+    space = _SPACE.match
+    buf = text.read(_CHUNK)
+    pos = space(buf, 0).end() + 1  # after '['
+    eof = False
+    index = 0
+    expect_value = True
+    while True:
+        pos = space(buf, pos).end()
+        if pos >= len(buf):
+            if eof:
+                raise FormatError(f"{path}: the JSON array is not closed (file cut short?)")
+            chunk = text.read(_CHUNK)
+            eof = not chunk
+            buf, pos = buf[pos:] + chunk, 0
+            continue
+        if not expect_value:
+            if buf[pos] == "]":
+                return
+            if buf[pos] != ",":
+                raise FormatError(f"{path}: invalid JSON after element {index - 1}: expected ',' or ']'")
+            pos += 1
+            expect_value = True
+            continue
+        if index == 0 and buf[pos] == "]":
+            return
+        try:
+            value, end = decode(buf, pos)
+        except json.JSONDecodeError as exc:
+            if eof:
+                raise FormatError(
+                    f"{path}: invalid JSON in array element {index}: {exc.msg}",
+                    hint="a JSON array that does not parse cannot be split into rows; fix the file or "
+                    "convert it to JSONL, where one bad line is quarantined on its own",
+                ) from None
+            chunk = text.read(_CHUNK)
+            eof = not chunk
+            buf, pos = buf[pos:] + chunk, 0
+            continue
+        if end >= len(buf) and not eof:  # a number or literal may continue in the next chunk
+            chunk = text.read(_CHUNK)
+            eof = not chunk
+            buf, pos = buf[pos:] + chunk, 0
+            continue
+        yield index, value, None
+        index += 1
+        pos = end
+        expect_value = False
+
+
+def iter_json(path: Path) -> Iterator[Row]:
+    """A .json file: an array of rows (streamed), JSON Lines under a .json name, or one document."""
+    with open_text(path) as text:
+        head = text.read(1 << 16)
+        first = head.lstrip()[:1]
+        if first == "[":
+            yield from _json_array(_Prepend(head, text), path)
+            return
+    if first == "{":
+        first_line = head.split("\n", 1)[0]
+        try:
+            json.loads(first_line)
+            is_lines = True
+        except ValueError:
+            is_lines = False
+        if is_lines:
+            with open_binary(path) as stream:
+                yield from iter_jsonl(stream)
+            return
+        with open_text(path) as text:
+            doc = json.load(text)
+        lists = [v for v in doc.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        rows = lists[0] if len(lists) == 1 else [doc]  # {"data": [...]} wrappers hold the rows
+        for index, value in enumerate(rows):
+            yield index, value, None
+        return
+    raise FormatError(
+        f"{path}: not a JSON array or object (starts with {head.lstrip()[:20]!r})",
+        hint="JSON inputs hold an array of objects, or one object per line (JSONL)",
+    )
+
+
+class _Prepend(io.TextIOBase):
+    """A text stream with already-read text put back in front (for peeking at the first bytes)."""
+
+    def __init__(self, head: str, rest: IO[str]) -> None:
+        self._head = head
+        self._rest = rest
+
+    def read(self, size: int = -1) -> str:
+        if self._head:
+            out, self._head = self._head, ""
+            return out
+        return self._rest.read(size)
+
+
+def iter_csv(path: Path, delimiter: str) -> Iterator[Row]:
+    """One row per CSV record (header = keys); row number = 0-based index."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # instruction texts exceed the 128 KB default
+    with open_text(path) as text:
+        for index, row in enumerate(csv.DictReader(text, delimiter=delimiter)):
+            if None in row:
+                raw = json.dumps(row, ensure_ascii=False, default=str)
+                yield index, Unreadable("more cells than header columns", raw), None
+            else:
+                yield index, row, None
+
+
+def iter_parquet(path: Path, batch_size: int) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    with pq.ParquetFile(path) as pf:
+        for batch in pf.iter_batches(batch_size=batch_size):
+            for value in batch.to_pylist():
+                yield index, value, None
+                index += 1
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Resolve hf: names from the local cache only: a run must never download data silently."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def load_hf(name: str | None, folder: Path | None, split: str | None, config: str | None) -> Any:
+    """A `datasets.Dataset` from the local HF cache (`hf:NAME`) or a save_to_disk folder."""
+    import datasets
+
+    if folder is not None:
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except Exception as exc:  # datasets raises several types for a damaged folder
+            raise FormatError(f"{folder}: cannot load the saved dataset: {exc}") from None
+    else:
+        try:
+            with _hf_offline():
+                loaded = datasets.load_dataset(name, config, split=split or "train")
+        except Exception as exc:  # not cached, unknown config or split: all the same to the user
+            raise FormatError(
+                f"hf:{name}: not found in the local Hugging Face cache ({type(exc).__name__}: {exc})",
+                hint=f"curate does not download at run time; fetch it once with "
+                f"datasets.load_dataset({name!r}).save_to_disk('DIR') and use `path: DIR`",
+            ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        want = split or "train"
+        if want not in loaded:
+            raise FormatError(
+                f"{folder or name}: no split {want!r}", hint=f"set `split:` to one of {sorted(loaded)}"
+            )
+        loaded = loaded[want]
+    return loaded
+
+
+def iter_hf(dataset: Any, batch_size: int) -> Iterator[Row]:
+    index = 0
+    for table in dataset.with_format("arrow").iter(batch_size=batch_size):
+        for value in table.to_pylist():
+            yield index, value, None
+            index += 1
+
+
+def iter_file(path: Path, batch_size: int = 4096) -> Iterator[Row]:
+    """Rows of one input file, by its suffix."""
+    data, compression = suffixes(path)
+    if data in (".jsonl", ".ndjson"):
+        with open_binary(path) as stream:
+            yield from iter_jsonl(stream)
+    elif data == ".json":
+        yield from iter_json(path)
+    elif data in (".csv", ".tsv"):
+        yield from iter_csv(path, "\t" if data == ".tsv" else ",")
+    elif data == ".parquet" and not compression:
+        yield from iter_parquet(path, batch_size)
+    else:
+        raise FormatError(
+            f"{path}: unknown file type",
+            hint=f"inputs are {', '.join(DATA_SUFFIXES)} (optionally {', '.join(COMPRESSION_SUFFIXES)}; "
+            "Parquet compresses inside the file), save_to_disk folders, or hf:NAME",
+        )
+
+
+def expand(path_text: str, base_dir: Path) -> list[Path]:
+    """Files named by a path, glob or folder, sorted by path so every run reads in the same order."""
+    if any(c in path_text for c in "*?["):
+        pattern = path_text if Path(path_text).is_absolute() else str(base_dir / path_text)
+        found = [Path(p) for p in glob.glob(pattern, recursive=True)]
+        found = [p for p in found if is_data_file(p) or is_hf_folder(p)]
+    else:
+        path = Path(path_text)
+        path = path if path.is_absolute() else base_dir / path
+        if not path.exists():
+            raise FormatError(f"input {path_text!r}: no such file or folder (looked in {base_dir})")
+        if path.is_file() or is_hf_folder(path):
+            return [path]
+        found = [
+            p
+            for p in path.rglob("*")
+            if is_data_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
+    if not found:
+        raise FormatError(
+            f"input {path_text!r}: no data files found (looked in {base_dir})",
+            hint=f"files need one of the suffixes {', '.join(DATA_SUFFIXES)}",
+        )
+    return sorted(found, key=lambda p: p.as_posix())
