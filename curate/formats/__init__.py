@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 from curate.errors import FormatError, RecipeError
@@ -253,9 +253,10 @@ def _read_rows(rows, path: str, source_name: str, spec: InputSpec, options: Form
     head = list(islice(rows, HEAD_ROWS))
     file_format, check_rows = _choose_format(head, path, spec)
     format_name = file_format.name if file_format else "empty"
+    detect = file_format.detect if file_format else None
     records: list[dict] = []
     quarantined: list[dict] = []
-    for number, value, raw in _chain(head, rows):
+    for number, value, raw in chain(head, rows):
         if type(value) is not dict:
             if isinstance(value, Unreadable):
                 quarantined.append(_quarantine(path, number, value.error, value.raw))
@@ -265,7 +266,7 @@ def _read_rows(rows, path: str, source_name: str, spec: InputSpec, options: Form
                 )
             continue
         fmt = file_format
-        if check_rows and (fmt is None or not fmt.detect(value)):
+        if check_rows and (detect is None or not detect(value)):
             fmt = detect_row(value)
             if fmt is None:
                 error = f"unknown record shape; keys: {', '.join(value)}"
@@ -289,11 +290,6 @@ def _read_rows(rows, path: str, source_name: str, spec: InputSpec, options: Form
             yield IngestBatch(path, format_name, records, quarantined)
             records, quarantined = [], []
     yield IngestBatch(path, format_name, records, quarantined)
-
-
-def _chain(head: list, rows):
-    yield from head
-    yield from rows
 
 
 __all__ = [

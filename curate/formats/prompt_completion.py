@@ -22,15 +22,16 @@ def _pair(row: dict, answer_key: str, options: FormatOptions) -> list[dict]:
     messages = _turns(row["prompt"], "user", "prompt")
     answer = _turns(row[answer_key], "assistant", answer_key)
     last = answer[-1]
+    content = last["content"]
     for marker in options.end_markers:
-        if last["content"].endswith(marker):
-            last["content"] = last["content"][: -len(marker)]
+        if content.endswith(marker):
+            last["content"] = content[: -len(marker)]
             break
     if row.get("system"):
         messages.insert(0, message("system", text_of(row["system"], "system")))
-    return [
-        {"messages": require_text(messages + answer), "meta": rest(row, ("prompt", answer_key, "system"))}
-    ]
+    messages += answer
+    meta = None if len(row) == 2 else rest(row, ("prompt", answer_key, "system"))
+    return [{"messages": require_text(messages), "meta": meta}]
 
 
 def is_prompt_completion(row: dict) -> bool:

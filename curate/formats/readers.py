@@ -91,22 +91,25 @@ def open_text(path: Path) -> IO[str]:
     return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")
 
 
-def _raw_text(raw: bytes | str) -> str:
-    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-
-
 def iter_jsonl(stream: IO[bytes]) -> Iterator[Row]:
     """One row per non-blank line; row number = 1-based line number."""
-    loads = json.loads
+    decode = json.JSONDecoder().raw_decode
     for number, line in enumerate(stream, 1):
+        # Fast path for the usual line: one object from the first byte, then only the line break.
         try:
-            value = loads(line)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            if not line.strip():
+            text = line.decode("utf-8")
+            value, end = decode(text)
+            if end != len(text) and not text[end:].isspace():
+                raise ValueError
+        except ValueError:
+            try:
+                value = json.loads(line)  # the exact verdict and message for an unusual line
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+                if not line.strip():
+                    continue
+                text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+                yield number, Unreadable(f"invalid JSON: {exc}", text), None
                 continue
-            text = _raw_text(line).rstrip("\r\n")
-            yield number, Unreadable(f"invalid JSON: {exc}", text), None
-            continue
         yield number, value, line
 
 

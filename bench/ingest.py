@@ -1,0 +1,96 @@
+"""Ingest speed: read + detect + convert (+ normalize) of all of ../shared/data/raw, against json.loads.
+
+The reference is the cheapest honest reading of the same files: a plain loop of `json.loads` per
+JSONL line (or one `json.load` per JSON array), through the same gzip decompression. The ratio
+records/s(curate) / records/s(reference) says what conversion costs on top of parsing.
+
+    python bench/ingest.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from curate.formats import InputSpec, input_files, read_input
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def reference(files: list[Path]) -> int:
+    """Records parsed by a plain json.loads loop (invalid lines skipped, as a reader must)."""
+    n = 0
+    for path in files:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            if path.name.endswith(".json.gz"):
+                n += len(json.load(f))
+                continue
+            for line in f:
+                try:
+                    json.loads(line)
+                except ValueError:
+                    continue
+                n += 1
+    return n
+
+
+def ingest(spec: InputSpec, normalize=None) -> int:
+    n = 0
+    for batch in read_input(spec, DATA):
+        if normalize is not None:
+            normalize.process_batch(batch.records)
+        n += len(batch.records)
+    return n
+
+
+def normalize_stage():
+    from curate.stages import STAGES, StageContext
+    from curate.stages.base import build_config
+
+    cls = STAGES["normalize"]
+    ctx = StageContext(base_dir=DATA, cache_dir=Path(tempfile.mkdtemp()))
+    stage = cls(build_config(cls.Config, {}, "normalize"), ctx)
+    stage.setup()
+    return stage
+
+
+def best_of(repeat: int, fn, *args) -> tuple[float, int]:
+    times, n = [], 0
+    for _ in range(repeat):
+        t = time.perf_counter()
+        n = fn(*args)
+        times.append(time.perf_counter() - t)
+    return min(times), n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each; the fastest counts")
+    args = parser.parse_args()
+    spec = InputSpec(path="raw")
+    files = input_files(spec, DATA)
+    ref_s, ref_n = best_of(args.repeat, reference, files)
+    read_s, read_n = best_of(args.repeat, ingest, spec)
+    stage = normalize_stage()
+    norm_s, norm_n = best_of(args.repeat, ingest, spec, stage)
+    assert ref_n == read_n == norm_n, (ref_n, read_n, norm_n)
+    mb = sum(p.stat().st_size for p in files) / 1e6
+    print(f"files: {len(files)} ({mb:.1f} MB gzipped), records: {ref_n:,}; best of {args.repeat}")
+    print(f"python {platform.python_version()}, {platform.machine()}")
+    print(f"{'':34}{'seconds':>9}{'records/s':>12}{'ratio':>8}")
+    rows = [
+        ("reference: gzip + json.loads loop", ref_s),
+        ("curate: read + detect + convert", read_s),
+        ("curate: ... + normalize stage", norm_s),
+    ]
+    for label, secs in rows:
+        print(f"{label:34}{secs:9.2f}{ref_n / secs:12,.0f}{ref_s / secs:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
