@@ -262,7 +262,12 @@ def _read_rows(rows, path: str, source_name: str, spec: InputSpec, options: Form
                 quarantined.append(_quarantine(path, number, value.error, value.raw))
             else:
                 quarantined.append(
-                    _quarantine(path, number, f"row is {type(value).__name__}, expected an object", value)
+                    _quarantine(
+                        path,
+                        number,
+                        f"row is {type(value).__name__}, expected an object",
+                        raw if raw is not None else value,
+                    )
                 )
             continue
         fmt = file_format

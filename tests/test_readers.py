@@ -1,0 +1,362 @@
+"""Readers and detection on files written here: compression, CSV, Parquet, globs, folders, HF, errors."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from curate.errors import FormatError, RecipeError
+from curate.formats import InputSpec, input_files, read_input, readers
+from curate.records import meta_of
+
+ALPACA = [
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "category": "math"},
+]
+
+
+def read(spec: InputSpec | str, base: Path, **kw) -> tuple[list[dict], list[dict]]:
+    spec = InputSpec(path=spec) if isinstance(spec, str) else spec
+    batches = list(read_input(spec, base, **kw))
+    return [r for b in batches for r in b.records], [q for b in batches for q in b.quarantined]
+
+
+def jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def turns(record: dict) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in record["messages"]]
+
+
+@pytest.mark.parametrize(
+    "suffix, compress",
+    [
+        ("", lambda b: b),
+        (".gz", gzip.compress),
+        (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),
+        (".xz", lzma.compress),
+        (".bz2", bz2.compress),
+    ],
+)
+def test_compressed_jsonl_reads_the_same(tmp_path: Path, suffix: str, compress):
+    (tmp_path / f"alpaca.jsonl{suffix}").write_bytes(compress(jsonl(ALPACA)))
+    records, quarantined = read(f"alpaca.jsonl{suffix}", tmp_path)
+    assert quarantined == []
+    assert [turns(r) for r in records] == [
+        [("user", "Name a primary colour."), ("assistant", "Red.")],
+        [("user", "Translate to French.\n\nGood morning"), ("assistant", "Bonjour.")],
+        [("user", "Add the numbers.\n\n2 and 3"), ("assistant", "5")],
+    ]
+    assert [r["source"] for r in records][1] == {
+        "name": "alpaca",
+        "path": f"alpaca.jsonl{suffix}",
+        "row": 2,
+        "format": "alpaca",
+    }
+    assert meta_of(records[2]) == {"category": "math"}
+
+
+def test_blank_lines_count_as_lines_but_not_rows(tmp_path: Path):
+    text = jsonl(ALPACA[:1]) + b"\n   \n" + jsonl(ALPACA[1:2]) + b"[1,  2]\n" + b'{"instruction": \n'
+    (tmp_path / "a.jsonl").write_bytes(text)
+    records, quarantined = read("a.jsonl", tmp_path)
+    assert [r["source"]["row"] for r in records] == [1, 4]
+    assert [(q["line"], q["error"][:20], q["raw"]) for q in quarantined] == [
+        (5, "row is list, expecte", "[1,  2]"),
+        (6, "invalid JSON: Expect", '{"instruction": '),
+    ]
+
+
+def test_json_array_streams_across_chunk_boundaries(tmp_path: Path, shared_data: Path, monkeypatch):
+    """A tiny chunk size forces every element to straddle reads: the result must equal json.load."""
+    name = "llamafactory_glaive_toolcall_en_demo.json.gz"
+    expected, _ = read(f"raw/{name}", shared_data)
+    monkeypatch.setattr(readers, "_CHUNK", 97)
+    got, _ = read(f"raw/{name}", shared_data)
+    assert got == expected and len(got) == 300
+    (tmp_path / "n.json").write_text(
+        ' [ {"prompt": "a", "completion": "1234"} ,{"prompt": "b", "completion": 56}]'
+    )
+    records, _ = read("n.json", tmp_path)
+    assert [turns(r)[1][1] for r in records] == ["1234", "56"]
+    (tmp_path / "empty.json").write_text("[]")
+    batches = list(read_input(InputSpec(path="empty.json"), tmp_path))
+    assert [(b.format, b.records, b.quarantined) for b in batches] == [("empty", [], [])]
+
+
+def test_broken_json_array_is_a_file_error(tmp_path: Path):
+    (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": ]')
+    with pytest.raises(FormatError, match=r"bad.json: invalid JSON in array element 1"):
+        read("bad.json", tmp_path)
+
+
+def test_json_documents_other_than_arrays(tmp_path: Path):
+    (tmp_path / "lines.json").write_bytes(jsonl(ALPACA))  # JSON Lines under a .json name
+    assert [r["source"]["row"] for r in read("lines.json", tmp_path)[0]] == [1, 2, 3]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": ALPACA}, indent=2))
+    records, _ = read("wrapped.json", tmp_path)
+    assert [r["source"]["row"] for r in records] == [0, 1, 2]
+
+
+def test_csv_and_tsv(tmp_path: Path):
+    (tmp_path / "qa.csv").write_text(
+        'question,answer,topic\n"What is 2+2?\nShow work.",4,math\n"Capital of France?","Paris, France",geo\n'
+    )
+    records, _ = read("qa.csv", tmp_path)
+    assert [turns(r) for r in records] == [
+        [("user", "What is 2+2?\nShow work."), ("assistant", "4")],
+        [("user", "Capital of France?"), ("assistant", "Paris, France")],
+    ]
+    assert records[1]["source"]["row"] == 1 and meta_of(records[1]) == {"topic": "geo"}
+    (tmp_path / "a.tsv.gz").write_bytes(gzip.compress(b"instruction\tinput\toutput\nSay hi.\t\tHi!\n"))
+    records, _ = read("a.tsv.gz", tmp_path)
+    assert turns(records[0]) == [("user", "Say hi."), ("assistant", "Hi!")]
+
+
+def test_parquet_with_nested_messages(tmp_path: Path):
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "id": i,
+        }
+        for i in range(10)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet", row_group_size=3)
+    records, _ = read("chat.parquet", tmp_path, batch_size=4)
+    assert [r["source"]["row"] for r in records] == list(range(10))
+    assert turns(records[7]) == [("user", "q7"), ("assistant", "a7")]
+    assert meta_of(records[7]) == {"id": 7} and records[7]["source"]["format"] == "openai"
+    assert [len(b.records) for b in read_input(InputSpec(path="chat.parquet"), tmp_path, batch_size=4)] == [
+        4,
+        4,
+        2,
+    ]
+
+
+def test_globs_and_folders_are_sorted_and_skip_hidden_files(tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "b.jsonl").write_bytes(jsonl(ALPACA[:1]))
+    (data / "a.jsonl.gz").write_bytes(gzip.compress(jsonl(ALPACA[1:2])))
+    (data / "sub" / "c.json").write_text(json.dumps(ALPACA[2:]))
+    (data / ".hidden.jsonl").write_bytes(jsonl(ALPACA))
+    (data / "notes.txt").write_text("not data")
+    names = [p.relative_to(tmp_path).as_posix() for p in input_files(InputSpec(path="data"), tmp_path)]
+    assert names == ["data/a.jsonl.gz", "data/b.jsonl", "data/sub/c.json"]
+    records, _ = read("data/*.jsonl*", tmp_path)
+    assert [(r["source"]["name"], r["source"]["path"]) for r in records] == [
+        ("a", "data/a.jsonl.gz"),
+        ("b", "data/b.jsonl"),
+    ]
+    records, _ = read(InputSpec(path="data/**/*.json", name="mix"), tmp_path)
+    assert [(r["source"]["name"], r["source"]["path"]) for r in records] == [("mix", "data/sub/c.json")]
+    with pytest.raises(FormatError, match="no data files found"):
+        read("data/*.parquet", tmp_path)
+    with pytest.raises(FormatError, match="no such file or folder"):
+        read("missing.jsonl", tmp_path)
+
+
+def test_source_path_is_relative_even_outside_the_recipe_folder(tmp_path: Path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "a.jsonl").write_bytes(jsonl(ALPACA[:1]))
+    recipe_dir = tmp_path / "project" / "recipes"
+    recipe_dir.mkdir(parents=True)
+    absolute = str(tmp_path / "shared" / "a.jsonl")
+    for path in ("../../shared/a.jsonl", absolute):
+        records, _ = read(path, recipe_dir)
+        assert records[0]["source"]["path"] == "../../shared/a.jsonl"
+
+
+def test_save_to_disk_folders(tmp_path: Path):
+    import datasets
+
+    rows = {"instruction": ["Say hi.", "Count to 3."], "input": ["", ""], "output": ["Hi!", "1 2 3"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    records, _ = read("saved", tmp_path)
+    assert [turns(r) for r in records] == [
+        [("user", "Say hi."), ("assistant", "Hi!")],
+        [("user", "Count to 3."), ("assistant", "1 2 3")],
+    ]
+    assert records[1]["source"] == {"name": "saved", "path": "saved", "row": 1, "format": "alpaca"}
+    both = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows),
+            "test": datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"]}),
+        }
+    )
+    both.save_to_disk(str(tmp_path / "dict"))
+    records, _ = read(InputSpec(path="dict", split="test"), tmp_path)
+    assert [turns(r) for r in records] == [[("user", "q"), ("assistant", "a")]]
+    assert len(read("dict", tmp_path)[0]) == 2  # default split: train
+    with pytest.raises(FormatError, match="no split 'dev'"):
+        read(InputSpec(path="dict", split="dev"), tmp_path)
+
+
+def test_hf_name_missing_from_the_cache_fails_clearly(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    with pytest.raises(FormatError) as err:
+        read("hf:curate-tests/no-such-dataset", tmp_path)
+    assert "hf:curate-tests/no-such-dataset: not found in the local Hugging Face cache" in str(err.value)
+    assert "save_to_disk" in err.value.hint
+
+
+def test_per_record_detection_in_a_mixed_file(tmp_path: Path):
+    rows = [
+        *ALPACA[:1],
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
+                {"role": "assistant", "content": "AB"},
+            ]
+        },
+        {"prompt": "2+2=", "completion": "4<|endoftext|>"},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"},
+        {"instruction": "Write a haiku."},
+        {"strange": "shape"},
+    ]
+    (tmp_path / "mixed.jsonl").write_bytes(jsonl(rows))
+    records, quarantined = read("mixed.jsonl", tmp_path)
+    assert [r["source"]["format"] for r in records] == [
+        "alpaca",
+        "sharegpt",
+        "openai",
+        "prompt_completion",
+        "hh",
+        "instructions",
+    ]
+    assert turns(records[2]) == [("user", "A\nB"), ("assistant", "AB")]
+    assert turns(records[3])[1] == ("assistant", "4")
+    assert turns({"messages": records[4]["rejected"]}) == [("assistant", "Go away")]
+    assert meta_of(records[5]) == {"needs_response": True}
+    assert [(q["line"], q["error"]) for q in quarantined] == [(7, "unknown record shape; keys: strange")]
+
+
+def test_broken_content_in_a_known_shape_is_quarantined(tmp_path: Path):
+    rows = [
+        *ALPACA[:1],
+        {"instruction": "List.", "input": "", "output": ["not", "text"]},
+        {"instruction": "", "input": "", "output": ""},
+        {"instruction": "Fine.", "output": "Yes."},
+    ]
+    (tmp_path / "a.jsonl").write_bytes(jsonl(rows))
+    records, quarantined = read("a.jsonl", tmp_path)
+    assert [r["source"]["row"] for r in records] == [1, 4]
+    assert [(q["line"], q["error"]) for q in quarantined] == [
+        (2, "alpaca: output is list, expected text"),
+        (3, "alpaca: no text in any turn"),
+    ]
+    assert json.loads(quarantined[0]["raw"]) == rows[1]
+
+
+def test_unknown_shape_names_the_file_keys_and_fix(tmp_path: Path):
+    (tmp_path / "odd.jsonl").write_bytes(jsonl([{"q": "Why?", "a": "Because.", "score": 3}]))
+    with pytest.raises(FormatError) as err:
+        read("odd.jsonl", tmp_path)
+    assert err.value.message == "odd.jsonl: unknown record shape; keys seen: q, a, score"
+    assert "`format: NAME`" in err.value.hint and "fields: {user: q, assistant: a}" in err.value.hint
+
+
+def test_field_mapping(tmp_path: Path):
+    rows = [
+        {"q": "Why?", "ctx": "Sky.", "a": "Because.", "sys": "Be brief.", "bad": "No.", "ok": True, "n": 1},
+        {"q": "How?", "ctx": "", "a": "So.", "sys": None, "bad": "Never.", "ok": False, "n": 2},
+    ]
+    (tmp_path / "odd.jsonl").write_bytes(jsonl(rows))
+    entry = {
+        "path": "odd.jsonl",
+        "fields": {"user": ["q", "ctx"], "assistant": "a", "system": "sys", "rejected": "bad", "label": "ok"},
+    }
+    records, quarantined = read(InputSpec.from_recipe(entry, "inputs[0]"), tmp_path)
+    assert quarantined == []
+    assert turns(records[0]) == [("system", "Be brief."), ("user", "Why?\n\nSky."), ("assistant", "Because.")]
+    assert turns(records[1]) == [("user", "How?"), ("assistant", "So.")]
+    assert turns({"messages": records[0]["rejected"]}) == [("assistant", "No.")]
+    assert [r["label"] for r in records] == [True, False]
+    assert meta_of(records[0]) == {"n": 1} and records[0]["source"]["format"] == "fields"
+    prompt_only = InputSpec.from_recipe({"path": "odd.jsonl", "fields": {"user": "q"}}, "inputs[0]")
+    assert meta_of(read(prompt_only, tmp_path)[0][0])["needs_response"] is True
+    wrong = InputSpec.from_recipe({"path": "odd.jsonl", "fields": {"user": "question"}}, "inputs[0]")
+    with pytest.raises(FormatError, match="names keys the rows do not have: question"):
+        read(wrong, tmp_path)
+
+
+def test_given_format_that_does_not_fit_is_an_error(tmp_path: Path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl(ALPACA))
+    with pytest.raises(FormatError) as err:
+        read(InputSpec(path="a.jsonl", format="sharegpt"), tmp_path)
+    assert "`format: sharegpt` does not fit its rows" in err.value.message
+    assert "look like 'alpaca'" in err.value.hint
+    records, _ = read(InputSpec(path="a.jsonl", format="alpaca"), tmp_path)
+    assert len(records) == 3
+
+
+def test_preference_and_kto_variants(tmp_path: Path):
+    rows = [
+        {  # TRL / UltraFeedback: prompt text, full conversations as chosen and rejected
+            "prompt": "Hi",
+            "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "What."}],
+            "score_chosen": 9.0,
+        },
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": "Hi", "completion": "Hello!", "label": False},
+        {
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
+            "kto_tag": True,
+        },
+    ]
+    (tmp_path / "p.jsonl").write_bytes(jsonl(rows))
+    records, _ = read("p.jsonl", tmp_path)
+    assert [r["source"]["format"] for r in records] == ["preference", "preference", "kto", "kto"]
+    assert turns(records[0]) == [("user", "Hi"), ("assistant", "Hello!")]
+    assert turns({"messages": records[0]["rejected"]}) == [("assistant", "What.")]
+    assert meta_of(records[0]) == {"score_chosen": 9.0}
+    assert turns(records[1]) == [("user", "2+2?"), ("assistant", "4")]
+    assert [r["label"] for r in records] == [None, None, False, True]
+    assert turns(records[3]) == [("user", "Hi"), ("assistant", "Yo")]
+
+
+def test_recipe_entries_are_validated(tmp_path: Path):
+    spec = InputSpec.from_recipe({"path": "x.jsonl", "options": {"oasst_paths": "all"}}, "inputs[0]")
+    assert spec.format == "auto" and spec.options == {"oasst_paths": "all"}
+    assert InputSpec.from_recipe("x.jsonl", "inputs[1]").path == "x.jsonl"
+    bad = [
+        ({"path": "x", "fromat": "alpaca"}, "inputs[0]: unknown key 'fromat'", "did you mean 'format'?"),
+        (
+            {"path": "x", "format": "alpacca"},
+            "inputs[0].format: unknown format 'alpacca'",
+            "did you mean 'alpaca'?",
+        ),
+        (
+            {"path": "x", "format": "alpaca", "fields": {"user": "q"}},
+            "cannot be combined",
+            "leave `format:` out",
+        ),
+        ({"path": "x", "fields": {"assistant": "a"}}, "a mapping needs at least `user:`", ""),
+        ({"path": "x", "fields": {"usr": "a"}}, "inputs[0].fields: unknown part 'usr'", "map any of"),
+        ({"path": "x", "options": {"oasst_paths": "some"}}, "expected 'best' or 'all'", ""),
+        ({"path": "x", "options": {"paths": "all"}}, "unknown option 'paths'", "oasst_paths"),
+        ({"name": "x"}, "inputs[0].path: required", ""),
+    ]
+    for entry, message, hint in bad:
+        with pytest.raises(RecipeError) as err:
+            InputSpec.from_recipe(entry, "inputs[0]")
+        assert message in err.value.message and hint in err.value.hint
+
+
+def test_batches_split_large_files(shared_data: Path):
+    batches = list(read_input(InputSpec(path="raw/code_alpaca_2k.json.gz"), shared_data, batch_size=500))
+    assert [len(b.records) for b in batches] == [500, 500, 500, 500, 17]
+    assert {b.path for b in batches} == {"raw/code_alpaca_2k.json.gz"}
