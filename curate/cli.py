@@ -14,7 +14,7 @@ from rich.table import Table
 from curate.errors import CurateError
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _friendly_errors(fn):
@@ -126,13 +126,8 @@ def validate(recipe: Path, as_json: bool) -> None:
     from curate.pipeline import load_recipe
 
     loaded = load_recipe(recipe)
-    missing = [
-        s.path for s in loaded.inputs if not s.path.startswith("hf:") and not input_files(s, loaded.base_dir)
-    ]
-    if missing:
-        raise CurateError(
-            f"inputs match no file: {', '.join(missing)}", hint=f"paths resolve against {loaded.base_dir}"
-        )
+    for spec in loaded.inputs:
+        input_files(spec, loaded.base_dir)  # raises, naming the input, when nothing matches
     if as_json:
         _print_json({"name": loaded.name, "valid": True, "stages": [s.name for s in loaded.stages]})
         return

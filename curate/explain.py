@@ -80,7 +80,8 @@ def render_explanation(found: dict, console: Console) -> None:
                 f"{target['first_turn'][:120]!r}"
             )
     for edit in found["edits"]:
-        console.print(f"  [dim]{edit['stage']}[/dim]: {edit['change']}  ({edit['id']})")
+        where = f"{edit['path']}:{edit['row']}" if edit["path"] else edit["id"]
+        console.print(f"  [dim]{edit['stage']}[/dim]: {edit['change']}  ({where})")
 
 
 def _render_record(rec: dict, status: str, colour: str, console: Console) -> None:

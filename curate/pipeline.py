@@ -193,7 +193,13 @@ DROPPED_EXTRA = pa.schema(
     [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("evidence", pa.string())]
 )
 EDITS_SCHEMA = pa.schema(
-    [pa.field("id", pa.string()), pa.field("stage", pa.string()), pa.field("change", pa.string())]
+    [
+        pa.field("id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("stage", pa.string()),
+        pa.field("change", pa.string()),
+    ]
 )
 
 
@@ -269,11 +275,7 @@ class Runner:
         base = self.recipe.base_dir
         files = []
         for spec in self.recipe.inputs:
-            paths = input_files(spec, base)
-            if not paths and not spec.path.startswith("hf:"):
-                raise CurateError(
-                    f"input '{spec.path}' matches no file", hint=f"paths resolve against {base}"
-                )
+            paths = input_files(spec, base)  # raises a FormatError naming the input when nothing matches
             files.append([(p, file_sha256(p)) for p in paths if p.is_file()])
         key = _digest(
             "ingest",
@@ -431,11 +433,23 @@ def _apply_verdicts(stage: str, table: pl.DataFrame, verdicts: list, added: list
             rows[position[row_index]] = new
             change = describe_change(old, new)
             if change:
-                edits.append({"id": new["id"], "stage": stage, "change": change})
+                src = new.get("source") or {}
+                edits.append(
+                    {
+                        "id": new["id"],
+                        "path": src.get("path"),
+                        "row": src.get("row"),
+                        "stage": stage,
+                        "change": change,
+                    }
+                )
         kept = pl.from_arrow(to_table(rows))
     if added:
         kept = pl.concat([kept, pl.from_arrow(to_table(added))])
-        edits.extend({"id": r["id"], "stage": stage, "change": "added (synthetic)"} for r in added)
+        edits.extend(
+            {"id": r["id"], "path": None, "row": None, "stage": stage, "change": "added (synthetic)"}
+            for r in added
+        )
     dropped = table[drop_idx].with_columns(
         pl.lit(stage).alias("stage"),
         pl.Series("reason", [d.reason for d in drops], dtype=pl.String),

@@ -64,7 +64,12 @@ def write_version(
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / vid
     if final.exists():
-        # Same id means same recipe, inputs and results: the data files are already there, byte for byte.
+        # Same id means same recipe, inputs and results: the data files are already there, byte for
+        # byte. Only the manifest is renewed, so it tells how this run got there (which stages were
+        # cached); the version keeps its first creation time and parent.
+        first = read_manifest(final)
+        manifest = {**manifest, "created": first["created"], "parent": first["parent"], "rerun": now_iso()}
+        _write_atomic(final / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         _point_latest(out_dir, vid)
         return final
     tmp = out_dir / f".tmp-{vid}-{os.getpid()}"
@@ -91,6 +96,12 @@ def write_version(
         raise
     _point_latest(out_dir, vid)
     return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _point_latest(out_dir: Path, vid: str) -> None:

@@ -1,0 +1,183 @@
+"""The runner and versions: recipe errors, conservation, determinism, the stage cache, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from curate import versions
+from curate.errors import CurateError, RecipeError
+from curate.pipeline import load_recipe, recipe_from_dict, run_recipe
+
+GOOD = [
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red is a primary colour."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour."},
+    {
+        "instruction": "Name a primary colour.",
+        "input": "",
+        "output": "Red is a primary colour.",
+    },  # exact copy
+    {"instruction": "Say something.", "input": "", "output": "As an AI language model, I cannot."},  # refusal
+    {"instruction": "Empty answer here.", "input": "", "output": "   "},  # empty turn
+]
+
+
+def write_inputs(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in GOOD]
+    lines.insert(2, '{"instruction": "broken", "output": ')  # line 3 is not JSON
+    (folder / "alpaca.jsonl").write_text("\n".join(lines) + "\n")
+    chats = [
+        {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]}
+    ]
+    (folder / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+
+
+def write_recipe(folder: Path, stages: list | None = None, **extra) -> Path:
+    recipe = {
+        "name": "t",
+        "inputs": [{"path": "data/alpaca.jsonl"}, {"path": "data/chats.jsonl"}],
+        "stages": stages
+        if stages is not None
+        else [{"normalize": {"system_prompt": "Be brief."}}, {"filter": {}}],
+        **extra,
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    write_inputs(tmp_path / "data")
+    return tmp_path
+
+
+def test_run_writes_a_version_that_adds_up(project: Path):
+    folder, manifest = run_recipe(load_recipe(write_recipe(project)), project / "out")
+    assert folder.parent == project / "out" and (project / "out" / "latest").resolve() == folder
+    c = manifest["counts"]
+    assert c == {"input": 7, "kept": 4, "dropped": 2, "quarantined": 1, "synthetic": 0}
+    assert c["input"] == c["kept"] + c["dropped"] + c["quarantined"] - c["synthetic"]
+    for s in manifest["stages"]:
+        assert s["in"] == s["out"] + sum(s["dropped"].values()) - s["added"]
+    assert manifest["stages"][1]["dropped"] == {"empty_turn": 1, "refusal": 1}
+    assert [i["path"] for i in manifest["inputs"]] == ["data/alpaca.jsonl", "data/chats.jsonl"]
+    assert all(len(i["sha256"]) == 64 for i in manifest["inputs"])
+    quarantine = [json.loads(x) for x in (folder / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["file"], q["line"]) for q in quarantine] == [("data/alpaca.jsonl", 3)]
+    dropped = pl.read_parquet(folder / "dropped.parquet")
+    assert sorted(dropped["reason"]) == ["empty_turn", "refusal"]
+    assert (
+        json.loads(dropped.filter(pl.col("reason") == "refusal")["evidence"][0])["match"]
+        == "As an AI language model"
+    )
+
+
+def test_train_jsonl_loads_with_datasets(project: Path):
+    from datasets import load_dataset
+
+    folder, _ = run_recipe(load_recipe(write_recipe(project)), project / "out")
+    rows = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
+    assert len(rows) == 4
+    for row in rows:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[0] == "system" and roles[-1] == "assistant"
+        assert all(isinstance(m["content"], str) and m["content"] for m in row["messages"])
+    assert rows[0]["messages"][1]["content"] == "Name a primary colour."
+
+
+def test_same_recipe_same_version_and_bytes_and_cache(project: Path):
+    recipe = write_recipe(project)
+    first, m1 = run_recipe(load_recipe(recipe), project / "a")
+    again, m2 = run_recipe(load_recipe(recipe), project / "a")
+    cold, m3 = run_recipe(load_recipe(recipe), project / "b")
+    assert m1["version"] == m2["version"] == m3["version"]
+    assert [s["cached"] for s in m1["stages"]] == [False, False]
+    assert [s["cached"] for s in m2["stages"]] == [True, True]
+    assert (first / "data.parquet").read_bytes() == (cold / "data.parquet").read_bytes()
+    assert (first / "train.jsonl").read_bytes() == (cold / "train.jsonl").read_bytes()
+    assert (first / "dropped.parquet").read_bytes() == (cold / "dropped.parquet").read_bytes()
+
+
+def test_changing_a_late_stage_reuses_the_early_ones(project: Path):
+    run_recipe(load_recipe(write_recipe(project)), project / "out")
+    changed = write_recipe(
+        project, [{"normalize": {"system_prompt": "Be brief."}}, {"filter": {"min_chars": 25}}]
+    )
+    folder, manifest = run_recipe(load_recipe(changed), project / "out")
+    assert [s["cached"] for s in manifest["stages"]] == [True, False]
+    assert manifest["stages"][1]["dropped"]["too_short"] == 1
+    assert manifest["parent"] is not None and manifest["parent"] != manifest["version"]
+
+
+def test_a_crash_while_writing_leaves_no_half_version(project: Path, monkeypatch):
+    recipe = load_recipe(write_recipe(project))
+    good, _ = run_recipe(recipe, project / "out")
+    changed = load_recipe(write_recipe(project, [{"normalize": {}}]))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(versions, "train_messages", boom)
+    with pytest.raises(OSError, match="disk full"):
+        run_recipe(changed, project / "out")
+    entries = sorted(p.name for p in (project / "out").iterdir() if not p.name.startswith(".cache"))
+    assert entries == sorted([good.name, "latest"])
+    assert versions.resolve_version(project / "out") == good
+
+
+@pytest.mark.parametrize(
+    ("raw", "message", "hint"),
+    [
+        (
+            {"inputs": [{"path": "x"}], "stages": [], "stagse": []},
+            "recipe: Additional properties",
+            "top-level",
+        ),
+        ({"stages": []}, "recipe: 'inputs' is a required property", "demo.yaml"),
+        (
+            {"inputs": [{"path": "x"}], "stages": [{"filtre": {}}]},
+            "stages[0]: unknown stage 'filtre'",
+            "filter",
+        ),
+        (
+            {"inputs": [{"path": "x"}], "stages": [{"normalize": {}, "filter": {}}]},
+            "stages[0]",
+            "own list item",
+        ),
+        (
+            {"inputs": [{"path": "x"}], "stages": [{"filter": {"min_chars": -1.5}}]},
+            "stages[0].filter.min_chars",
+            "",
+        ),
+        ({"inputs": [{"pth": "x"}], "stages": []}, "inputs[0]", ""),
+    ],
+)
+def test_recipe_errors_point_at_the_key(raw, message, hint, tmp_path):
+    with pytest.raises(RecipeError) as exc:
+        recipe_from_dict(raw, base_dir=tmp_path)
+    assert message in exc.value.message
+    assert hint in exc.value.hint
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path):
+    recipe = recipe_from_dict({"inputs": [{"path": "nope/*.jsonl"}], "stages": []}, base_dir=tmp_path)
+    with pytest.raises(CurateError, match="no data files found"):
+        run_recipe(recipe, tmp_path / "out")
+
+
+def test_manifest_and_records_match_their_schemas(project: Path):
+    import jsonschema
+
+    from curate.pipeline import load_schema
+
+    folder, manifest = run_recipe(load_recipe(write_recipe(project)), project / "out")
+    jsonschema.validate(manifest, load_schema("manifest.schema.json"))
+    record_schema = load_schema("record.schema.json")
+    for record in pl.read_parquet(folder / "data.parquet").to_dicts():
+        jsonschema.validate(record, record_schema)
