@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from curate.formats import InputSpec, input_files, read_input
+from curate.records import record_id
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -59,6 +60,12 @@ def normalize_stage():
     return stage
 
 
+def ids(conversations: list[list[dict]]) -> int:
+    for messages in conversations:
+        record_id(messages)
+    return len(conversations)
+
+
 def best_of(repeat: int, fn, *args) -> tuple[float, int]:
     times, n = [], 0
     for _ in range(repeat):
@@ -79,6 +86,9 @@ def main() -> None:
     stage = normalize_stage()
     norm_s, norm_n = best_of(args.repeat, ingest, spec, stage)
     assert ref_n == read_n == norm_n, (ref_n, read_n, norm_n)
+    # The content id is part of every record; timing it alone shows what conversion itself costs.
+    conversations = [r["messages"] for b in read_input(spec, DATA) for r in b.records]
+    id_s, _ = best_of(args.repeat, ids, conversations)
     mb = sum(p.stat().st_size for p in files) / 1e6
     print(f"files: {len(files)} ({mb:.1f} MB gzipped), records: {ref_n:,}; best of {args.repeat}")
     print(f"python {platform.python_version()}, {platform.machine()}")
@@ -87,6 +97,8 @@ def main() -> None:
         ("reference: gzip + json.loads loop", ref_s),
         ("curate: read + detect + convert", read_s),
         ("curate: ... + normalize stage", norm_s),
+        ("  of which record_id (records.py)", id_s),
+        ("  read + detect + convert w/o ids", read_s - id_s),
     ]
     for label, secs in rows:
         print(f"{label:34}{secs:9.2f}{ref_n / secs:12,.0f}{ref_s / secs:8.2f}x")
