@@ -1,0 +1,289 @@
+"""`curate train`: QLoRA fine-tuning of a base model on a dataset version with TRL's SFTTrainer.
+
+The data is tokenized here (labels from the rendered template's trained spans), so TRL only packs
+(best-fit, padding-free: position ids restart per example, so attention never crosses examples),
+batches and trains. The run writes adapter/, metrics.json, loss.png and train_recipe.json, then
+runs the evaluation gates on the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+from curate.templates import TEMPLATE_NAMES
+from curate.train.data import Version, encode_all, load_eval_items, load_version, split_holdout
+from curate.train.recipe import TrainRecipe, load_recipe
+
+
+def resolve_template(recipe: TrainRecipe, version: Version | None, tokenizer_path: str) -> str:
+    """The recipe's template, else the version's normalize template, else the tokenizer's own, else chatml."""
+    chosen = recipe.template or (version.template if version else None)
+    if chosen in (None, "tokenizer"):
+        from transformers import AutoTokenizer
+
+        has_own = bool(getattr(AutoTokenizer.from_pretrained(tokenizer_path), "chat_template", None))
+        if chosen == "tokenizer" and not has_own:
+            raise CurateError(
+                "template: tokenizer, but the tokenizer has no chat template", hint="use chatml"
+            )
+        return "tokenizer" if has_own else "chatml"
+    if chosen not in TEMPLATE_NAMES:
+        return recipe.path(chosen) or chosen
+    return chosen
+
+
+def template_object(template: str, tokenizer: Any) -> Any:
+    """What `render` takes: a template name, or the (prepared) tokenizer for its own chat template."""
+    return tokenizer if template == "tokenizer" else template
+
+
+def eval_set_conversations(recipe: TrainRecipe, version: Version | None) -> dict[str, list[list[dict]]]:
+    """Each eval set with references as question -> answer conversations, for eval loss."""
+    specs = recipe.eval_sets if recipe.eval_sets is not None else (version.eval_sets if version else [])
+    base = recipe.base_dir if recipe.eval_sets is not None else (version.path if version else recipe.base_dir)
+    out = {}
+    for spec in specs:
+        items = [it for it in load_eval_items(spec, base) if it["question"] and it["answer"]]
+        if items:
+            items = items[: recipe.gates.max_items * 4]
+            out[spec["name"]] = [
+                [
+                    {"role": "user", "content": str(it["question"])},
+                    {"role": "assistant", "content": str(it["answer"])},
+                ]
+                for it in items
+            ]
+    return out
+
+
+def _dataset(rows: list[dict]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def run_training(
+    recipe_path: str | Path | None,
+    data_version: str | Path,
+    out_dir: str | Path,
+    overrides: dict | None = None,
+) -> dict:
+    """Train a QLoRA adapter on a version; returns metrics.json's content (gates included)."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.callbacks import RichProgressCallback
+
+    from curate.train import gates as gate_mod
+    from curate.train.metrics import RunLog, library_versions, peak_memory, plot_loss
+    from curate.train.model import device, load_model, load_tokenizer, lora_config, resolve_base
+
+    wall0 = time.perf_counter()
+    recipe = load_recipe(recipe_path, overrides)
+    version = load_version(data_version)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(recipe.seed)
+    base = resolve_base(recipe, out / ".base")
+    template = resolve_template(recipe, version, base.tokenizer_path)
+    tokenizer, added = load_tokenizer(base.tokenizer_path, template)
+    tmpl = template_object(template, tokenizer)
+
+    train_idx, held_idx = split_holdout(
+        version, recipe.holdout.fraction, recipe.holdout.max_records, recipe.holdout.salt
+    )
+    convs, ids = version.conversations, version.ids
+    max_len = recipe.sequence_len
+    train_rows, train_empty = encode_all(
+        [convs[i] for i in train_idx],
+        [ids[i] for i in train_idx],
+        tokenizer,
+        tmpl,
+        max_len,
+        recipe.fully_masked,
+    )
+    held_rows, held_empty = encode_all(
+        [convs[i] for i in held_idx],
+        [ids[i] for i in held_idx],
+        tokenizer,
+        tmpl,
+        max_len,
+        recipe.fully_masked,
+    )
+    if not held_rows:
+        raise CurateError(
+            "the held-out split is empty", hint="raise holdout.fraction or use a larger version"
+        )
+    eval_sets = eval_set_conversations(recipe, version)
+    eval_data = {"heldout": _dataset(held_rows)}
+    for name, conversations in eval_sets.items():
+        rows, _ = encode_all(
+            conversations,
+            [f"{name}:{i}" for i in range(len(conversations))],
+            tokenizer,
+            tmpl,
+            max_len,
+            "drop",
+        )
+        if rows:
+            eval_data[name] = _dataset(rows)
+
+    model = load_model(base.model_path, recipe, tokenizer, for_training=True)
+    if recipe.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.gradient_checkpointing
+        )
+    model = get_peft_model(model, lora_config(recipe, model, tokenizer, added))
+
+    train_tokens = sum(len(r["input_ids"]) for r in train_rows)
+    epochs = recipe.num_epochs
+    if recipe.max_tokens is not None:
+        epochs = max(epochs, math.ceil(recipe.max_tokens / max(train_tokens, 1)))
+    per_step = recipe.micro_batch_size * recipe.gradient_accumulation_steps
+    est_steps = recipe.max_steps or max(1, math.ceil(len(train_rows) * epochs / per_step))
+    if recipe.packing:
+        est_steps = recipe.max_steps or max(1, math.ceil(train_tokens * epochs / (max_len * per_step)))
+    if recipe.max_tokens is not None and not recipe.max_steps:
+        est_steps = min(est_steps, max(1, math.ceil(recipe.max_tokens / (max_len * per_step))))
+    eval_steps = recipe.eval_steps or max(1, est_steps // 10)
+    on_gpu = device() == "cuda"
+    bf16 = recipe.bnb_4bit_compute_dtype == "bfloat16" and (not on_gpu or torch.cuda.is_bf16_supported())
+    config = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_length=max_len,
+        packing=recipe.packing,
+        packing_strategy="bfd",
+        per_device_train_batch_size=recipe.micro_batch_size,
+        per_device_eval_batch_size=recipe.micro_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler,
+        warmup_steps=int(recipe.warmup_ratio * est_steps),
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        num_train_epochs=epochs,
+        max_steps=recipe.max_steps or -1,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        logging_steps=recipe.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        dataloader_num_workers=0,
+        use_cpu=not on_gpu,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+    )
+    log = RunLog(recipe.max_tokens)
+    trainer_cls = _model_loss_trainer(SFTTrainer) if added else SFTTrainer
+    trainer = trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=_dataset(train_rows),
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        callbacks=[log],
+    )
+    before = trainer.evaluate()
+    trainer.add_callback(RichProgressCallback)  # it draws bars only between train begin and end
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - t0
+    memory = peak_memory()
+    trainer.remove_callback(RichProgressCallback)
+    after = trainer.evaluate()
+
+    model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    saved = {
+        **recipe.raw,
+        "base_model": base.model_path,
+        "tokenizer": base.tokenizer_path,
+        "template": template,
+    }
+    (out / "train_recipe.json").write_text(
+        json.dumps(
+            {"recipe": saved, "base_dir": str(recipe.base_dir), "version": str(version.path)}, indent=1
+        )
+    )
+    if recipe.merge:
+        _write_merged(base.model_path, recipe, tokenizer, out)
+
+    tokens = int(trainer.state.num_input_tokens_seen)
+    trained_labels = sum(sum(1 for t in r["labels"] if t != -100) for r in train_rows)
+    metrics: dict[str, Any] = {
+        "recipe": recipe.name,
+        "version": str(version.path),
+        "version_id": version.manifest.get("version", version.path.name),
+        "base_model": recipe.base_model,
+        "template": template,
+        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+        "records": {
+            "train": len(train_rows),
+            "heldout": len(held_rows),
+            "fully_masked_dropped": train_empty + held_empty,
+            "eval_sets": {k: len(v) for k, v in eval_data.items() if k != "heldout"},
+        },
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens_seen": tokens,
+        "trained_label_tokens_per_epoch": trained_labels,
+        "train_seconds": train_seconds,
+        "tokens_per_second": tokens / train_seconds if train_seconds else None,
+        "train_loss_mean": result.training_loss,
+        "eval_loss_before": {k[5:-5]: v for k, v in before.items() if k.endswith("_loss")},
+        "eval_loss_after": {k[5:-5]: v for k, v in after.items() if k.endswith("_loss")},
+        "train_loss": log.train,
+        "eval_loss": log.eval,
+        **memory,
+        "versions": library_versions(),
+    }
+    plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
+    model.eval()
+    metrics["gates"] = gate_mod.evaluate(model, tokenizer, tmpl, recipe, held_rows, version)
+    metrics["wall_seconds"] = time.perf_counter() - wall0
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    return metrics
+
+
+def _model_loss_trainer(base: type) -> type:
+    """SFTTrainer scoring with the model's own loss. TRL's fused LM head reads `lm_head.weight` directly,
+    which would skip the trained rows of tokens added for the template."""
+    from transformers import Trainer
+
+    class ModelLossSFTTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return ModelLossSFTTrainer
+
+
+def _write_merged(model_path: str, recipe: TrainRecipe, tokenizer: Any, out: Path) -> None:
+    """Full weights with the adapter folded in, on an unquantized copy of the base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, recipe.bnb_4bit_compute_dtype)
+    )
+    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+    merged.save_pretrained(out / "merged")
+    tokenizer.save_pretrained(out / "merged")
