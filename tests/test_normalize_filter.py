@@ -133,3 +133,10 @@ def test_filter_rejects_bad_patterns_and_bounds():
         build_config(STAGES["filter"].Config, {"min_chars": 10, "max_chars": 5}, "filter")
     with pytest.raises(RecipeError, match=r"filter.min_chars: expected int"):
         build_config(STAGES["filter"].Config, {"min_chars": "ten"}, "filter")
+
+
+def test_prompt_only_records_pass_normalize_for_the_filter_to_decide():
+    prompt_only = rec(("user", "Write a haiku about rain."), meta={"needs_response": True})
+    assert stage("normalize").process(prompt_only) is None
+    nothing = make_record([message("system", "s")], SOURCE)
+    assert stage("normalize", system_prompt_mode="keep").process(nothing) is None

@@ -114,8 +114,11 @@ class NormalizeStage(RowStage):
     def _render_problem(self, turns: list[dict]) -> str | None:
         from curate.templates import render
 
+        # A conversation still waiting for its answer (prompt-only) renders as a generation prompt;
+        # whether it may stay is the filter's decision, not the template's.
+        awaiting_answer = bool(turns) and turns[-1]["role"] != "assistant"
         try:
-            render(turns, self._template)
+            render(turns, self._template, add_generation_prompt=awaiting_answer)
         except (ValueError, CurateError) as exc:
             return str(exc)
         return None
