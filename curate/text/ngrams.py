@@ -28,6 +28,11 @@ def normalize(text: str) -> str:
     return " ".join(kept.split())
 
 
+def normalized(texts: pl.Series) -> pl.Series:
+    """Each text normalized (words joined by one space), column-wise; equal to `normalize` per text."""
+    return _normalized_words(texts).list.join(" ")
+
+
 def _normalized_words(texts: pl.Series) -> pl.Series:
     return (
         texts.cast(pl.String)

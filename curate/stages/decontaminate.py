@@ -1,0 +1,334 @@
+"""decontaminate: drop training records that overlap a declared eval set, with the overlap as evidence.
+
+Four methods, combinable, each with its own threshold:
+
+- exact: an eval question, normalized, occurs whole inside the record (or equals a user turn);
+- ngram: the record shares word n-grams with an eval question (GPT-3 / lm-eval-harness style:
+  lowercase, punctuation removed, 13-grams by default), optionally with eval answers too;
+- minhash: the record's user turns are near-duplicates of an eval question (estimated Jaccard);
+- embedding: the record's user turns paraphrase an eval question (cosine of sentence embeddings).
+
+A dropped record's evidence names the best hit (eval set, eval item id, method, score, the matched
+n-gram or span) and lists the best hit of every method that fired, so the report can count, per
+eval set, which items were found and how.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from curate.errors import RecipeError
+from curate.evalsets import EvalSet, load_eval_sets
+from curate.stages.base import Drop, TableStage, TableVerdicts, option, register
+from curate.text.conversation import conversation_text
+from curate.text.ngrams import SpanIndex, Tokens, normalized, tokenize
+
+Method = Literal["exact", "ngram", "minhash", "embedding"]
+METHODS = ("exact", "ngram", "minhash", "embedding")
+_SNIPPET = 200  # characters of matched text kept as evidence
+
+
+@dataclass
+class DecontaminateConfig:
+    methods: list[Method] = option(
+        ["exact", "ngram", "minhash"],
+        help="Methods to run, any of exact, ngram, minhash, embedding; a record is dropped when any fires.",
+    )
+    eval_sets: list[str] = option([], help="Names of the recipe's eval sets to check against; empty: all.")
+    user_turns_only: bool = option(
+        False, help="exact and ngram look at the user turns only (default: every non-system turn)."
+    )
+    exact_min_words: int = option(
+        4,
+        help="An eval question of at least this many words is found anywhere inside a record; a shorter "
+        "one only when a whole user turn equals it.",
+    )
+    ngram: int = option(13, help="n of the word n-grams (13 as in GPT-3 and lm-eval-harness).")
+    ngram_min_matches: int = option(1, help="Distinct shared n-grams with one eval item needed to drop.")
+    match_answers: bool = option(False, help="Also match n-grams of the eval items' answers.")
+    minhash_threshold: float = option(
+        0.7, help="Estimated Jaccard of word 5-gram shingles (user turns vs eval question) to drop."
+    )
+    minhash_num_perm: int = option(128, help="MinHash permutations.")
+    minhash_ngram: int = option(5, help="Words per MinHash shingle; shorter texts are left to exact.")
+    embedding_threshold: float = option(
+        0.7, help="Cosine similarity (user turns vs eval question) to drop as a paraphrase."
+    )
+    embedding_model: str = option(
+        "", help="sentence-transformers model folder; empty: bundled all-MiniLM-L6-v2."
+    )
+    embedding_max_tokens: int = option(128, help="Tokens of each text the embedding model reads.")
+    embedding_batch_size: int = option(64, help="Texts per embedding batch.")
+
+    def check(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: give at least one of exact, ngram, minhash, embedding")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: each method once, got {self.methods}")
+        for name in ("exact_min_words", "ngram", "ngram_min_matches", "minhash_num_perm", "minhash_ngram"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("minhash_threshold", "embedding_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1]")
+
+
+class EvalCatalog:
+    """Every item of the chosen eval sets in one flat list, so kernels address items by row."""
+
+    def __init__(self, sets: list[EvalSet]) -> None:
+        self.set_names = [s.name for s in sets]
+        self.set_of = np.concatenate([np.full(len(s), i, np.int64) for i, s in enumerate(sets)] or [[]])
+        items = [item for s in sets for item in s.items]
+        self.ids = [item.id for item in items]
+        self.questions = [item.question for item in items]
+        self.answers = [item.answer or "" for item in items]
+        self.sizes = {s.name: len(s) for s in sets}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def hit(self, item: int, method: str, score: float, match: str, **extra) -> dict:
+        return {
+            "eval_set": self.set_names[self.set_of[item]],
+            "eval_id": self.ids[item],
+            "method": method,
+            "score": round(float(score), 4),
+            "match": match[:_SNIPPET],
+            **extra,
+        }
+
+
+def _pick(hits: pl.DataFrame) -> pl.DataFrame:
+    """The best hit per record: highest score, then the earliest eval item."""
+    return hits.sort("doc", "score", "item", descending=[False, True, False]).unique("doc", keep="first")
+
+
+def exact_hits(
+    catalog: EvalCatalog, index: SpanIndex, tokens: Tokens, user_turns: pl.DataFrame, min_words: int
+):
+    """Records containing a whole eval question (>= min_words words) or with a user turn equal to one."""
+    inside = index.contained(tokens, min_words).with_columns(
+        pl.lit(1.0).alias("score"), pl.lit(None, pl.String).alias("turn")
+    )
+    short = np.flatnonzero((index.lengths > 0) & (index.lengths < min_words))
+    if len(short):
+        questions = pl.DataFrame(
+            {"item": short, "norm": normalized(pl.Series([catalog.questions[i] for i in short]))}
+        )
+        equal = user_turns.join(questions, on="norm").select(
+            "doc",
+            "item",
+            pl.lit(0).alias("pos"),
+            pl.col("norm").str.count_matches(" ").add(1).alias("length"),
+            pl.lit(1.0).alias("score"),
+            pl.col("norm").alias("turn"),
+        )
+        inside = pl.concat([inside, equal], how="vertical_relaxed")
+    return _pick(inside)
+
+
+def _user_turns(table: pl.DataFrame) -> pl.DataFrame:
+    """One row per user turn: the record's row number and the turn's normalized text."""
+    turns = (
+        table.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("doc"), "messages")
+        .explode("messages")
+        .unnest("messages")
+        .filter(pl.col("role") == "user")
+    )
+    return turns.select("doc", normalized(turns["content"]).alias("norm")).filter(pl.col("norm") != "")
+
+
+def _ngram_hits(index: SpanIndex, tokens: Tokens, min_matches: int) -> pl.DataFrame:
+    hits = index.ngram_hits(tokens).filter(pl.col("matches") >= min_matches)
+    counts = pl.Series(index.ngram_counts[hits["item"].to_numpy()])
+    return _pick(hits.with_columns((pl.col("matches") / counts).alias("score")))
+
+
+def _minhash_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateConfig) -> pl.DataFrame:
+    from curate.text.lsh import optimal_params
+    from curate.text.minhash import signatures
+
+    long_enough = tokenize(texts).lengths() >= cfg.minhash_ngram
+    eval_ok = np.flatnonzero(tokenize(catalog.questions).lengths() >= cfg.minhash_ngram)
+    docs = np.flatnonzero(long_enough)
+    sig_kw = {"num_perm": cfg.minhash_num_perm, "ngram": cfg.minhash_ngram, "unit": "word", "seed": 1}
+    rec_sigs = signatures(texts.gather(docs), **sig_kw)
+    eval_sigs = signatures([catalog.questions[i] for i in eval_ok], **sig_kw)
+    bands, rows = optimal_params(cfg.minhash_threshold, cfg.minhash_num_perm)
+    pairs = []
+    for b in range(bands):
+        cols = slice(b * rows, (b + 1) * rows)
+        left = pl.DataFrame({"key": _band_keys(rec_sigs[:, cols]), "r": np.arange(len(docs))})
+        right = pl.DataFrame({"key": _band_keys(eval_sigs[:, cols]), "e": np.arange(len(eval_ok))})
+        pairs.append(left.join(right, on="key").select("r", "e"))
+    cand = pl.concat(pairs).unique() if pairs else pl.DataFrame(schema={"r": pl.Int64, "e": pl.Int64})
+    r, e = cand["r"].to_numpy(), cand["e"].to_numpy()
+    same = (rec_sigs[r] == eval_sigs[e]).sum(axis=1) / cfg.minhash_num_perm if len(r) else np.zeros(0)
+    hits = pl.DataFrame({"doc": docs[r], "item": eval_ok[e], "score": same}).filter(
+        pl.col("score") >= cfg.minhash_threshold
+    )
+    return _pick(hits)
+
+
+def _band_keys(band: np.ndarray) -> np.ndarray:
+    """One uint64 key per row of a band (a run of signature values), by a polynomial mix."""
+    key = np.zeros(band.shape[0], np.uint64)
+    for col in band.T.astype(np.uint64):
+        key = key * np.uint64(0x100000001B3) + col + np.uint64(0x9E3779B97F4A7C15)
+    return key
+
+
+def _views(question: str) -> list[str]:
+    """What a paraphrase of an eval question may resemble: the question, and for a question after a
+    passage (MMLU history, reading comprehension) its last paragraph on its own."""
+    views = [question]
+    last = question.strip().rsplit("\n", 1)[-1].strip()
+    if last and last != question.strip():
+        views.append(last)
+    return views
+
+
+def _embedding_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateConfig, ctx) -> pl.DataFrame:
+    from curate.embed import Embedder
+
+    embedder = Embedder(
+        cfg.embedding_model,
+        ctx.cache_dir,
+        batch_size=cfg.embedding_batch_size,
+        max_seq_length=cfg.embedding_max_tokens,
+    )
+    view_item, view_text = [], []
+    for item, question in enumerate(catalog.questions):
+        for view in _views(question):
+            view_item.append(item)
+            view_text.append(view)
+    eval_vecs = embedder.encode(view_text)
+    docs = np.flatnonzero(texts.str.strip_chars().str.len_chars().to_numpy() > 0)
+    rec_vecs = embedder.encode(texts.gather(docs).to_list(), progress=ctx.advance)
+    best_score = np.full(len(docs), -1.0, np.float32)
+    best_view = np.zeros(len(docs), np.int64)
+    for start in range(0, len(docs), 4096):
+        sims = rec_vecs[start : start + 4096] @ eval_vecs.T
+        best_view[start : start + 4096] = sims.argmax(axis=1)
+        best_score[start : start + 4096] = sims.max(axis=1)
+    keep = best_score >= cfg.embedding_threshold
+    view_item = np.asarray(view_item, np.int64)
+    return pl.DataFrame(
+        {"doc": docs[keep], "item": view_item[best_view[keep]], "score": best_score[keep].astype(np.float64)}
+    )
+
+
+@register
+class DecontaminateStage(TableStage):
+    """Drop records that overlap a declared eval set (exact, n-gram, MinHash, embedding paraphrase)."""
+
+    name = "decontaminate"
+    Config = DecontaminateConfig
+
+    def setup(self) -> None:
+        entries = self.context.eval_sets
+        known = [e.get("name") for e in entries]
+        missing = [n for n in self.config.eval_sets if n not in known]
+        if missing:
+            raise RecipeError(
+                f"decontaminate.eval_sets: '{missing[0]}' is not a declared eval set",
+                hint=f"the recipe's eval_sets are: {', '.join(map(str, known)) or 'none'}",
+            )
+        if not entries:
+            raise RecipeError(
+                "decontaminate: the recipe declares no eval_sets",
+                hint="add eval_sets: [{name, path}] to the recipe",
+            )
+        chosen = [e for e in entries if not self.config.eval_sets or e["name"] in self.config.eval_sets]
+        self.catalog = EvalCatalog(load_eval_sets(chosen, self.context.base_dir))
+
+    def apply(self, table: pl.DataFrame) -> TableVerdicts:
+        cfg, catalog = self.config, self.catalog
+        found: dict[str, pl.DataFrame] = {}
+        prompts = conversation_text(table, "user")
+        if "exact" in cfg.methods or "ngram" in cfg.methods:
+            texts = prompts if cfg.user_turns_only else conversation_text(table, "conversation")
+            tokens = tokenize(texts)
+            index = SpanIndex(catalog.questions, cfg.ngram)
+            if "exact" in cfg.methods:
+                hits = exact_hits(catalog, index, tokens, _user_turns(table), cfg.exact_min_words)
+                spans = [
+                    turn if turn is not None else tokens.span(d, p, n)
+                    for d, p, n, turn in hits.select("doc", "pos", "length", "turn").rows()
+                ]
+                found["exact"] = hits.with_columns(pl.Series("match", spans, dtype=pl.String))
+            if "ngram" in cfg.methods:
+                parts = [
+                    _ngram_hits(index, tokens, cfg.ngram_min_matches).with_columns(
+                        pl.lit("question").alias("part")
+                    )
+                ]
+                if cfg.match_answers:
+                    answers = SpanIndex(catalog.answers, cfg.ngram)
+                    parts.append(
+                        _ngram_hits(answers, tokens, cfg.ngram_min_matches).with_columns(
+                            pl.lit("answer").alias("part")
+                        )
+                    )
+                hits = _pick(pl.concat(parts, how="vertical_relaxed"))
+                spans = [tokens.span(d, p, cfg.ngram) for d, p in hits.select("doc", "pos").rows()]
+                found["ngram"] = hits.with_columns(pl.Series("match", spans, dtype=pl.String))
+        if "minhash" in cfg.methods:
+            found["minhash"] = _minhash_hits(catalog, prompts, cfg)
+        if "embedding" in cfg.methods:
+            found["embedding"] = _embedding_hits(catalog, prompts, cfg, self.context)
+        verdicts = _verdicts(table.height, found, catalog, prompts)
+        if "embedding" not in cfg.methods:
+            self.context.advance(table.height)
+        return TableVerdicts(verdicts)
+
+
+def _verdicts(n: int, found: dict[str, pl.DataFrame], catalog: EvalCatalog, prompts: pl.Series) -> list:
+    """One Drop per flagged record: the first method in METHODS order that fired leads the evidence."""
+    per_doc: dict[int, list[dict]] = {}
+    for method in METHODS:
+        hits = found.get(method)
+        if hits is None or not hits.height:
+            continue
+        for row in hits.iter_rows(named=True):
+            doc, item = row["doc"], row["item"]
+            match = row.get("match") or prompts[doc]
+            extra = {}
+            if method == "ngram":
+                extra = {"matches": int(row["matches"]), "part": row["part"]}
+            hit = catalog.hit(item, method, row["score"], match, **extra)
+            if method in ("minhash", "embedding"):
+                hit["eval_text"] = catalog.questions[item][:_SNIPPET]
+            per_doc.setdefault(doc, []).append(hit)
+    verdicts: list = [None] * n
+    for doc, hits in per_doc.items():
+        lead = dict(hits[0])
+        lead["hits"] = [{k: h[k] for k in ("eval_set", "eval_id", "method", "score")} for h in hits]
+        verdicts[doc] = Drop("eval_overlap", lead)
+    return verdicts
+
+
+def exact_eval_copies(
+    table: pl.DataFrame, eval_sets: list[dict], base_dir: Path, min_words: int = 4
+) -> list[dict]:
+    """Kept records that still hold an exact copy of an eval question: {id, eval_set, eval_id} each.
+
+    The runner calls this before writing a version; hash lookups only, so it is cheap.
+    """
+    if not eval_sets or not table.height:
+        return []
+    catalog = EvalCatalog(load_eval_sets(eval_sets, Path(base_dir)))
+    index = SpanIndex(catalog.questions, 13)
+    tokens = tokenize(conversation_text(table, "conversation"))
+    hits = exact_hits(catalog, index, tokens, _user_turns(table), min_words)
+    ids = table["id"]
+    return [
+        {"id": ids[doc], "eval_set": catalog.set_names[catalog.set_of[item]], "eval_id": catalog.ids[item]}
+        for doc, item in hits.sort("doc").select("doc", "item").rows()
+    ]
