@@ -211,6 +211,24 @@ def test_hf_name_missing_from_the_cache_fails_clearly(tmp_path: Path, monkeypatc
     assert "save_to_disk" in err.value.hint
 
 
+def test_hf_name_loads_through_datasets(tmp_path: Path, monkeypatch):
+    """`hf:` goes through datasets.load_dataset; a local data folder stands in for a cached hub name."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "train.jsonl").write_bytes(jsonl(ALPACA))
+    (tmp_path / "hub" / "test.jsonl").write_bytes(jsonl(ALPACA[:1]))
+    spec = InputSpec(path=f"hf:{tmp_path / 'hub'}", name="hub", split="test")
+    records, _ = read(spec, tmp_path)
+    assert [turns(r) for r in records] == [[("user", "Name a primary colour."), ("assistant", "Red.")]]
+    assert records[0]["source"] == {
+        "name": "hub",
+        "path": f"hf:{tmp_path / 'hub'}:test",
+        "row": 0,
+        "format": "alpaca",
+    }
+    assert len(read(InputSpec(path=f"hf:{tmp_path / 'hub'}"), tmp_path)[0]) == 3
+
+
 def test_per_record_detection_in_a_mixed_file(tmp_path: Path):
     rows = [
         *ALPACA[:1],

@@ -38,6 +38,7 @@ from curate.formats.base import FORMATS, Format, FormatOptions, RecordError
 from curate.formats.detect import HEAD_ROWS, detect_file, detect_row, format_names, unknown_shape
 from curate.formats.readers import (
     RAW_LIMIT,
+    Row,
     Unreadable,
     expand,
     is_hf_folder,
@@ -249,7 +250,10 @@ def _choose_format(head: list, path: str, spec: InputSpec) -> tuple[Format | Non
     return fmt, True
 
 
-def _read_rows(rows, path: str, source_name: str, spec: InputSpec, options: FormatOptions, batch_size: int):
+def _read_rows(
+    rows: Iterator[Row], path: str, source_name: str, spec: InputSpec, options: FormatOptions, batch_size: int
+) -> Iterator[IngestBatch]:
+    """Convert one file's rows, detecting the format first; batches of records plus their quarantine."""
     head = list(islice(rows, HEAD_ROWS))
     file_format, check_rows = _choose_format(head, path, spec)
     format_name = file_format.name if file_format else "empty"

@@ -19,17 +19,19 @@ def _turns(value: object, role: str, what: str) -> list[dict]:
 
 
 def _pair(row: dict, answer_key: str, options: FormatOptions) -> list[dict]:
-    messages = _turns(row["prompt"], "user", "prompt")
-    answer = _turns(row[answer_key], "assistant", answer_key)
-    last = answer[-1]
-    content = last["content"]
-    for marker in options.end_markers:
-        if content.endswith(marker):
-            last["content"] = content[: -len(marker)]
-            break
+    prompt, answer = row["prompt"], row[answer_key]
+    if type(answer) is str:  # the common case, kept cheap: the T0 files alone are 55k rows
+        for marker in options.end_markers:
+            if answer.endswith(marker):
+                answer = answer[: -len(marker)]
+                break
+        answer_turns = [message("assistant", answer)]
+    else:
+        answer_turns = _turns(answer, "assistant", answer_key)
+    messages = _turns(prompt, "user", "prompt")
     if row.get("system"):
         messages.insert(0, message("system", text_of(row["system"], "system")))
-    messages += answer
+    messages += answer_turns
     meta = None if len(row) == 2 else rest(row, ("prompt", answer_key, "system"))
     return [{"messages": require_text(messages), "meta": meta}]
 
