@@ -200,6 +200,12 @@ def test_save_to_disk_folders(tmp_path: Path):
     assert len(read("dict", tmp_path)[0]) == 2  # default split: train
     with pytest.raises(FormatError, match="no split 'dev'"):
         read(InputSpec(path="dict", split="dev"), tmp_path)
+    (tmp_path / "more.jsonl").write_bytes(jsonl(ALPACA[:1]))
+    # a folder holding saved datasets reads each as one input, never their own json files
+    names = [p.relative_to(tmp_path).as_posix() for p in input_files(InputSpec(path="."), tmp_path)]
+    assert names == ["dict", "more.jsonl", "saved"]
+    with pytest.raises(FormatError, match="no data files found"):  # every .json here is dataset internals
+        input_files(InputSpec(path="**/*.json"), tmp_path)
 
 
 def test_hf_name_missing_from_the_cache_fails_clearly(tmp_path: Path, monkeypatch):

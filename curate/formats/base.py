@@ -13,7 +13,7 @@ from typing import Any
 
 from curate.records import message
 
-# Keys a row uses for the text of the question and of the answer; shared by several detectors.
+# Keys that hold an answer: a row with one of them is not a bare prompt.
 ANSWER_KEYS = ("output", "response", "completion", "answer", "chosen", "rejected", "target", "outputs")
 
 
@@ -95,11 +95,8 @@ def join_input(instruction: str, inp: Any) -> str:
     return f"{instruction}\n\n{inp}" if inp.strip() else instruction
 
 
-def user_assistant(user: str, assistant: str, system: str | None = None) -> list[dict]:
-    msgs = [message("system", system)] if system else []
-    msgs.append(message("user", user))
-    msgs.append(message("assistant", assistant))
-    return msgs
+def user_assistant(user: str, assistant: str) -> list[dict]:
+    return [message("user", user), message("assistant", assistant)]
 
 
 def require_text(messages: list[dict]) -> list[dict]:

@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -320,13 +321,31 @@ def iter_file(path: Path, batch_size: int = 4096) -> Iterator[Row]:
         )
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Data files and save_to_disk folders below a folder; hidden entries and dataset internals skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        visible = [d for d in dirnames if not d.startswith(".")]
+        saved = [d for d in visible if is_hf_folder(here / d)]
+        found += [here / d for d in saved]
+        dirnames[:] = [d for d in visible if d not in saved]
+        found += [here / f for f in filenames if is_data_file(here / f)]
+    return found
+
+
+def _in_hf_folder(path: Path) -> bool:
+    # save_to_disk writes dataset_info.json, state.json (per split for a DatasetDict): not inputs.
+    return is_hf_folder(path.parent) or is_hf_folder(path.parent.parent)
+
+
 def expand(path_text: str, base_dir: Path) -> list[Path]:
     """Files named by a path, glob or folder, sorted by path so every run reads in the same order."""
     if any(c in path_text for c in "*?["):
         # The recipe folder's own name may hold glob characters; only the recipe's pattern is a glob.
         pattern = path_text if Path(path_text).is_absolute() else f"{glob.escape(str(base_dir))}/{path_text}"
         found = [Path(p) for p in glob.glob(pattern, recursive=True)]
-        found = [p for p in found if is_data_file(p) or is_hf_folder(p)]
+        found = [p for p in found if (is_data_file(p) and not _in_hf_folder(p)) or is_hf_folder(p)]
     else:
         path = Path(path_text)
         path = path if path.is_absolute() else base_dir / path
@@ -334,11 +353,7 @@ def expand(path_text: str, base_dir: Path) -> list[Path]:
             raise FormatError(f"input {path_text!r}: no such file or folder (looked in {base_dir})")
         if path.is_file() or is_hf_folder(path):
             return [path]
-        found = [
-            p
-            for p in path.rglob("*")
-            if is_data_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        ]
+        found = _walk(path)
     if not found:
         raise FormatError(
             f"input {path_text!r}: no data files found (looked in {base_dir})",
