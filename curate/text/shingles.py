@@ -1,0 +1,490 @@
+"""How text becomes shingles: defined once in plain Python, computed by compiled kernels that match it.
+
+The definition (what `shingles(text)` returns; `lowercase=False` skips `.lower()`):
+
+- unit "word": ``words = re.findall(r"\\w+", text.lower())`` with Python's Unicode ``\\w`` (a
+  character for which ``str.isalnum()`` is true, or ``_``). The shingles are
+  ``" ".join(words[i:i + n])`` for every start i; a text of 1 to n-1 words gives one shingle of
+  all its words; a text without words gives none.
+- unit "char": ``t = " ".join(text.lower().split())`` (whitespace runs become one space, ends are
+  trimmed); the shingles are ``t[i:i + n]`` for every start i (code points, not bytes); a shorter
+  non-empty t gives t itself; an empty t gives none.
+
+Shingles form a set: repeats do not count twice. To build the same MinHash with datasketch:
+``m = MinHash(num_perm, seed); m.update_batch([s.encode("utf-8") for s in shingles(text)])``.
+
+The kernels below read UTF-8 bytes straight from Arrow buffers and apply the same rules through
+lookup tables made from Python's own `str.lower`, `str.isalnum` and `str.isspace`, so both agree
+on the running Python's Unicode version. The few characters whose lowercase is not one code point
+or depends on context (U+0130, and capital sigma, which Python lowers to a final or medial form),
+and code points past the tables, send their record down the plain Python path instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Literal
+
+import numba
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from curate.text.sha1 import LANES, SHORT, big_endian_words, sha1_prefix64, sha1_short_lanes
+
+Unit = Literal["word", "char"]
+
+WORD = np.uint8(1)
+SPACE = np.uint8(2)
+SPECIAL = np.uint8(4)
+TABLE_SIZE = 0x30000  # planes 0-2: every script in use; anything above goes the Python way
+PAD = 72  # zero bytes kept past a normalized record: the SHA-1 lanes read a block past a start
+_WORD_RE = re.compile(r"\w+")
+
+
+def shingles(text: str, ngram: int = 5, unit: Unit = "word", lowercase: bool = True) -> list[str]:
+    """The shingle set of one text, in first-seen order: the reference the kernels are tested against."""
+    if lowercase:
+        text = text.lower()
+    if unit == "word":
+        parts = _WORD_RE.findall(text)
+        if not parts:
+            return []
+        grams = [" ".join(parts[i : i + ngram]) for i in range(max(1, len(parts) - ngram + 1))]
+    elif unit == "char":
+        t = " ".join(text.split())
+        if not t:
+            return []
+        grams = [t[i : i + ngram] for i in range(max(1, len(t) - ngram + 1))]
+    else:
+        raise ValueError(f"unknown shingle unit {unit!r}; use 'word' or 'char'")
+    return list(dict.fromkeys(grams))
+
+
+def normalized(text: str, unit: Unit, lowercase: bool) -> bytes:
+    """A text as the kernels see it after normalizing: words (or the collapsed text) as UTF-8."""
+    if lowercase:
+        text = text.lower()
+    return (" ".join(_WORD_RE.findall(text)) if unit == "word" else " ".join(text.split())).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=2)
+def tables(lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, flags) per code point below TABLE_SIZE, from Python's own string methods."""
+    codes = np.arange(TABLE_SIZE, dtype=np.uint32)
+    chars = codes.view("<U1")
+    mapped = np.char.lower(chars) if lowercase else chars
+    lower = mapped.view(np.uint32).copy()
+    flags = np.where(np.char.isalnum(mapped) | (mapped == "_"), WORD, 0).astype(np.uint8)
+    flags |= np.where(np.char.isspace(mapped), SPACE, 0).astype(np.uint8)
+    if lowercase:
+        changed = np.nonzero(lower != codes)[0]
+        special = [c for c in changed.tolist() if len(chr(c).lower()) != 1] + [0x3A3]
+        flags[special] |= SPECIAL
+    return lower, flags
+
+
+def utf8_buffers(texts: list[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(data, offsets) of the texts as UTF-8, zero-copy from Arrow where possible; nulls are empty.
+
+    `data` has PAD spare bytes at its end, which the SHA-1 lanes may read past a message.
+    """
+    if isinstance(texts, pl.Series):
+        arr = texts.cast(pl.String).fill_null("").cast(pl.Binary).to_arrow()
+    else:
+        arr = pa.array(texts, type=pa.large_binary())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.null_count:
+        arr = arr.fill_null(b"")
+    if arr.type != pa.large_binary():
+        arr = arr.cast(pa.large_binary())
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    data = np.empty(end - start + PAD, dtype=np.uint8)
+    if data_buf is not None and end > start:
+        data[: end - start] = np.frombuffer(data_buf, dtype=np.uint8)[start:end]
+    data[end - start :] = 0
+    return data, offsets - start
+
+
+@numba.njit(inline="always")
+def _decode(data, i):
+    b0 = np.int64(data[i])
+    if b0 < 0x80:
+        return b0, 1
+    if b0 < 0xE0:
+        return ((b0 & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F), 2
+    if b0 < 0xF0:
+        return ((b0 & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F), 3
+    return (
+        ((b0 & 0x07) << 18)
+        | ((np.int64(data[i + 1]) & 0x3F) << 12)
+        | ((np.int64(data[i + 2]) & 0x3F) << 6)
+        | (np.int64(data[i + 3]) & 0x3F)
+    ), 4
+
+
+@numba.njit(inline="always")
+def _encode(cp, out, o):
+    if cp < 0x80:
+        out[o] = cp
+        return o + 1
+    if cp < 0x800:
+        out[o] = 0xC0 | (cp >> 6)
+        out[o + 1] = 0x80 | (cp & 0x3F)
+        return o + 2
+    if cp < 0x10000:
+        out[o] = 0xE0 | (cp >> 12)
+        out[o + 1] = 0x80 | ((cp >> 6) & 0x3F)
+        out[o + 2] = 0x80 | (cp & 0x3F)
+        return o + 3
+    out[o] = 0xF0 | (cp >> 18)
+    out[o + 1] = 0x80 | ((cp >> 12) & 0x3F)
+    out[o + 2] = 0x80 | ((cp >> 6) & 0x3F)
+    out[o + 3] = 0x80 | (cp & 0x3F)
+    return o + 4
+
+
+@numba.njit(cache=True)
+def _normalize(data, start, end, prenormalized, word_unit, lower, flags, out, marks):
+    """Normalize data[start:end] into `out`; return (bytes written, marks) or (-1, 0) for the Python path.
+
+    Word unit: marks[2k], marks[2k+1] are the byte start and end of word k. Char unit: marks[k] is
+    the byte start of code point k, with one more mark at the end. Prenormalized input (from
+    `normalized`) is copied and only split.
+    """
+    o = 0
+    m = 0
+    i = start
+    if prenormalized:
+        for j in range(start, end):
+            out[o] = data[j]
+            o += 1
+        if word_unit:
+            p = 0
+            for j in range(o + 1):
+                if j == o or out[j] == 32:
+                    if j > p:
+                        marks[m] = p
+                        marks[m + 1] = j
+                        m += 2
+                    p = j + 1
+            return o, m // 2
+        for j in range(o):
+            if (out[j] & 0xC0) != 0x80:
+                marks[m] = j
+                m += 1
+        marks[m] = o
+        return o, m
+    if word_unit:
+        in_word = False
+        while i < end:
+            cp, n = _decode(data, i)
+            i += n
+            if cp >= TABLE_SIZE or flags[cp] & SPECIAL:
+                return -1, 0
+            if flags[cp] & WORD:
+                if not in_word:
+                    if o > 0:
+                        out[o] = 32
+                        o += 1
+                    marks[2 * m] = o
+                    in_word = True
+                o = _encode(lower[cp], out, o)
+            elif in_word:
+                marks[2 * m + 1] = o
+                m += 1
+                in_word = False
+        if in_word:
+            marks[2 * m + 1] = o
+            m += 1
+        return o, m
+    pending = False
+    while i < end:
+        cp, n = _decode(data, i)
+        i += n
+        if cp >= TABLE_SIZE or flags[cp] & SPECIAL:
+            return -1, 0
+        if flags[cp] & SPACE:
+            pending = o > 0
+            continue
+        if pending:
+            marks[m] = o
+            m += 1
+            out[o] = 32
+            o += 1
+            pending = False
+        marks[m] = o
+        m += 1
+        o = _encode(lower[cp], out, o)
+    marks[m] = o
+    return o, m
+
+
+@numba.njit(cache=True)
+def record_hashes(data, start, end, prenormalized, word_unit, ngram, lower, flags, scratch, hv):
+    """`sha1_prefix64` of every shingle of one record into `hv`; return the count, or -1 for the Python path.
+
+    `scratch` comes from `scratch_for`. A repeated shingle is hashed again (sets ignore repeats).
+    """
+    buf, be32, marks, starts, ends, w, state, sw, tail, lane_start, lane_end, lane_idx, lane_out = scratch
+    length, units = _normalize(data, start, end, prenormalized, word_unit, lower, flags, buf, marks)
+    if length < 0:
+        return -1
+    for j in range(PAD):
+        buf[length + j] = 0
+    if units == 0:
+        return 0
+    big_endian_words(buf, length + 64, be32)
+    count = max(1, units - ngram + 1)
+    for j in range(count):
+        last = min(j + ngram, units)
+        if word_unit:
+            starts[j] = marks[2 * j]
+            ends[j] = marks[2 * last - 1]
+        else:
+            starts[j] = marks[j]
+            ends[j] = marks[last]
+    # Short shingles go through the SIMD lanes; the rare long one is hashed on its own.
+    filled = 0
+    for j in range(count):
+        if ends[j] - starts[j] > SHORT:
+            hv[j] = sha1_prefix64(buf, starts[j], ends[j], state, sw, tail)
+            continue
+        lane_start[filled] = starts[j]
+        lane_end[filled] = ends[j]
+        lane_idx[filled] = j
+        filled += 1
+        if filled == LANES or j == count - 1:
+            sha1_short_lanes(be32, lane_start[:filled], lane_end[:filled], w, lane_out)
+            for q in range(filled):
+                hv[lane_idx[q]] = lane_out[q]
+            filled = 0
+    if filled > 0:
+        sha1_short_lanes(be32, lane_start[:filled], lane_end[:filled], w, lane_out)
+        for q in range(filled):
+            hv[lane_idx[q]] = lane_out[q]
+    return count
+
+
+@numba.njit(cache=True)
+def scratch_for(max_bytes):
+    """Per-thread buffers for `record_hashes` on records of at most `max_bytes` UTF-8 bytes."""
+    # Lowercasing can grow a code point from 2 to 3 UTF-8 bytes, never by more than half.
+    room = 2 * max_bytes + 2 * PAD
+    return (
+        np.empty(room, np.uint8),
+        np.empty(room, np.uint32),
+        np.empty(room + 1, np.int64),
+        np.empty(room, np.int64),
+        np.empty(room, np.int64),
+        np.zeros((85, LANES), np.uint32),
+        np.zeros(5, np.uint64),
+        np.zeros(80, np.uint64),
+        np.zeros(128, np.uint8),
+        np.zeros(LANES, np.int64),
+        np.zeros(LANES, np.int64),
+        np.zeros(LANES, np.int64),
+        np.zeros(LANES, np.uint64),
+    )
+
+
+def python_fallback(
+    texts: list[str] | pl.Series, rows: np.ndarray, unit: Unit, lowercase: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Buffers of the `normalized` texts of the rows the kernels handed back to Python."""
+    if isinstance(texts, pl.Series):
+        picked = [t or "" for t in texts.gather(rows).to_list()]
+    else:
+        picked = [texts[int(r)] or "" for r in rows]
+    return utf8_buffers([normalized(t, unit, lowercase).decode("utf-8") for t in picked])
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_kernel(
+    chunks, data, offsets, rows, prenormalized, word_unit, ngram, lower, flags, max_bytes, counts
+):
+    n = rows.size
+    for c in numba.prange(chunks):
+        buf = np.empty(2 * max_bytes + 2 * PAD, np.uint8)
+        marks = np.empty(2 * max_bytes + 2 * PAD + 1, np.int64)
+        for k in range(c, n, chunks):
+            length, units = _normalize(
+                data, offsets[k], offsets[k + 1], prenormalized, word_unit, lower, flags, buf, marks
+            )
+            if length < 0:
+                counts[rows[k]] = -1
+            else:
+                counts[rows[k]] = 0 if units == 0 else max(1, units - ngram + 1)
+
+
+@numba.njit(parallel=True, cache=True)
+def _set_kernel(
+    chunks, data, offsets, rows, prenormalized, word_unit, ngram, lower, flags, max_bytes, starts, out, sizes
+):
+    n = rows.size
+    for c in numba.prange(chunks):
+        scratch = scratch_for(max_bytes)
+        hv = np.empty(2 * max_bytes + 2 * PAD, np.uint64)
+        for k in range(c, n, chunks):
+            r = rows[k]
+            cnt = record_hashes(
+                data, offsets[k], offsets[k + 1], prenormalized, word_unit, ngram, lower, flags, scratch, hv
+            )
+            if cnt <= 0:
+                continue
+            seg = np.sort(hv[:cnt])
+            size = 1
+            out[starts[r]] = seg[0]
+            for j in range(1, cnt):
+                if seg[j] != seg[j - 1]:
+                    out[starts[r] + size] = seg[j]
+                    size += 1
+            sizes[r] = size
+
+
+def shingle_hash_sets(
+    texts: list[str] | pl.Series, ngram: int = 5, unit: Unit = "word", lowercase: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's shingle set as sorted unique 64-bit hashes (datasketch's `sha1_hash64` of each shingle).
+
+    Returns (offsets, hashes): text i's set is hashes[offsets[i]:offsets[i + 1]]. Used for exact
+    Jaccard checks and n-gram overlap indexes.
+    """
+    check_shingling(ngram, unit)
+    n = len(texts)
+    word_unit = unit == "word"
+    data, offsets = utf8_buffers(texts)
+    rows = np.arange(n, dtype=np.int64)
+    lower, flags = tables(lowercase)
+    max_bytes = max_len(offsets)
+    counts = np.zeros(n, np.int64)
+    _count_kernel(
+        chunks_for(n), data, offsets, rows, False, word_unit, ngram, lower, flags, max_bytes, counts
+    )
+    back = np.nonzero(counts < 0)[0]
+    passes = [(data, offsets, rows, False, lower, flags, max_bytes)]
+    if back.size:
+        fdata, foffsets = python_fallback(texts, back, unit, lowercase)
+        plain_lower, plain_flags = tables(False)
+        fmax = max_len(foffsets)
+        _count_kernel(
+            chunks_for(back.size),
+            fdata,
+            foffsets,
+            back,
+            True,
+            word_unit,
+            ngram,
+            plain_lower,
+            plain_flags,
+            fmax,
+            counts,
+        )
+        passes.append((fdata, foffsets, back, True, plain_lower, plain_flags, fmax))
+    starts = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=starts[1:])
+    out = np.empty(int(starts[-1]), np.uint64)
+    sizes = np.zeros(n, np.int64)
+    for d, o, r, pre, lo, fl, mb in passes:
+        _set_kernel(chunks_for(r.size), d, o, r, pre, word_unit, ngram, lo, fl, mb, starts, out, sizes)
+    keep = np.arange(out.size) - np.repeat(starts[:-1], counts) < np.repeat(sizes, counts)
+    set_offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=set_offsets[1:])
+    return set_offsets, out[keep]
+
+
+def max_len(offsets: np.ndarray) -> int:
+    """The longest record in bytes (sizes the per-thread scratch buffers)."""
+    return int(np.max(np.diff(offsets))) if offsets.size > 1 else 0
+
+
+def check_shingling(ngram: int, unit: str) -> None:
+    """Reject shingle settings the kernels cannot honour, with a message that says what is allowed."""
+    if unit not in ("word", "char"):
+        raise ValueError(f"unknown shingle unit {unit!r}; use 'word' or 'char'")
+    if not isinstance(ngram, int) or ngram < 1:
+        raise ValueError(f"ngram must be a positive integer, got {ngram!r}")
+
+
+def chunks_for(n: int) -> int:
+    """How many interleaved work chunks a parallel kernel deals n records into, so long ones spread out."""
+    return max(1, min(n, 64 * numba.get_num_threads()))
+
+
+@numba.njit(inline="always")
+def _mix64(h):
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
+
+
+@numba.njit(parallel=True, cache=True)
+def _content_kernel(chunks, data, offsets, rows, prenormalized, lower, flags, max_bytes, out, status):
+    n = rows.size
+    for c in numba.prange(chunks):
+        room = 2 * max_bytes + 2 * PAD
+        buf = np.zeros(room + 8 - room % 8, np.uint8)
+        words = buf.view(np.uint64)
+        marks = np.empty(room + 1, np.int64)
+        for k in range(c, n, chunks):
+            length, _ = _normalize(
+                data, offsets[k], offsets[k + 1], prenormalized, False, lower, flags, buf, marks
+            )
+            if length < 0:
+                status[k] = -1
+                continue
+            for j in range(length, min(buf.size, length + 8)):
+                buf[j] = 0
+            # two independent multiply-rotate lanes over 8-byte words: a 128-bit key
+            h1 = np.uint64(0x243F6A8885A308D3) ^ np.uint64(length)
+            h2 = np.uint64(0x13198A2E03707344) ^ (np.uint64(length) * np.uint64(0x9E3779B97F4A7C15))
+            for j in range((length + 7) // 8):
+                w = words[j]
+                h1 = (h1 ^ w) * np.uint64(0x9FB21C651E98DF25)
+                h1 = (h1 << np.uint64(29)) | (h1 >> np.uint64(35))
+                h2 = (h2 + w) * np.uint64(0xC2B2AE3D27D4EB4F)
+                h2 = (h2 << np.uint64(31)) | (h2 >> np.uint64(33))
+            out[rows[k], 0] = _mix64(h1)
+            out[rows[k], 1] = _mix64(h2 ^ h1)
+            status[k] = 0
+
+
+def content_keys(texts: list[str] | pl.Series, lowercase: bool = True) -> np.ndarray:
+    """A 128-bit key per text, (n, 2) uint64, equal exactly when the normalized texts are equal.
+
+    Normalized as for char shingles: ``" ".join(text.lower().split())``, so case and whitespace
+    do not matter. (Different texts share a key with probability about n^2 / 2^128.)
+    """
+    n = len(texts)
+    out = np.zeros((n, 2), np.uint64)
+    if n == 0:
+        return out
+    data, offsets = utf8_buffers(texts)
+    status = np.zeros(n, np.int64)
+    lower, flags = tables(lowercase)
+    rows = np.arange(n, dtype=np.int64)
+    _content_kernel(chunks_for(n), data, offsets, rows, False, lower, flags, max_len(offsets), out, status)
+    back = np.nonzero(status < 0)[0]
+    if back.size:
+        fdata, foffsets = python_fallback(texts, back, "char", lowercase)
+        plain_lower, plain_flags = tables(False)
+        fstatus = np.zeros(back.size, np.int64)
+        _content_kernel(
+            chunks_for(back.size),
+            fdata,
+            foffsets,
+            back,
+            True,
+            plain_lower,
+            plain_flags,
+            max_len(foffsets),
+            out,
+            fstatus,
+        )
+    return out
