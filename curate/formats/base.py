@@ -102,7 +102,8 @@ def user_assistant(user: str, assistant: str) -> list[dict]:
 def require_text(messages: list[dict]) -> list[dict]:
     """A conversation with no text and no tool call at all is broken content, not a short record."""
     for m in messages:
-        if m["content"].strip() or m["tool_calls"]:
+        content = m["content"]
+        if (content and not content.isspace()) or m["tool_calls"]:  # isspace: no copy of long texts
             return messages
     raise RecordError("no text in any turn")
 
