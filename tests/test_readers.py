@@ -378,6 +378,10 @@ def test_recipe_entries_are_validated(tmp_path: Path):
         with pytest.raises(RecipeError) as err:
             InputSpec.from_recipe(entry, "inputs[0]")
         assert message in err.value.message and hint in err.value.hint
+    (tmp_path / "a.jsonl").write_bytes(jsonl(ALPACA))
+    for spec in (InputSpec(path="a.jsonl", format="fields"), InputSpec(path="a.jsonl", format="alpacca")):
+        with pytest.raises(RecipeError):  # specs built in code, not from a recipe, are checked too
+            read(spec, tmp_path)
 
 
 def test_batches_split_large_files(shared_data: Path):

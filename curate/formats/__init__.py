@@ -169,6 +169,15 @@ def relative(path: Path, base_dir: Path) -> str:
 def read_input(spec: InputSpec, base_dir: Path, batch_size: int = 5000) -> Iterator[IngestBatch]:
     """Records of every file of the input, in batches of at most `batch_size` (at least one per file)."""
     base_dir = Path(base_dir)
+    if spec.format != "auto" and spec.format not in FORMATS:
+        raise RecipeError(
+            f"unknown format {spec.format!r}", hint=f"formats: auto, {', '.join(format_names())}"
+        )
+    if (spec.format == "fields") != bool(spec.fields):
+        raise RecipeError(
+            f"{spec.path}: a `fields:` mapping goes with format 'fields' (and only with it)",
+            hint="e.g. fields: {user: question, assistant: answer}",
+        )
     options = FormatOptions.from_dict(spec.options, spec.fields)
     if spec.path.startswith("hf:"):
         name = spec.path[3:]

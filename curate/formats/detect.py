@@ -57,9 +57,10 @@ def unknown_shape(path: str, rows: list[dict]) -> FormatError:
     keys = keys_seen(rows)
     text_keys = [k for k in keys if rows and isinstance(rows[0].get(k), str)]
     guess = ", ".join(f"{role}: {key}" for role, key in zip(("user", "assistant"), text_keys, strict=False))
+    names = ", ".join(f.name for f in _ordered())
     return FormatError(
         f"{path}: unknown record shape; keys seen: {', '.join(keys) or '(none)'}",
-        hint=f"give the format in the recipe input (`format: NAME`, one of {', '.join(format_names())}) "
+        hint=f"give the format in the recipe input (`format: NAME`, one of {names}) "
         f"or map the fields to roles, e.g. `fields: {{{guess or 'user: KEY, assistant: KEY'}}}`",
     )
 
