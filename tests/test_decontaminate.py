@@ -1,0 +1,328 @@
+"""decontaminate on real data: known contamination found, clean data left alone, evidence and report exact."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from curate.evalsets import EvalSetSpec, load_eval_set
+from curate.formats import InputSpec, read_input
+from curate.pipeline import recipe_from_dict, run_recipe
+from curate.records import make_record, message, to_table
+from curate.report.decontam import decontam_report, render
+from curate.stages.base import StageContext, build_config
+from curate.stages.decontaminate import DecontaminateStage, exact_eval_copies
+from curate.text.ngrams import SpanIndex, normalize, normalized, tokenize
+
+ALPACA_EVAL = [
+    {"name": "alpaca_eval", "path": "eval/alpaca_eval_gpt4_1106_preview_outputs.json.gz"},
+    {"name": "alpaca_eval_davinci", "path": "eval/alpaca_eval_text_davinci_003_outputs.json.gz"},
+]
+MMLU = ["abstract_algebra", "sociology", "high_school_us_history"]
+MMLU_SETS = [{"name": f"mmlu_{s}", "path": f"eval/mmlu_{s}_test.csv.gz"} for s in MMLU]
+
+
+def read(shared_data: Path, path: str) -> pl.DataFrame:
+    records = [
+        r
+        for batch in read_input(InputSpec.from_recipe({"path": path}, "t"), shared_data)
+        for r in batch.records
+    ]
+    return pl.from_arrow(to_table(records))
+
+
+def prompts(texts: list[str], answers: list[str] | None = None) -> pl.DataFrame:
+    """Records made from bare texts: one user turn each (and an answer when given)."""
+    records = []
+    for row, text in enumerate(texts):
+        msgs = [message("user", text)] + ([message("assistant", answers[row])] if answers else [])
+        records.append(make_record(msgs, {"name": "t", "path": "t", "row": row, "format": "t"}))
+    return pl.from_arrow(to_table(records))
+
+
+def run(table: pl.DataFrame, eval_sets: list[dict], base: Path, cache: Path, **options) -> list:
+    config = build_config(DecontaminateStage.Config, options, "stages[0].decontaminate")
+    stage = DecontaminateStage(config, StageContext(base_dir=base, cache_dir=cache, eval_sets=eval_sets))
+    stage.setup()
+    verdicts = stage.apply(table).verdicts
+    assert len(verdicts) == table.height
+    return verdicts
+
+
+def flagged(verdicts: list) -> list[int]:
+    return [i for i, v in enumerate(verdicts) if v is not None]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("decontam-cache")
+
+
+# kernels ---------------------------------------------------------------------------------------
+
+
+def test_ngram_index_equals_plain_python_sets(shared_data):
+    """ngram_hits and contained against a set-of-tuples reference on real eval and training texts."""
+    vicuna = load_eval_set(EvalSetSpec.from_recipe(ALPACA_EVAL[0], "e"), shared_data)
+    items = [i.question for i in vicuna.items]
+    train = read(shared_data, "raw/oasst_en_100_message.jsonl.gz")["messages"].to_list()
+    texts = ["\n".join(m["content"] for m in msgs) for msgs in train] + items[:40] + ["", "!!!"]
+    index, tokens = SpanIndex(items, 13), tokenize(texts)
+    assert normalized(pl.Series(texts)).to_list() == [normalize(t) for t in texts]
+    words = [normalize(t).split() for t in texts]
+    item_words = [normalize(t).split() for t in items]
+    owners: dict[tuple, set] = {}
+    for item, w in enumerate(item_words):
+        for k in range(len(w) - 12):
+            owners.setdefault(tuple(w[k : k + 13]), set()).add(item)
+    expected: dict[tuple, set] = {}
+    for doc, w in enumerate(words):
+        for k in range(len(w) - 12):
+            for item in owners.get(tuple(w[k : k + 13]), ()):
+                expected.setdefault((doc, item), set()).add(tuple(w[k : k + 13]))
+    hits = index.ngram_hits(tokens)
+    assert {(d, i): m for d, i, m in hits.select("doc", "item", "matches").rows()} == {
+        k: len(v) for k, v in expected.items()
+    }
+    contained = {
+        (doc, item)
+        for doc, w in enumerate(words)
+        for item, q in enumerate(item_words)
+        if q and f" {' '.join(q)} " in f" {' '.join(w)} "
+    }
+    assert set(index.contained(tokens).select("doc", "item").rows()) == contained
+    assert len(contained) >= 46  # the 40 planted items and OASST's known copies
+
+
+# what the issue asks to show -------------------------------------------------------------------
+
+
+def test_all_self_instruct_user_oriented_instructions_are_flagged(shared_data, cache):
+    for path in (
+        "raw/selfinstruct_user_oriented_instructions.jsonl.gz",
+        "raw/selfinstruct_text-davinci-003_predictions.jsonl.gz",
+    ):
+        table = read(shared_data, path)
+        assert table.height == 252
+        verdicts = run(table, ALPACA_EVAL, shared_data, cache)
+        assert len(flagged(verdicts)) == 252
+        assert len(flagged(run(table, ALPACA_EVAL, shared_data, cache, methods=["exact"]))) == 252
+        # 34 instructions are shorter than 13 words: n-grams alone cannot see them
+        assert len(flagged(run(table, ALPACA_EVAL, shared_data, cache, methods=["ngram"]))) == 218
+    evidence = verdicts[0].evidence
+    assert verdicts[0].reason == "eval_overlap"
+    assert {k: evidence[k] for k in ("eval_set", "eval_id", "method", "score")} == {
+        "eval_set": "alpaca_eval",
+        "eval_id": "473",
+        "method": "exact",
+        "score": 1.0,
+    }
+    assert evidence["match"].startswith(
+        "the sentence you are given might be too wordy complicated or unclear"
+    )
+    assert [(h["eval_set"], h["method"]) for h in evidence["hits"]] == [
+        ("alpaca_eval", "exact"),
+        ("alpaca_eval", "ngram"),
+        ("alpaca_eval", "minhash"),
+    ]
+    alpaca = load_eval_set(EvalSetSpec.from_recipe(ALPACA_EVAL[0], "e"), shared_data)
+    assert alpaca.items[473].question.startswith("The sentence you are given might be too wordy")
+
+
+def test_all_80_vicuna_questions_are_flagged(shared_data, cache):
+    vicuna = load_eval_set(
+        EvalSetSpec.from_recipe({"name": "v", "path": "eval/vicuna_bench_question.jsonl.gz"}, "e"),
+        shared_data,
+    )
+    table = prompts([item.question for item in vicuna.items])
+    verdicts = run(table, ALPACA_EVAL, shared_data, cache)
+    assert len(flagged(verdicts)) == 80
+    assert len(flagged(run(table, ALPACA_EVAL, shared_data, cache, methods=["ngram"]))) == 56
+    first = verdicts[0].evidence  # "How can I improve my time management skills?": 8 words, a whole-turn copy
+    assert (first["method"], first["match"], first["score"]) == (
+        "exact",
+        "how can i improve my time management skills",
+        1.0,
+    )
+    alpaca = load_eval_set(EvalSetSpec.from_recipe(ALPACA_EVAL[0], "e"), shared_data)
+    assert alpaca.items[int(first["eval_id"])].question == "How can I improve my time management skills?"
+
+
+def test_gsm8k_train_is_not_flagged_wholesale_against_test(shared_data, cache):
+    train = load_eval_set(
+        EvalSetSpec.from_recipe({"name": "t", "path": "eval/gsm8k_train.jsonl.gz"}, "e"), shared_data
+    )
+    table = prompts([i.question for i in train.items], [i.answer for i in train.items])
+    gsm8k_test = [{"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"}]
+    verdicts = run(table, gsm8k_test, shared_data, cache)
+    found = {
+        i: (v.evidence["eval_id"], v.evidence["method"], v.evidence["matches"])
+        for i, v in enumerate(verdicts)
+        if v
+    }
+    # shared problem templates with other numbers (see docs/decontamination.md), not copies
+    assert found == {
+        20: ("632", "ngram", 13),  # Bella / Max bought snowflake, truck and rose stamps
+        406: ("581", "ngram", 3),  # "The first movie is 1 hour and 30 minutes long while the second ..."
+        1314: ("602", "ngram", 7),  # "A train / plane travels N miles in 3 hours. At the same rate ..."
+        5162: ("602", "ngram", 7),
+    }
+    assert (
+        verdicts[20].evidence["match"]
+        == "bought stamps at the post office some of the stamps had a snowflake"
+    )
+
+
+def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, cache):
+    texts, truth = [], []
+    for subject in MMLU:
+        path = (
+            shared_data / f"contamination/llmdecon_{subject}_test_rephrase_english_filtered_question.jsonl.gz"
+        )
+        with gzip.open(path, "rt") as fh:
+            for row, line in enumerate(fh):
+                text = json.loads(line)["text"]
+                if text.strip():  # the filtered set blanks rephrasings it rejected
+                    texts.append(text)
+                    truth.append((f"mmlu_{subject}", str(row)))
+    assert len(texts) == 485
+    verdicts = run(prompts(texts), MMLU_SETS, shared_data, cache, methods=["embedding"])
+    hit = [i for i, v in enumerate(verdicts) if v]
+    right = [
+        i for i in hit if (verdicts[i].evidence["eval_set"], verdicts[i].evidence["eval_id"]) == truth[i]
+    ]
+    assert (len(hit), len(right)) == (447, 443)  # recall 0.922 (0.913 on the right item)
+    assert len(right) / len(texts) >= 0.9
+    e = verdicts[hit[0]].evidence
+    assert (
+        e["method"] == "embedding"
+        and 0.7 <= e["score"] <= 1.0
+        and e["eval_text"]
+        and e["match"] == texts[hit[0]]
+    )
+
+    # every 250th record of raw/ (343 of 85,669, all shapes): paraphrase hits against MMLU are rare
+    sample = read(shared_data, "raw").gather_every(250)
+    raw_verdicts = run(sample, MMLU_SETS, shared_data, cache, methods=["embedding"])
+    assert sample.height == 343
+    assert len(flagged(raw_verdicts)) == 0 <= 0.01 * sample.height
+
+
+# evidence, refusal, report ---------------------------------------------------------------------
+
+
+def test_match_answers_and_user_turns_only(shared_data, cache):
+    gsm8k = load_eval_set(
+        EvalSetSpec.from_recipe({"name": "g", "path": "eval/gsm8k_test.jsonl.gz"}, "e"), shared_data
+    )
+    # a record that quotes only the worked answer of a test item, as a model answer would
+    table = prompts(["Solve the duck egg problem."], [gsm8k.items[0].answer])
+    sets = [{"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"}]
+    assert flagged(run(table, sets, shared_data, cache, methods=["ngram"])) == []
+    verdicts = run(table, sets, shared_data, cache, methods=["ngram"], match_answers=True, ngram=8)
+    e = verdicts[0].evidence
+    assert (e["eval_id"], e["part"], e["match"]) == ("0", "answer", "janet sells 16 3 4 163499 duck eggs")
+    assert (
+        flagged(
+            run(
+                table,
+                sets,
+                shared_data,
+                cache,
+                methods=["ngram"],
+                match_answers=True,
+                ngram=8,
+                user_turns_only=True,
+            )
+        )
+        == []
+    )
+
+
+def test_exact_eval_copies_finds_a_planted_copy(shared_data):
+    table = read(shared_data, "raw/code_alpaca_2k.json.gz")
+    sets = [
+        {"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"},
+        {"name": "humaneval", "path": "eval/HumanEval.jsonl.gz"},
+    ]
+    assert exact_eval_copies(table, sets, shared_data) == []
+    gsm8k = load_eval_set(EvalSetSpec.from_recipe(sets[0], "e"), shared_data)
+    question = gsm8k.items[1].question
+    assert question.startswith("A robe takes 2 bolts of blue fiber")
+    planted = prompts([f"Please help with my homework.\n\n{question.upper()}\n\nThanks!"], ["3"])
+    both = pl.concat([table, planted])
+    assert exact_eval_copies(both, sets, shared_data) == [
+        {"id": planted["id"][0], "eval_set": "gsm8k", "eval_id": "1"}
+    ]
+
+
+def test_version_report_counts_items_per_eval_set_and_method(shared_data, tmp_path):
+    recipe = recipe_from_dict(
+        {
+            "name": "decontam",
+            "inputs": [
+                {"path": "raw/selfinstruct_user_oriented_instructions.jsonl.gz"},
+                {"path": "raw/oasst_en_100_message.jsonl.gz"},
+            ],
+            "eval_sets": [*ALPACA_EVAL[:1], {"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"}],
+            "stages": [{"decontaminate": {"methods": ["exact", "ngram", "minhash"]}}],
+        },
+        base_dir=shared_data,
+    )
+    folder, manifest = run_recipe(recipe, tmp_path / "runs")
+    assert manifest["counts"]["dropped"] == 258
+    assert manifest["eval_overlap"]["exact_copies"] == 0
+    report = decontam_report(folder, base_dir=shared_data)
+    assert report["records_dropped"] == 258
+    assert report["eval_sets"] == [
+        {
+            "name": "alpaca_eval",
+            "items": 805,
+            "items_found": 258,
+            "records_dropped": 258,
+            "by_method": {"exact": 258, "ngram": 221, "minhash": 253},
+        },
+        {"name": "gsm8k", "items": 1319, "items_found": 0, "records_dropped": 0, "by_method": {}},
+    ]
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    render(report, console)
+    assert re.search(r"alpaca_eval\s+│\s+805\s+│\s+258 \(32\.0%\)", console.export_text())
+
+
+def test_runner_refuses_a_version_with_an_eval_copy(shared_data, tmp_path):
+    from curate.errors import CurateError
+
+    raw = {
+        "name": "nodecontam",
+        "inputs": [{"path": "raw/selfinstruct_text-davinci-003_predictions.jsonl.gz"}],
+        "eval_sets": ALPACA_EVAL[:1],
+        "stages": [{"filter": {}}],
+    }
+    with pytest.raises(CurateError, match="refusing to write a version: 252 kept record"):
+        run_recipe(recipe_from_dict(raw, base_dir=shared_data), tmp_path / "runs")
+    _, manifest = run_recipe(
+        recipe_from_dict({**raw, "allow_eval_overlap": True}, base_dir=shared_data), tmp_path / "ok"
+    )
+    assert manifest["eval_overlap"] == {"checked": True, "exact_copies": 252, "allowed": True}
+
+
+def test_config_errors_name_the_option(shared_data, cache):
+    from curate.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="methods"):
+        build_config(DecontaminateStage.Config, {"methods": ["exact", "fuzzy"]}, "stages[1].decontaminate")
+    with pytest.raises(RecipeError, match="minhash_threshold must be in"):
+        build_config(DecontaminateStage.Config, {"minhash_threshold": 1.5}, "stages[1].decontaminate")
+    with pytest.raises(RecipeError, match="'gsm8k' is not a declared eval set"):
+        stage = DecontaminateStage(
+            build_config(DecontaminateStage.Config, {"eval_sets": ["gsm8k"]}, "stages[1].decontaminate"),
+            StageContext(base_dir=shared_data, cache_dir=cache, eval_sets=ALPACA_EVAL),
+        )
+        stage.setup()
