@@ -290,6 +290,15 @@ def test_unknown_shape_names_the_file_keys_and_fix(tmp_path: Path):
         read("odd.jsonl", tmp_path)
     assert err.value.message == "odd.jsonl: unknown record shape; keys seen: q, a, score"
     assert "`format: NAME`" in err.value.hint and "fields: {user: q, assistant: a}" in err.value.hint
+    long = "What is the capital of France and of the country next to it?"
+    (tmp_path / "headless.csv").write_text(f"{long},Paris\nWhat is 2+2?,4\n")
+    with pytest.raises(FormatError) as err:
+        read("headless.csv", tmp_path)
+    assert (
+        err.value.message
+        == "headless.csv: unknown record shape; keys seen: What is the capital of France and of..., Paris"
+    )
+    assert err.value.hint.startswith("these keys look like data: does the file lack a header row?")
 
 
 def test_field_mapping(tmp_path: Path):

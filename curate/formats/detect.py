@@ -58,11 +58,14 @@ def unknown_shape(path: str, rows: list[dict]) -> FormatError:
     text_keys = [k for k in keys if rows and isinstance(rows[0].get(k), str)]
     guess = ", ".join(f"{role}: {key}" for role, key in zip(("user", "assistant"), text_keys, strict=False))
     names = ", ".join(f.name for f in _ordered())
-    return FormatError(
-        f"{path}: unknown record shape; keys seen: {', '.join(keys) or '(none)'}",
-        hint=f"give the format in the recipe input (`format: NAME`, one of {names}) "
-        f"or map the fields to roles, e.g. `fields: {{{guess or 'user: KEY, assistant: KEY'}}}`",
+    shown = ", ".join(k if len(k) <= 40 else k[:37] + "..." for k in keys) or "(none)"
+    hint = (
+        f"give the format in the recipe input (`format: NAME`, one of {names}) "
+        f"or map the fields to roles, e.g. `fields: {{{guess or 'user: KEY, assistant: KEY'}}}`"
     )
+    if any(len(k) > 40 for k in keys):
+        hint = f"these keys look like data: does the file lack a header row? Otherwise {hint}"
+    return FormatError(f"{path}: unknown record shape; keys seen: {shown}", hint=hint)
 
 
 def format_names() -> list[str]:
