@@ -296,7 +296,7 @@ def test_unknown_shape_names_the_file_keys_and_fix(tmp_path: Path):
         read("headless.csv", tmp_path)
     assert (
         err.value.message
-        == "headless.csv: unknown record shape; keys seen: What is the capital of France and of..., Paris"
+        == "headless.csv: unknown record shape; keys seen: What is the capital of France and of ..., Paris"
     )
     assert err.value.hint.startswith("these keys look like data: does the file lack a header row?")
 
