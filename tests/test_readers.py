@@ -397,3 +397,59 @@ def test_batches_split_large_files(shared_data: Path):
     batches = list(read_input(InputSpec(path="raw/code_alpaca_2k.json.gz"), shared_data, batch_size=500))
     assert [len(b.records) for b in batches] == [500, 500, 500, 500, 17]
     assert {b.path for b in batches} == {"raw/code_alpaca_2k.json.gz"}
+
+
+def test_oasst_best_path_prefers_rank_then_quality(tmp_path: Path):
+    def msg(mid, role, text, replies=(), **kw):
+        return {
+            "message_id": mid,
+            "parent_id": None,
+            "text": text,
+            "role": role,
+            "replies": list(replies),
+            **kw,
+        }
+
+    tree = msg(
+        "r",
+        "prompter",
+        "Q",
+        [
+            msg("a1", "assistant", "second", rank=1),
+            msg(
+                "a0",
+                "assistant",
+                "first",
+                rank=0,
+                replies=[
+                    msg(
+                        "p1",
+                        "prompter",
+                        "plain follow-up",
+                        labels={"quality": {"value": 0.2, "count": 3}},
+                        replies=[msg("x", "assistant", "X")],
+                    ),
+                    msg(
+                        "p2",
+                        "prompter",
+                        "good follow-up",
+                        labels={"quality": {"value": 0.9, "count": 3}},
+                        replies=[msg("y", "assistant", "Y", deleted=True), msg("z", "assistant", "Z")],
+                    ),
+                    msg("p3", "prompter", "unanswered", labels={"quality": {"value": 1.0, "count": 3}}),
+                ],
+            ),
+        ],
+    )
+    (tmp_path / "t.jsonl").write_bytes(jsonl([tree]))
+    (best,), _ = read("t.jsonl", tmp_path)
+    assert turns(best) == [
+        ("user", "Q"),
+        ("assistant", "first"),
+        ("user", "good follow-up"),
+        ("assistant", "Z"),
+    ]
+    assert meta_of(best)["message_ids"] == ["r", "a0", "p2", "z"]
+    spec = InputSpec(path="t.jsonl", options={"oasst_paths": "all"})
+    every, _ = read(spec, tmp_path)
+    assert [meta_of(r)["message_ids"][1:] for r in every] == [["a1"], ["a0", "p1", "x"], ["a0", "p2", "z"]]

@@ -4,7 +4,8 @@ A row is a tree: either {message_tree_id, prompt: <root message>} or a root mess
 message holding its `replies`. Deleted messages and ones that failed review are pruned, and so are
 prompter messages nobody answered (a conversation should end on an answer). Option `oasst_paths`:
 - "best" (default): one conversation per tree, taking at each level the reply with the lowest
-  `rank` (0 is best), unranked replies after ranked ones, ties by their order in the file;
+  `rank` (0 is best); unranked replies come after ranked ones, by their `labels.quality` score,
+  highest first; ties by their order in the file;
 - "all": one conversation per root-to-leaf path.
 Meta keeps the tree id, the root's language and the message ids of the path.
 """
@@ -39,11 +40,21 @@ def _replies(msg: dict) -> list[dict]:
     return out
 
 
+def _quality(msg: dict) -> float:
+    """The reviewers' quality label (0..1) of an unranked message, 0 when it has none."""
+    labels = msg.get("labels")
+    quality = labels.get("quality") if isinstance(labels, dict) else None
+    value = quality.get("value") if isinstance(quality, dict) else None
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 def _best(replies: list[dict]) -> dict:
     def key(item: tuple[int, dict]) -> tuple:
         i, msg = item
         rank = msg.get("rank")
-        return (rank is None, rank if rank is not None else 0, i)
+        if rank is None:
+            return (1, -_quality(msg), i)
+        return (0, rank, i)
 
     return min(enumerate(replies), key=key)[1]
 
