@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 from pathlib import Path
@@ -453,3 +454,35 @@ def test_oasst_best_path_prefers_rank_then_quality(tmp_path: Path):
     spec = InputSpec(path="t.jsonl", options={"oasst_paths": "all"})
     every, _ = read(spec, tmp_path)
     assert [meta_of(r)["message_ids"][1:] for r in every] == [["a1"], ["a0", "p1", "x"], ["a0", "p2", "z"]]
+
+
+def test_reading_streams_instead_of_loading_whole_files(tmp_path: Path, monkeypatch):
+    """The first batch arrives after reading a small part of the file, for JSONL and JSON arrays."""
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(50_000)]
+    (tmp_path / "big.jsonl").write_bytes(jsonl(rows))
+    (tmp_path / "big.json").write_text(json.dumps(rows))
+    read_sizes: list[int] = []
+
+    class Counting(io.RawIOBase):
+        def __init__(self, stream):
+            self.stream = stream
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            data = self.stream.read(len(buffer))
+            buffer[: len(data)] = data
+            read_sizes.append(len(data))
+            return len(data)
+
+    original = readers.open_binary
+    monkeypatch.setattr(readers, "open_binary", lambda path: io.BufferedReader(Counting(original(path))))
+    monkeypatch.setattr(readers, "_CHUNK", 1 << 14)
+    for name in ("big.jsonl", "big.json"):
+        read_sizes.clear()
+        batches = read_input(InputSpec(path=name), tmp_path, batch_size=100)
+        assert len(next(batches).records) == 100
+        size = (tmp_path / name).stat().st_size
+        assert sum(read_sizes) < size / 2, (name, sum(read_sizes), size)
+        assert sum(len(b.records) for b in batches) == 49_900
