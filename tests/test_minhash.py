@@ -15,7 +15,7 @@ from datasketch.lsh import _optimal_param
 from curate.formats import InputSpec, read_input
 from curate.records import to_table
 from curate.text.conversation import conversation_text
-from curate.text.lsh import candidate_pairs, clusters, optimal_params, pair_jaccard_estimates
+from curate.text.lsh import candidate_pairs, clusters, lsh_clusters, optimal_params, pair_jaccard_estimates
 from curate.text.minhash import jaccard_estimate, permutations, signatures
 from curate.text.sha1 import sha1_prefix64
 from curate.text.shingles import content_keys, normalized, shingle_hash_sets, shingles
@@ -174,21 +174,25 @@ def test_optimal_params_equal_datasketch() -> None:
 
 
 def test_lsh_clusters_equal_datasketch_index(texts: list[str]) -> None:
-    """The same clusters as inserting every record into MinHashLSH and linking each to its query hits."""
+    """The clusters of inserting every record into MinHashLSH and linking it to its query hits:
+    all of them, or those whose estimated Jaccard (MinHash.jaccard) reaches the threshold."""
     sigs = signatures(texts)
     bands, rows = optimal_params(0.8, 128)
-    left, right = candidate_pairs(sigs, bands, rows)
-    ours = clusters(len(texts), left, right)
     lsh = MinHashLSH(threshold=0.8, num_perm=128)
     lean = [LeanMinHash(seed=1, hashvalues=row, scheme="affine32") for row in sigs]
     for i, m in enumerate(lean):
         lsh.insert(i, m)
-    pairs = np.array([(i, j) for i, m in enumerate(lean) for j in lsh.query(m) if j < i], dtype=np.int64)
-    theirs = clusters(len(texts), pairs[:, 0], pairs[:, 1])
-    assert np.array_equal(ours, theirs)
+    hits = [(i, j) for i, m in enumerate(lean) for j in lsh.query(m) if j < i]
+    checked = [(i, j) for i, j in hits if lean[i].jaccard(lean[j]) >= 0.8]
+    assert len(checked) < len(hits)
+    for threshold, pairs in ((None, hits), (0.8, checked)):
+        pairs = np.array(pairs, dtype=np.int64)
+        expected = clusters(len(texts), pairs[:, 0], pairs[:, 1])
+        assert np.array_equal(lsh_clusters(sigs, bands, rows, threshold), expected)
+    ours = lsh_clusters(sigs, bands, rows, 0.8)
     assert (ours != np.arange(len(texts))).sum() > 100  # the T0 templates do form clusters
-    est = pair_jaccard_estimates(sigs, left, right)
-    assert np.allclose(est, jaccard_estimate(sigs[left], sigs[right]))
+    left, right = candidate_pairs(sigs, bands, rows)
+    assert np.allclose(pair_jaccard_estimates(sigs, left, right), jaccard_estimate(sigs[left], sigs[right]))
 
 
 def test_content_keys_match_normalized_equality(texts: list[str]) -> None:

@@ -207,19 +207,20 @@ class DedupStage(TableStage):
         self, rows: np.ndarray, reason: str, drops: pl.DataFrame | None, columns: dict[str, np.ndarray]
     ) -> None:
         """Record Drop verdicts for rows; evidence from the cluster table and per-row columns."""
-        kept = drops["kept"].to_numpy() if drops is not None else None
-        for i, row in enumerate(rows.tolist()):
-            evidence: dict = {}
-            if drops is not None:
-                evidence["duplicate_of"] = str(self.ids[kept[i]])
-                evidence["duplicate_of_source"] = self.where[kept[i]]
-                evidence["cluster"] = int(drops["cluster"][i])
-                evidence["cluster_size"] = int(drops["size"][i])
-            for name, values in columns.items():
-                value = values[i]
-                evidence[name] = round(float(value), 4) if isinstance(value, (float, np.floating)) else value
-            self.verdicts[row] = Drop(reason, evidence)
-            self.alive[row] = False
+        if drops is not None:
+            kept = drops["kept"].to_numpy()
+            columns = {
+                "duplicate_of": self.ids[kept],
+                "duplicate_of_source": self.where[kept],
+                "cluster": drops["cluster"].to_numpy(),
+                "cluster_size": drops["size"].to_numpy(),
+                **columns,
+            }
+        names = list(columns)
+        values = zip(*(_plain(col) for col in columns.values()), strict=True)
+        for row, evidence in zip(rows.tolist(), values, strict=True):
+            self.verdicts[row] = Drop(reason, dict(zip(names, evidence, strict=True)))
+        self.alive[rows] = False
 
     # near duplicates ----------------------------------------------------------------------------
 
@@ -233,17 +234,17 @@ class DedupStage(TableStage):
         has = ~np.all(sigs == sigs.dtype.type(empty_value(mh.scheme)), axis=1)
         return sigs, has
 
-    def _exact_jaccard(
-        self, text: pl.Series, left: np.ndarray, right: np.ndarray, mh: MinHashConfig
-    ) -> np.ndarray:
-        involved = np.unique(np.concatenate([left, right]))
-        where = np.full(text.len(), -1, dtype=np.int64)
-        where[involved] = np.arange(involved.size)
+    def _shingle_sets(self, text: pl.Series, involved: np.ndarray, mh: MinHashConfig):
+        """Shingle sets (offsets, sorted hashes) of every text, computed only for the `involved` rows."""
         offsets, hashes = shingle_hash_sets(text.gather(involved), mh.ngram, mh.unit, mh.lowercase)
-        return lsh.pair_jaccard_exact(offsets, hashes, where[left], where[right])
+        sizes = np.zeros(text.len(), dtype=np.int64)
+        sizes[involved] = np.diff(offsets)  # involved rows ascend, so their hashes stay in row order
+        full = np.zeros(text.len() + 1, dtype=np.int64)
+        np.cumsum(sizes, out=full[1:])
+        return full, hashes
 
     def _candidates(self, sigs, text, groups, scope: int, mh: MinHashConfig):
-        """LSH candidate pairs that pass `verify`, with their estimated (and, verified, exact) Jaccard."""
+        """LSH candidate pairs (each bucket's members with its first row) that pass `verify`."""
         bands, band_rows = mh.band_shape()
         left, right = lsh.candidate_pairs(sigs, bands, band_rows, groups, scope)
         est = lsh.pair_jaccard_estimates(sigs, left, right)
@@ -251,7 +252,8 @@ class DedupStage(TableStage):
         if mh.verify == "estimate":
             ok = est >= mh.threshold
         elif mh.verify == "exact":
-            exact = self._exact_jaccard(text, left, right, mh)
+            offsets, hashes = self._shingle_sets(text, np.union1d(left, right), mh)
+            exact = lsh.pair_jaccard_exact(offsets, hashes, left, right)
             ok = exact >= mh.threshold
         else:
             ok = np.ones(left.size, dtype=bool)
@@ -259,28 +261,30 @@ class DedupStage(TableStage):
 
     def _near(self, mh: MinHashConfig) -> None:
         rows = np.nonzero(self.alive)[0]
-        text = self.text.gather(rows)
+        text = self.text if rows.size == self.text.len() else self.text.gather(rows)
         sigs, has = self._signatures(text, mh)
-        rows, text, sigs = rows[has], text.filter(pl.Series(has)), sigs[has]
+        if not has.all():
+            rows, sigs = rows[has], sigs[has]
+            text = text.filter(pl.Series(has))
         groups = self.groups[rows]
-        left, right, _, _ = self._candidates(sigs, text, groups, _SCOPES[self.config.scope], mh)
-        local = np.arange(rows.size)
+        bands, band_rows = mh.band_shape()
+        scope = _SCOPES[self.config.scope]
+        sets = None
+        if mh.verify == "exact":
+            involved = np.union1d(*lsh.candidate_pairs(sigs, bands, band_rows, groups, scope))
+            sets = self._shingle_sets(text, involved, mh)
+        threshold = None if mh.verify == "none" else mh.threshold
+        roots = lsh.lsh_clusters(sigs, bands, band_rows, threshold, groups, scope, sets)
         df = pl.DataFrame(
-            {
-                "row": local,
-                "root": lsh.clusters(rows.size, left, right),
-                "rank": self.rank[rows],
-                "group": groups,
-            }
+            {"row": np.arange(rows.size), "root": roots, "rank": self.rank[rows], "group": groups}
         )
         drops = self._cluster_drops(df, ["root"])
         a, b = drops["row"].to_numpy(), drops["kept"].to_numpy()
         columns: dict[str, np.ndarray] = {"jaccard": jaccard_estimate(sigs[a], sigs[b])}
-        if mh.verify == "exact":
-            columns["jaccard_exact"] = self._exact_jaccard(text, a, b, mh)
+        if sets is not None:
+            columns["jaccard_exact"] = lsh.pair_jaccard_exact(*sets, a, b)
         columns["threshold"] = np.full(a.size, mh.threshold)
-        drops = drops.with_columns(kept=pl.Series(rows[b]))
-        self._drop(rows[a], "near_duplicate", drops, columns)
+        self._drop(rows[a], "near_duplicate", drops.with_columns(kept=pl.Series(rows[b])), columns)
 
     # reference version --------------------------------------------------------------------------
 
@@ -307,24 +311,23 @@ class DedupStage(TableStage):
         """Drop records that repeat a reference record; each names its closest reference match."""
         cfg = self.config
         ref_text, ref_ids, ref_where = self._reference_texts()
-        label = np.full(len(self.verdicts), str(cfg.reference), dtype=object)
         if cfg.exact:
             rows = np.nonzero(self.alive)[0]
             keys = content_keys(self.text.gather(rows))
-            first: dict[tuple, int] = {}
-            for i, k in enumerate(map(tuple, content_keys(ref_text).tolist())):
-                first.setdefault(k, i)
-            hits = [
-                (row, first.get(k)) for row, k in zip(rows.tolist(), map(tuple, keys.tolist()), strict=True)
-            ]
-            hits = [(row, ref) for row, ref in hits if ref is not None]
-            dup_rows = np.array([h[0] for h in hits], dtype=np.int64)
+            ref_keys = content_keys(ref_text)
+            ours = pl.DataFrame({"row": rows, "k0": keys[:, 0], "k1": keys[:, 1]})
+            theirs = pl.DataFrame(
+                {"ref": np.arange(ref_keys.shape[0]), "k0": ref_keys[:, 0], "k1": ref_keys[:, 1]}
+            )
+            hits = ours.join(theirs.unique(["k0", "k1"], keep="first", maintain_order=True), on=["k0", "k1"])
+            hits = hits.sort("row")
+            ref = hits["ref"].to_numpy()
             columns = {
-                "duplicate_of": np.array([str(ref_ids[h[1]]) for h in hits], dtype=object),
-                "duplicate_of_source": np.array([ref_where[h[1]] for h in hits], dtype=object),
-                "reference": label,
+                "duplicate_of": ref_ids[ref],
+                "duplicate_of_source": ref_where[ref],
+                "reference": np.full(ref.size, str(cfg.reference), dtype=object),
             }
-            self._drop(dup_rows, "exact_duplicate", None, columns)
+            self._drop(hits["row"].to_numpy(), "exact_duplicate", None, columns)
         if cfg.minhash is None:
             return
         mh = cfg.minhash
@@ -346,13 +349,21 @@ class DedupStage(TableStage):
         columns: dict[str, np.ndarray] = {
             "duplicate_of": np.array([str(ref_ids[keep[r]]) for r in right[best]], dtype=object),
             "duplicate_of_source": np.array([ref_where[keep[r]] for r in right[best]], dtype=object),
-            "reference": label[: best.size],
+            "reference": np.full(best.size, str(cfg.reference), dtype=object),
             "jaccard": est[best],
         }
         if exact is not None:
             columns["jaccard_exact"] = exact[best]
         columns["threshold"] = np.full(best.size, mh.threshold)
         self._drop(rows[keep[left[best]] - n_ref], "near_duplicate", None, columns)
+
+
+def _plain(values: np.ndarray) -> list:
+    """Evidence values as plain Python (JSON-ready); similarities rounded to 4 places."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        return np.round(values, 4).tolist()
+    return [str(v) for v in values] if values.dtype.kind in "OU" else values.tolist()
 
 
 def _keep_rank(table: pl.DataFrame, keep: str, score_column: str | None) -> np.ndarray:

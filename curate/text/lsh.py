@@ -12,6 +12,7 @@ import functools
 
 import numba
 import numpy as np
+import polars as pl
 
 SCOPE_ALL = 0  # any two records may be duplicates
 SCOPE_WITHIN = 1  # only records of the same group (source)
@@ -67,84 +68,160 @@ def _same_band(sigs, i, j, lo, hi):
 
 
 @numba.njit(parallel=True, cache=True)
-def _band_links(sigs, bands, rows, groups, scope, left, right, counts):
+def _band_keys(sigs, bands, rows, groups, scope, keys):
+    """keys[k, i]: a 64-bit hash of record i's band k (and of its group, within groups)."""
     n = sigs.shape[0]
     for k in numba.prange(bands):
         lo = k * rows
-        hi = lo + rows
-        keys = np.empty(n, np.uint64)
         for i in range(n):
             h = np.uint64(k + 1) * _GOLDEN
-            for q in range(lo, hi):
+            for q in range(lo, lo + rows):
                 h = _mix(h ^ np.uint64(sigs[i, q]))
             if scope == SCOPE_WITHIN:
                 h = _mix(h ^ np.uint64(groups[i]))
-            keys[i] = h
-        order = np.argsort(keys)
-        e = 0
+            keys[k, i] = h
+
+
+@numba.njit(cache=True)
+def _bucket(keys, order, start, sigs, lo, hi):
+    """The members of the bucket starting at `start` of a band's sort order, by row, and where it ends.
+
+    Records whose band values differ from the first member's (a 64-bit hash collision) are left
+    out, so a bucket holds exactly the records datasketch would put in it.
+    """
+    n = order.size
+    end = start + 1
+    while end < n and keys[order[end]] == keys[order[start]]:
+        end += 1
+    if end - start == 1:
+        return order[start:end], end
+    members = np.sort(order[start:end])
+    same = np.ones(members.size, dtype=np.bool_)
+    for j in range(1, members.size):
+        same[j] = _same_band(sigs, members[j], members[0], lo, hi)
+    return members[same], end
+
+
+@numba.njit(cache=True)
+def _star_links(sigs, bands, rows, groups, scope, keys, orders, left, right):
+    e = 0
+    for k in range(bands):
+        lo = k * rows
         start = 0
-        while start < n:
-            end = start + 1
-            while end < n and keys[order[end]] == keys[order[start]]:
-                end += 1
-            if end - start > 1:
-                head = order[start]
-                for j in range(start + 1, end):
-                    head = min(head, order[j])
-                # for SCOPE_ACROSS: the first member from another group than the head's
-                other = -1
-                for j in range(start, end):
-                    m = order[j]
-                    if groups[m] != groups[head] and (other < 0 or m < other):
-                        if _same_band(sigs, m, head, lo, hi):
-                            other = m
-                for j in range(start, end):
-                    m = order[j]
-                    # a 64-bit hash collision can mix different bands in one run: check the values
-                    if m == head or not _same_band(sigs, m, head, lo, hi):
-                        continue
-                    partner = head
-                    if scope == SCOPE_WITHIN and groups[m] != groups[head]:
-                        continue
-                    if scope == SCOPE_ACROSS and groups[m] == groups[head]:
-                        partner = other
-                        if partner < 0:
-                            continue
-                    left[k, e] = m
-                    right[k, e] = partner
-                    e += 1
+        while start < orders.shape[1]:
+            members, end = _bucket(keys[k], orders[k], start, sigs, lo, lo + rows)
             start = end
-        counts[k] = e
+            if members.size < 2:
+                continue
+            head = members[0]
+            other = -1  # across groups: the first member from another group than the head's
+            for m in members:
+                if groups[m] != groups[head]:
+                    other = m
+                    break
+            for m in members[1:]:
+                partner = head
+                if scope == SCOPE_ACROSS and groups[m] == groups[head]:
+                    partner = other
+                    if partner < 0:
+                        continue
+                left[e] = m
+                right[e] = partner
+                e += 1
+    return e
+
+
+def _buckets(sigs: np.ndarray, bands: int, rows: int, groups: np.ndarray | None, scope: int):
+    """Groups, band keys (bands, n) and each band's records in key order, so buckets are runs."""
+    n = sigs.shape[0]
+    if bands * rows > sigs.shape[1]:
+        raise ValueError(f"{bands} bands of {rows} rows need {bands * rows} values, not {sigs.shape[1]}")
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.ascontiguousarray(groups, dtype=np.int64)
+    keys = np.empty((bands, n), dtype=np.uint64)
+    if n:
+        _band_keys(sigs, bands, rows, groups, scope, keys)
+    # polars sorts the bands on all cores, several times faster than numpy or numba here
+    frame = pl.DataFrame({str(k): keys[k] for k in range(bands)})
+    orders = np.ascontiguousarray(frame.select(pl.all().arg_sort()).to_numpy().T, dtype=np.int64)
+    return groups, keys, orders
 
 
 def candidate_pairs(
     sigs: np.ndarray, bands: int, rows: int, groups: np.ndarray | None = None, scope: int = SCOPE_ALL
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate duplicate pairs (left, right) with left > right: records sharing a band bucket.
+    """Candidate pairs (left, right), left > right, sorted: each bucket's members linked to its first row.
 
-    Each bucket links every member to its lowest row (or, across groups, to the lowest row of
-    another group), so the pairs span exactly the clusters that all in-bucket pairs would.
-    Sorted and without repeats, so the result does not depend on thread timing.
+    Across groups, a member of the first row's group links to the bucket's first row of another
+    group instead. The pairs span the same clusters as every in-bucket pair would, in linear size.
     """
-    n = sigs.shape[0]
-    if bands * rows > sigs.shape[1]:
-        raise ValueError(
-            f"{bands} bands of {rows} rows need {bands * rows} values; signatures have {sigs.shape[1]}"
-        )
-    if groups is None:
-        groups = np.zeros(n, dtype=np.int64)
-    left = np.empty((bands, n), dtype=np.int64)
-    right = np.empty((bands, n), dtype=np.int64)
-    counts = np.zeros(bands, dtype=np.int64)
-    if n > 1:
-        _band_links(
-            sigs, bands, rows, np.ascontiguousarray(groups, dtype=np.int64), scope, left, right, counts
-        )
-    hi = np.concatenate([np.maximum(left[k, : counts[k]], right[k, : counts[k]]) for k in range(bands)])
-    lo = np.concatenate([np.minimum(left[k, : counts[k]], right[k, : counts[k]]) for k in range(bands)])
-    del left, right
-    pair = np.unique(hi * np.int64(n) + lo)
+    groups, keys, orders = _buckets(sigs, bands, rows, groups, scope)
+    left = np.empty(bands * sigs.shape[0], dtype=np.int64)
+    right = np.empty_like(left)
+    e = _star_links(sigs, bands, rows, groups, scope, keys, orders, left, right) if sigs.shape[0] else 0
+    n = np.int64(max(sigs.shape[0], 1))
+    pair = np.unique(np.maximum(left[:e], right[:e]) * n + np.minimum(left[:e], right[:e]))
     return pair // n, pair % n
+
+
+@numba.njit(cache=True)
+def _similar(sigs, offsets, hashes, i, j, threshold):
+    if offsets.size == 0:  # estimated Jaccard, computed as datasketch's MinHash.jaccard does
+        num_perm = sigs.shape[1]
+        same = 0
+        for q in range(num_perm):
+            same += sigs[i, q] == sigs[j, q]
+        return same / num_perm >= threshold
+    return _set_jaccard(offsets, hashes, i, j) >= threshold
+
+
+@numba.njit(cache=True)
+def _checked_clusters(sigs, bands, rows, groups, scope, keys, orders, threshold, offsets, hashes):
+    n = sigs.shape[0]
+    parent = np.arange(n)
+    for k in range(bands):
+        lo = k * rows
+        start = 0
+        while start < n:
+            members, end = _bucket(keys[k], orders[k], start, sigs, lo, lo + rows)
+            start = end
+            for a in range(members.size):
+                for b in range(a + 1, members.size):
+                    i, j = members[a], members[b]
+                    if scope == SCOPE_ACROSS and groups[i] == groups[j]:
+                        continue
+                    ri, rj = _find(parent, i), _find(parent, j)
+                    # a pair already joined needs no check: this keeps big buckets of near-copies cheap
+                    if ri != rj and _similar(sigs, offsets, hashes, i, j, threshold):
+                        parent[max(ri, rj)] = min(ri, rj)
+    for i in range(n):
+        parent[i] = _find(parent, i)
+    return parent
+
+
+def lsh_clusters(
+    sigs: np.ndarray,
+    bands: int,
+    rows: int,
+    threshold: float | None = None,
+    groups: np.ndarray | None = None,
+    scope: int = SCOPE_ALL,
+    sets: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Each record's cluster root (the lowest row of its cluster) under MinHash LSH.
+
+    Two records of a band bucket are linked when `threshold` is None (every candidate, as a plain
+    `MinHashLSH` query), or when their estimated Jaccard, or with `sets` (offsets, sorted hashes,
+    as `shingle_hash_sets` gives) their exact Jaccard, reaches it. The clusters are the connected
+    components: the same as linking every checked candidate pair of a `MinHashLSH` index.
+    """
+    if threshold is None:
+        left, right = candidate_pairs(sigs, bands, rows, groups, scope)
+        return clusters(sigs.shape[0], left, right)
+    groups, keys, orders = _buckets(sigs, bands, rows, groups, scope)
+    offsets, hashes = sets if sets is not None else (np.empty(0, np.int64), np.empty(0, np.uint64))
+    return _checked_clusters(
+        sigs, bands, rows, groups, scope, keys, orders, float(threshold), offsets, hashes
+    )
 
 
 @numba.njit(parallel=True, cache=True)
@@ -193,25 +270,29 @@ def clusters(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return _union_find(n, np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64))
 
 
+@numba.njit(cache=True)
+def _set_jaccard(offsets, hashes, i, j):
+    a, a_end = offsets[i], offsets[i + 1]
+    b, b_end = offsets[j], offsets[j + 1]
+    size = (a_end - a) + (b_end - b)
+    common = 0
+    while a < a_end and b < b_end:
+        if hashes[a] == hashes[b]:
+            common += 1
+            a += 1
+            b += 1
+        elif hashes[a] < hashes[b]:
+            a += 1
+        else:
+            b += 1
+    union = size - common
+    return common / union if union else 1.0
+
+
 @numba.njit(parallel=True, cache=True)
 def _pair_exact(offsets, hashes, left, right, out):
     for p in numba.prange(left.size):
-        i, j = left[p], right[p]
-        a, a_end = offsets[i], offsets[i + 1]
-        b, b_end = offsets[j], offsets[j + 1]
-        size = (a_end - a) + (b_end - b)
-        common = 0
-        while a < a_end and b < b_end:
-            if hashes[a] == hashes[b]:
-                common += 1
-                a += 1
-                b += 1
-            elif hashes[a] < hashes[b]:
-                a += 1
-            else:
-                b += 1
-        union = size - common
-        out[p] = common / union if union else 1.0
+        out[p] = _set_jaccard(offsets, hashes, left[p], right[p])
 
 
 def pair_jaccard_exact(

@@ -148,6 +148,7 @@ def _sign_kernel(
     b,
     scheme,
     empty,
+    wide,
     out,
     status,
 ):
@@ -167,8 +168,13 @@ def _sign_kernel(
             sig[:] = empty
             _permute_min(hv, cnt, a, b, scheme, sig)
             r = rows[k]
-            for q in range(num_perm):
-                out[r, q] = sig[q]
+            if wide:  # 64-bit values as little-endian pairs of 32-bit words (viewed back as uint64)
+                for q in range(num_perm):
+                    out[r, 2 * q] = sig[q] & _M32
+                    out[r, 2 * q + 1] = sig[q] >> np.uint64(32)
+            else:
+                for q in range(num_perm):
+                    out[r, q] = sig[q]
             status[k] = cnt
 
 
@@ -196,14 +202,15 @@ def signatures(
     a, b = permutations(num_perm, seed, scheme)
     if n == 0:
         return np.empty((0, num_perm), dtype=dtype_of(scheme))
-    # one kernel specialization for every scheme: compute in uint64, store in the scheme's type
-    out = np.empty((n, num_perm), dtype=np.uint64)
+    # one kernel specialization for every scheme: it writes uint32 words, two per 64-bit value
+    wide = scheme != "affine32"
+    out = np.empty((n, num_perm * (2 if wide else 1)), dtype=np.uint32)
     data, offsets = utf8_buffers(texts)
     rows = np.arange(n, dtype=np.int64)
     status = np.zeros(n, np.int64)
     lower, flags = tables(lowercase)
     common = (unit == "word", ngram)
-    tail = (a, b, _SCHEME_CODE[scheme], np.uint64(empty_value(scheme)), out)
+    tail = (a, b, _SCHEME_CODE[scheme], np.uint64(empty_value(scheme)), wide, out)
     _sign_kernel(
         chunks_for(n), data, offsets, rows, False, *common, lower, flags, max_len(offsets), *tail, status
     )
@@ -225,7 +232,7 @@ def signatures(
             *tail,
             fstatus,
         )
-    return out if scheme != "affine32" else out.astype(np.uint32)
+    return out.view(np.uint64) if wide else out
 
 
 def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:

@@ -39,7 +39,7 @@ WORD = np.uint8(1)
 SPACE = np.uint8(2)
 SPECIAL = np.uint8(4)
 TABLE_SIZE = 0x30000  # planes 0-2: every script in use; anything above goes the Python way
-PAD = 72  # zero bytes kept past a normalized record: the SHA-1 lanes read a block past a start
+PAD = 72  # zero bytes after a normalized record in scratch: SHA-1 lanes read a block past a start
 _WORD_RE = re.compile(r"\w+")
 
 
@@ -86,10 +86,7 @@ def tables(lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def utf8_buffers(texts: list[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(data, offsets) of the texts as UTF-8, zero-copy from Arrow where possible; nulls are empty.
-
-    `data` has PAD spare bytes at its end, which the SHA-1 lanes may read past a message.
-    """
+    """(data, offsets) of the texts as UTF-8, zero-copy from Arrow; nulls are empty texts."""
     if isinstance(texts, pl.Series):
         arr = texts.cast(pl.String).fill_null("").cast(pl.Binary).to_arrow()
     else:
@@ -102,12 +99,8 @@ def utf8_buffers(texts: list[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
         arr = arr.cast(pa.large_binary())
     _, off_buf, data_buf = arr.buffers()
     offsets = np.frombuffer(off_buf, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
-    start, end = int(offsets[0]), int(offsets[-1])
-    data = np.empty(end - start + PAD, dtype=np.uint8)
-    if data_buf is not None and end > start:
-        data[: end - start] = np.frombuffer(data_buf, dtype=np.uint8)[start:end]
-    data[end - start :] = 0
-    return data, offsets - start
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(1, np.uint8)
+    return data, offsets
 
 
 @numba.njit(inline="always")
