@@ -345,11 +345,14 @@ class Runner:
         task = self.progress.task(step.name, total=table.height, unit="records")
         ctx.progress = task.advance
         stage.setup()
+        rows: list[dict] | None = None
         if isinstance(stage, RowStage):
             verdicts: list = []
+            rows = []
             for offset in range(0, table.height, ROW_BATCH):
-                batch = table.slice(offset, ROW_BATCH).to_dicts()
+                batch = _as_dicts(table.slice(offset, ROW_BATCH))
                 verdicts.extend(stage.process_batch(batch))
+                rows.extend(batch)
                 task.advance(len(batch))
             added: list[dict] = []
         elif isinstance(stage, TableStage):
@@ -362,7 +365,7 @@ class Runner:
             raise CurateError(
                 f"stage {step.name} returned {len(verdicts)} verdicts for {table.height} records"
             )
-        kept, dropped, edits = _apply_verdicts(step.name, table, verdicts, added)
+        kept, dropped, edits = _apply_verdicts(step.name, table, verdicts, added, rows)
         reasons = Counter(v.reason for v in verdicts if isinstance(v, Drop))
         result = StageResult(
             name=step.name,
@@ -392,9 +395,9 @@ class Runner:
     def _store_cached(self, key: str, kept, dropped, edits, result: StageResult) -> None:
         folder = self.cache_dir / key
         folder.mkdir(parents=True, exist_ok=True)
-        kept.write_parquet(folder / "kept.parquet")
-        dropped.write_parquet(folder / "dropped.parquet")
-        edits.write_parquet(folder / "edits.parquet")
+        kept.write_parquet(folder / "kept.parquet", compression="lz4")
+        dropped.write_parquet(folder / "dropped.parquet", compression="lz4")
+        edits.write_parquet(folder / "edits.parquet", compression="lz4")
         # done.json last: a crash mid-write leaves an entry that is ignored, never a half one that is used
         (folder / "done.json").write_text(json.dumps(dataclasses.asdict(result)))
 
@@ -413,8 +416,19 @@ def _empty_edits() -> pl.DataFrame:
     return pl.from_arrow(EDITS_SCHEMA.empty_table())
 
 
-def _apply_verdicts(stage: str, table: pl.DataFrame, verdicts: list, added: list[dict]):
-    """Split a table by its verdicts into kept rows (rewrites applied, additions appended) and drops."""
+def _as_dicts(table: pl.DataFrame) -> list[dict]:
+    # through Arrow: about twice as fast as polars' own to_dicts for nested message lists
+    return table.to_arrow().to_pylist()
+
+
+def _apply_verdicts(
+    stage: str, table: pl.DataFrame, verdicts: list, added: list[dict], rows: list[dict] | None = None
+):
+    """Split a table by its verdicts into kept rows (rewrites applied, additions appended) and drops.
+
+    `rows` are the table's rows as dicts when the stage already had them (row stages), so rewrites
+    need no second conversion.
+    """
     keep_idx, drop_idx, drops, rewrites, edits = [], [], [], {}, []
     for i, v in enumerate(verdicts):
         if isinstance(v, Drop):
@@ -426,12 +440,10 @@ def _apply_verdicts(stage: str, table: pl.DataFrame, verdicts: list, added: list
                 rewrites[i] = v
     kept = table[keep_idx] if len(keep_idx) != table.height else table
     if rewrites:
-        originals = table[list(rewrites)].to_dicts()
-        rows = kept.to_dicts()
-        position = {row_index: n for n, row_index in enumerate(keep_idx)}
-        for (row_index, new), old in zip(rewrites.items(), originals, strict=True):
-            rows[position[row_index]] = new
-            change = describe_change(old, new)
+        if rows is None:
+            rows = _as_dicts(table)
+        for row_index, new in rewrites.items():
+            change = describe_change(rows[row_index], new)
             if change:
                 src = new.get("source") or {}
                 edits.append(
@@ -443,7 +455,7 @@ def _apply_verdicts(stage: str, table: pl.DataFrame, verdicts: list, added: list
                         "change": change,
                     }
                 )
-        kept = pl.from_arrow(to_table(rows))
+        kept = pl.from_arrow(to_table([rewrites.get(i, rows[i]) for i in keep_idx]))
     if added:
         kept = pl.concat([kept, pl.from_arrow(to_table(added))])
         edits.extend(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import unicodedata
 from typing import Any
 
 import pyarrow as pa
+
+from curate.text.clean import clean_text
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -64,23 +64,22 @@ def message(role: str, content: str, tool_calls: Any = None, name: str | None = 
     return {"role": role, "content": content, "tool_calls": tool_calls, "name": name}
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def _id_key_text(text: str) -> str:
-    # The id must not change when the normalize stage only cleans whitespace, control characters or
-    # Unicode composition: the same conversation keeps its id through the whole pipeline.
-    return " ".join(_CONTROL_CHARS.sub("", unicodedata.normalize("NFC", text)).split())
+# Separators of the id key; they are control characters, so cleaned text never contains them.
+_FIELD, _TURN = "\x1f", "\x1e"
 
 
 def record_id(messages: list[dict]) -> str:
-    """Stable content id: the same conversation gives the same id in any run, file or format."""
-    key = [
-        (m["role"], _id_key_text(m.get("content") or ""), m.get("tool_calls") or "", m.get("name") or "")
+    """Stable content id: the same conversation gives the same id in any run, file or format.
+
+    The key is the text as the normalize stage cleans it by default (NFC, no stray control
+    characters, tidy whitespace), so normalizing a record never changes its id.
+    """
+    key = _TURN.join(
+        f"{m['role']}{_FIELD}{clean_text(m.get('content') or '')}{_FIELD}{m.get('tool_calls') or ''}"
+        f"{_FIELD}{m.get('name') or ''}"
         for m in messages
-    ]
-    blob = json.dumps(key, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(blob.encode("utf-8"), digest_size=8).hexdigest()
+    )
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def make_record(

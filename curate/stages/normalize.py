@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
 from curate.errors import CurateError
 from curate.records import ROLES, message
 from curate.stages.base import Drop, RowStage, Verdict, option, register
-
-# C0/C1 control characters except tab and newline: they break tokenizers and renderers.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_TRAILING_SPACE = re.compile(r"[ \t]+\n")
-_MANY_BLANK_LINES = re.compile(r"\n{3,}")
+from curate.text.clean import clean_text
 
 
 @dataclass
@@ -68,57 +62,63 @@ class NormalizeStage(RowStage):
     def setup(self) -> None:
         from curate.templates import TEMPLATE_NAMES, render
 
-        self._aliases = {k.lower(): v for k, v in self.config.role_aliases.items()}
-        self._template = self.config.template
-        if self._template not in TEMPLATE_NAMES:
-            folder = self.context.base_dir / self._template
-            self._template = str(folder) if folder.is_dir() else self._template
-            render([message("user", "hi")], self._template)  # a bad tokenizer fails here, not per record
+        cfg = self.config
+        self._aliases = {k.lower(): v for k, v in cfg.role_aliases.items()}
+        self._system = None if cfg.system_prompt is None else message("system", self.clean(cfg.system_prompt))
+        # Named templates render any non-empty conversation of canonical roles, so only a tokenizer's
+        # own template (which may reject role orders) is tried on every record.
+        self._tokenizer_template = None
+        if cfg.template not in TEMPLATE_NAMES:
+            folder = self.context.base_dir / cfg.template
+            self._tokenizer_template = str(folder) if folder.is_dir() else cfg.template
+            render([message("user", "hi")], self._tokenizer_template)  # a bad tokenizer fails here, once
 
     def clean(self, text: str) -> str:
         cfg = self.config
-        if cfg.unicode_form != "none":
-            text = unicodedata.normalize(cfg.unicode_form, text)
-        if cfg.strip_whitespace:
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if cfg.strip_control_chars:
-            text = _CONTROL.sub("", text)
-        if cfg.strip_whitespace:
-            text = _MANY_BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("\n", text)).strip()
-        return text
+        return clean_text(text, cfg.unicode_form, cfg.strip_control_chars, cfg.strip_whitespace)
 
     def process(self, record: dict) -> Verdict:
         cfg = self.config
         turns = []
+        changed = False
         for m in record["messages"]:
             role = m["role"] if m["role"] in ROLES else self._aliases.get(m["role"].lower())
             if role is None:
                 return Drop("unknown_role", {"role": m["role"], "hint": "map it with normalize.role_aliases"})
-            turns.append(message(role, self.clean(m["content"] or ""), m.get("tool_calls"), m.get("name")))
+            content = m["content"] or ""
+            cleaned = self.clean(content)
+            if role == m["role"] and cleaned is content:
+                turns.append(m)  # clean_text hands back the same object when there is nothing to do
+            else:
+                turns.append({**m, "role": role, "content": cleaned})
+                changed = True
         if cfg.merge_consecutive:
-            turns = _merge_consecutive(turns)
-        if cfg.system_prompt is not None and cfg.system_prompt_mode != "keep":
-            has_system = bool(turns) and turns[0]["role"] == "system"
-            if cfg.system_prompt_mode == "replace":
+            merged = _merge_consecutive(turns)
+            changed = changed or len(merged) != len(turns)
+            turns = merged
+        if self._system is not None and cfg.system_prompt_mode != "keep":
+            if cfg.system_prompt_mode == "replace" and any(t["role"] == "system" for t in turns):
                 turns = [t for t in turns if t["role"] != "system"]
-                has_system = False
-            if not has_system:
-                turns = [message("system", self.clean(cfg.system_prompt)), *turns]
+                changed = True
+            if not turns or turns[0]["role"] != "system":
+                turns = [self._system, *turns]
+                changed = True
         problem = self._render_problem(turns)
         if problem:
-            return Drop("unrenderable", {"template": self.config.template, "problem": problem})
-        if turns == record["messages"]:
-            return None
-        return {**record, "messages": turns}
+            return Drop("unrenderable", {"template": cfg.template, "problem": problem})
+        return {**record, "messages": turns} if changed else None
 
     def _render_problem(self, turns: list[dict]) -> str | None:
+        if not turns:
+            return "empty conversation"
+        if self._tokenizer_template is None:
+            return None
         from curate.templates import render
 
         # A conversation still waiting for its answer (prompt-only) renders as a generation prompt;
         # whether it may stay is the filter's decision, not the template's.
-        awaiting_answer = bool(turns) and turns[-1]["role"] != "assistant"
         try:
-            render(turns, self._template, add_generation_prompt=awaiting_answer)
+            render(turns, self._tokenizer_template, add_generation_prompt=turns[-1]["role"] != "assistant")
         except (ValueError, CurateError) as exc:
             return str(exc)
         return None
