@@ -26,7 +26,7 @@ from curate.errors import RecipeError
 from curate.evalsets import EvalSet, load_eval_sets
 from curate.stages.base import Drop, TableStage, TableVerdicts, option, register
 from curate.text.conversation import conversation_text
-from curate.text.ngrams import SpanIndex, Tokens, normalized, tokenize
+from curate.text.ngrams import SpanIndex, Tokens, tokenize
 
 Method = Literal["exact", "ngram", "minhash", "embedding"]
 METHODS = ("exact", "ngram", "minhash", "embedding")
@@ -109,39 +109,38 @@ def _pick(hits: pl.DataFrame) -> pl.DataFrame:
     return hits.sort("doc", "score", "item", descending=[False, True, False]).unique("doc", keep="first")
 
 
-def exact_hits(
-    catalog: EvalCatalog, index: SpanIndex, tokens: Tokens, user_turns: pl.DataFrame, min_words: int
-):
+def exact_hits(index: SpanIndex, tokens: Tokens, turns: tuple[np.ndarray, Tokens], min_words: int):
     """Records containing a whole eval question (>= min_words words) or with a user turn equal to one."""
     inside = index.contained(tokens, min_words).with_columns(
         pl.lit(1.0).alias("score"), pl.lit(None, pl.String).alias("turn")
     )
-    short = np.flatnonzero((index.lengths > 0) & (index.lengths < min_words))
-    if len(short):
-        questions = pl.DataFrame(
-            {"item": short, "norm": normalized(pl.Series([catalog.questions[i] for i in short]))}
-        )
-        equal = user_turns.join(questions, on="norm").select(
-            "doc",
-            "item",
-            pl.lit(0).alias("pos"),
-            pl.col("norm").str.count_matches(" ").add(1).alias("length"),
-            pl.lit(1.0).alias("score"),
-            pl.col("norm").alias("turn"),
+    turn_docs, turn_tokens = turns
+    equal = index.equal(turn_tokens, min_words)
+    if equal.height:
+        turn = equal["doc"].to_numpy()
+        equal = pl.DataFrame(
+            {
+                "doc": turn_docs[turn],
+                "item": equal["item"],
+                "pos": np.zeros(len(turn), np.int64),
+                "length": turn_tokens.lengths()[turn],
+                "score": np.ones(len(turn)),
+                "turn": [turn_tokens.span(t, 0, _SNIPPET) for t in turn.tolist()],
+            }
         )
         inside = pl.concat([inside, equal], how="vertical_relaxed")
     return _pick(inside)
 
 
-def _user_turns(table: pl.DataFrame) -> pl.DataFrame:
-    """One row per user turn: the record's row number and the turn's normalized text."""
+def _user_turns(table: pl.DataFrame) -> tuple[np.ndarray, Tokens]:
+    """Every user turn tokenized on its own, with the row number of its record."""
     turns = (
-        table.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("doc"), "messages")
+        table.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("doc"), pl.col("messages"))
         .explode("messages")
-        .unnest("messages")
+        .select("doc", pl.col("messages").struct.field("role"), pl.col("messages").struct.field("content"))
         .filter(pl.col("role") == "user")
     )
-    return turns.select("doc", normalized(turns["content"]).alias("norm")).filter(pl.col("norm") != "")
+    return turns["doc"].to_numpy(), tokenize(turns["content"])
 
 
 def _ngram_hits(index: SpanIndex, tokens: Tokens, min_matches: int) -> pl.DataFrame:
@@ -154,12 +153,13 @@ def _minhash_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateConf
     from curate.text.lsh import optimal_params
     from curate.text.minhash import signatures
 
-    long_enough = tokenize(texts).lengths() >= cfg.minhash_ngram
-    eval_ok = np.flatnonzero(tokenize(catalog.questions).lengths() >= cfg.minhash_ngram)
-    docs = np.flatnonzero(long_enough)
+    # a text without words has no shingles, and two empty signatures would look identical
+    docs = np.flatnonzero(texts.str.contains(r"\w").to_numpy())
+    questions = pl.Series(catalog.questions, dtype=pl.String)
+    eval_ok = np.flatnonzero(questions.str.contains(r"\w").to_numpy())
     sig_kw = {"num_perm": cfg.minhash_num_perm, "ngram": cfg.minhash_ngram, "unit": "word", "seed": 1}
     rec_sigs = signatures(texts.gather(docs), **sig_kw)
-    eval_sigs = signatures([catalog.questions[i] for i in eval_ok], **sig_kw)
+    eval_sigs = signatures(questions.gather(eval_ok), **sig_kw)
     bands, rows = optimal_params(cfg.minhash_threshold, cfg.minhash_num_perm)
     pairs = []
     for b in range(bands):
@@ -257,7 +257,7 @@ class DecontaminateStage(TableStage):
             tokens = tokenize(texts)
             index = SpanIndex(catalog.questions, cfg.ngram)
             if "exact" in cfg.methods:
-                hits = exact_hits(catalog, index, tokens, _user_turns(table), cfg.exact_min_words)
+                hits = exact_hits(index, tokens, _user_turns(table), cfg.exact_min_words)
                 spans = [
                     turn if turn is not None else tokens.span(d, p, n)
                     for d, p, n, turn in hits.select("doc", "pos", "length", "turn").rows()
@@ -326,7 +326,7 @@ def exact_eval_copies(
     catalog = EvalCatalog(load_eval_sets(eval_sets, Path(base_dir)))
     index = SpanIndex(catalog.questions, 13)
     tokens = tokenize(conversation_text(table, "conversation"))
-    hits = exact_hits(catalog, index, tokens, _user_turns(table), min_words)
+    hits = exact_hits(index, tokens, _user_turns(table), min_words)
     ids = table["id"]
     return [
         {"id": ids[doc], "eval_set": catalog.set_names[catalog.set_of[item]], "eval_id": catalog.ids[item]}
