@@ -7,7 +7,6 @@ Nothing here imports polars: the GPU machine reads a version with pyarrow and js
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ class Version:
     @property
     def template(self) -> str | None:
         """The chat template the version was normalized for (the normalize stage's `template`)."""
+        if self.manifest.get("template"):
+            return self.manifest["template"]
         for stage in (self.manifest.get("recipe") or {}).get("stages") or []:
             if isinstance(stage, dict) and isinstance(stage.get("normalize"), dict):
                 return stage["normalize"].get("template")
@@ -41,6 +42,12 @@ class Version:
     @property
     def eval_sets(self) -> list[dict]:
         return list((self.manifest.get("recipe") or {}).get("eval_sets") or [])
+
+    @property
+    def eval_base_dir(self) -> Path:
+        """Where the pipeline recipe's relative eval-set paths are read from (its folder)."""
+        recipe_path = self.manifest.get("recipe_path")
+        return Path(recipe_path).resolve().parent if recipe_path else self.path
 
 
 def resolve_version(path: str | Path) -> Path:
@@ -163,39 +170,8 @@ def encode_all(
 
 
 def load_eval_items(spec: dict, base_dir: Path) -> list[dict]:
-    """Items {id, question, answer} of an eval set; uses curate.evalsets when present."""
-    try:
-        from curate.evalsets import EvalSetSpec, load_eval_set
-    except ImportError:
-        return _read_eval_items(spec, base_dir)
-    items = load_eval_set(EvalSetSpec.from_recipe(spec), base_dir)
-    return [
-        {"id": str(_get(it, "id")), "question": _get(it, "question"), "answer": _get(it, "answer")}
-        for it in items
-    ]
+    """Items {id, question, answer} of a recipe's eval set (read by curate.evalsets)."""
+    from curate.evalsets import EvalSetSpec, load_eval_set
 
-
-def _get(item: Any, key: str) -> Any:
-    return item.get(key) if isinstance(item, dict) else getattr(item, key, None)
-
-
-def _read_eval_items(spec: dict, base_dir: Path) -> list[dict]:
-    path = Path(spec["path"])
-    path = path if path.is_absolute() else base_dir / path
-    if not path.is_file():
-        raise CurateError(f"eval set {spec['name']!r}: {path} not found")
-    fields = {"question": "question", "answer": "answer", **(spec.get("fields") or {})}
-    opener = gzip.open if path.suffix == ".gz" else open
-    items = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh):
-            if line.strip():
-                row = json.loads(line)
-                items.append(
-                    {
-                        "id": str(n),
-                        "question": row.get(fields["question"]),
-                        "answer": row.get(fields["answer"]),
-                    }
-                )
-    return items
+    items = load_eval_set(EvalSetSpec.from_recipe(spec, f"eval_sets.{spec.get('name')}"), base_dir).items
+    return [{"id": it.id, "question": it.question, "answer": it.answer} for it in items]

@@ -27,7 +27,7 @@ def run_eval(
     out_dir: str | Path | None = None,
 ) -> dict:
     """Gates for an adapter; the held-out split comes from `data_version` (default: the one it trained on)."""
-    from peft import PeftModel
+    from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
     from curate.train import gates
@@ -61,9 +61,12 @@ def run_eval(
     )
     if not held:
         raise CurateError("the held-out split of this version is empty", hint="pass a larger --data version")
-    model = PeftModel.from_pretrained(
-        load_model(stored["base_model"], recipe, tokenizer, for_training=False), adapter
-    )
+    base = load_model(stored["base_model"], recipe, tokenizer)
+    if recipe.load_in_4bit:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = PeftModel.from_pretrained(base, adapter)
+    if recipe.load_in_4bit:
+        _adapter_dtype_as_trained(model)
     result = gates.evaluate(model, tokenizer, tmpl, recipe, held, version)
     result["adapter"] = str(adapter)
     result["version"] = str(version.path)
@@ -71,3 +74,14 @@ def run_eval(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "gates.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _adapter_dtype_as_trained(model) -> None:
+    # Training ran on a model prepared for k-bit training (norms and embeddings in fp32) with the adapter
+    # in bf16, as TRL does for QLoRA; peft loads adapters in fp32. Matching the trained numerics makes
+    # the gates here reproduce the ones written at the end of training.
+    import torch
+
+    for name, param in model.named_parameters():
+        if "lora_" in name or "trainable_tokens" in name:
+            param.data = param.data.to(torch.bfloat16)

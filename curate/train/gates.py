@@ -207,7 +207,9 @@ def evaluate(
     all_tuned, all_base, samples = [], [], {}
     specs = recipe.eval_sets if recipe.eval_sets is not None else (version.eval_sets if version else [])
     spec_dir = (
-        recipe.base_dir if recipe.eval_sets is not None else (version.path if version else recipe.base_dir)
+        recipe.base_dir
+        if recipe.eval_sets is not None
+        else (version.eval_base_dir if version else recipe.base_dir)
     )
     for spec in specs:
         items = [it for it in load_eval_items(spec, spec_dir) if it["question"] and it["answer"]][

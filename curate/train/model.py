@@ -80,7 +80,7 @@ def load_tokenizer(path: str, template: str) -> tuple[Any, list[str]]:
     return tok, added
 
 
-def load_model(path: str, recipe: TrainRecipe, tokenizer: Any, *, for_training: bool) -> Any:
+def load_model(path: str, recipe: TrainRecipe, tokenizer: Any) -> Any:
     """The base model, in 4-bit NF4 when the recipe asks, its embeddings sized to the tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -103,8 +103,7 @@ def load_model(path: str, recipe: TrainRecipe, tokenizer: Any, *, for_training: 
         raise CurateError(
             f"cannot load base model {path}: {exc}", hint="a Hugging Face causal LM folder or id"
         ) from None
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    grow_embeddings(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     eos = model.generation_config.eos_token_id
@@ -116,6 +115,22 @@ def load_model(path: str, recipe: TrainRecipe, tokenizer: Any, *, for_training: 
     if dev == "cpu":
         _plain_cpu_4bit(model)
     return model
+
+
+def grow_embeddings(model: Any, size: int) -> None:
+    """Room for added tokens; new rows start at the mean of the old ones, the same in every load, so the
+    base model's figures do not change between training and a later `curate eval`."""
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if old >= size:
+        return
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {
+            id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+        }.values():
+            emb.weight[old:] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
 
 
 def _plain_cpu_4bit(model: Any) -> None:

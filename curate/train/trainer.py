@@ -45,7 +45,11 @@ def template_object(template: str, tokenizer: Any) -> Any:
 def eval_set_conversations(recipe: TrainRecipe, version: Version | None) -> dict[str, list[list[dict]]]:
     """Each eval set with references as question -> answer conversations, for eval loss."""
     specs = recipe.eval_sets if recipe.eval_sets is not None else (version.eval_sets if version else [])
-    base = recipe.base_dir if recipe.eval_sets is not None else (version.path if version else recipe.base_dir)
+    base = (
+        recipe.base_dir
+        if recipe.eval_sets is not None
+        else (version.eval_base_dir if version else recipe.base_dir)
+    )
     out = {}
     for spec in specs:
         items = [it for it in load_eval_items(spec, base) if it["question"] and it["answer"]]
@@ -78,7 +82,6 @@ def run_training(
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
-    from trl.trainer.callbacks import RichProgressCallback
 
     from curate.train import gates as gate_mod
     from curate.train.metrics import RunLog, library_versions, peak_memory, plot_loss
@@ -134,7 +137,7 @@ def run_training(
         if rows:
             eval_data[name] = _dataset(rows)
 
-    model = load_model(base.model_path, recipe, tokenizer, for_training=True)
+    model = load_model(base.model_path, recipe, tokenizer)
     if recipe.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.gradient_checkpointing
@@ -197,14 +200,17 @@ def run_training(
         callbacks=[log],
     )
     before = trainer.evaluate()
-    trainer.add_callback(RichProgressCallback)  # it draws bars only between train begin and end
+    progress = _rich_progress()
+    if progress is not None:
+        trainer.add_callback(progress)  # it draws bars only between train begin and end
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - t0
     memory = peak_memory()
-    trainer.remove_callback(RichProgressCallback)
+    if progress is not None:
+        trainer.remove_callback(progress)
     after = trainer.evaluate()
 
     model.save_pretrained(out / "adapter")
@@ -260,6 +266,16 @@ def run_training(
     return metrics
 
 
+def _rich_progress() -> type | None:
+    import importlib.util
+
+    if importlib.util.find_spec("rich") is None:
+        return None
+    from trl.trainer.callbacks import RichProgressCallback
+
+    return RichProgressCallback
+
+
 def _model_loss_trainer(base: type) -> type:
     """SFTTrainer scoring with the model's own loss. TRL's fused LM head reads `lm_head.weight` directly,
     which would skip the trained rows of tokens added for the template."""
@@ -279,11 +295,12 @@ def _write_merged(model_path: str, recipe: TrainRecipe, tokenizer: Any, out: Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from curate.train.model import grow_embeddings
+
     base = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=getattr(torch, recipe.bnb_4bit_compute_dtype)
     )
-    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    grow_embeddings(base, len(tokenizer))
     merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
     merged.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")

@@ -1,0 +1,171 @@
+"""GPU benchmark of `curate train`: SmolLM2-135M-Instruct QLoRA on a real version, with its gates.
+
+Two steps, because the GPU machine has no polars and no network:
+
+  here:     python bench/train_gpu.py build          # runs the pipeline on ../shared/data into .gpu-data/
+  on GPU:   python bench/train_gpu.py train --model $CURATE_GPU_MODEL --out $OUT
+
+`train` prints one table: eval loss before and after, tokens/s, peak GPU memory, wall time and every
+gate beside the base model's figure, plus the ratio of tokens/s to the reference measured on the same
+kind of machine with TRL 1.16 SFTTrainer defaults (../shared/GPU.md: 14,403 tokens/s packed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+STAGE = REPO / ".gpu-data"  # git-ignored through .git/info/exclude; carried to the GPU machine
+REFERENCE_PACKED_TOKENS_PER_S = 14403  # ../shared/GPU.md, TRL 1.16 defaults, packing, same model and GPU
+
+PIPELINE = f"""
+name: train-bench
+seed: 0
+inputs:
+  - {{path: {DATA}/raw/llamafactory_alpaca_en_demo.json.gz, name: alpaca_en}}
+  - {{path: {DATA}/raw/code_alpaca_2k.json.gz, name: code_alpaca}}
+  - {{path: {DATA}/raw/gpteacher_roleplay.json.gz, name: roleplay}}
+stages:
+  - dedup: {{exact: true}}
+  - normalize: {{system_prompt: "You are a helpful assistant.", template: chatml}}
+  - filter: {{min_assistant_chars: 1, drop_refusals: true}}
+"""
+
+RECIPE = {
+    "name": "smollm2-135m-qlora-bench",
+    "template": "chatml",
+    "load_in_4bit": True,
+    "lora": {
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    },
+    "sequence_len": 1024,
+    "micro_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 0.0002,
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.03,
+    "num_epochs": 1,
+    "seed": 0,
+    "packing": True,
+    "gradient_checkpointing": False,
+    "fully_masked": "drop",  # counted in metrics.json; none expected at 1024 tokens
+    "holdout": {"fraction": 0.05, "max_records": 300},
+    "eval_sets": [{"name": "gsm8k", "path": "gsm8k_test.jsonl.gz"}],
+    "gates": {"max_new_tokens": 200, "max_items": 50, "batch_size": 32},
+}
+
+
+def build() -> None:
+    """Run the pipeline here and stage the version's files (and GSM8K) for the GPU machine."""
+    import tempfile
+
+    git_path = subprocess.run(
+        ["git", "rev-parse", "--git-path", "info/exclude"], cwd=REPO, capture_output=True, text=True
+    )
+    exclude = REPO / git_path.stdout.strip()
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    if "/.gpu-data/" not in (exclude.read_text() if exclude.exists() else ""):
+        with open(exclude, "a") as fh:
+            fh.write("/.gpu-data/\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "bench.yaml"
+        recipe.write_text(PIPELINE)
+        subprocess.run(
+            [sys.executable, "-m", "curate", "run", str(recipe), "--out", f"{tmp}/runs"], check=True
+        )
+        version = (Path(tmp) / "runs" / "latest").resolve()
+        if not version.is_dir():
+            version = Path(tmp) / "runs" / (Path(tmp) / "runs" / "latest").read_text().strip()
+        shutil.rmtree(STAGE, ignore_errors=True)
+        (STAGE / "version").mkdir(parents=True)
+        for name in ("train.jsonl", "data.parquet", "manifest.json"):
+            shutil.copy(version / name, STAGE / "version" / name)
+    shutil.copy(DATA / "eval" / "gsm8k_test.jsonl.gz", STAGE / "gsm8k_test.jsonl.gz")
+    print("staged", sum(1 for _ in open(STAGE / "version" / "train.jsonl")), "records in", STAGE)
+
+
+def train(model: str, out: Path, smoke: bool) -> None:
+    from curate.train import run_training
+
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = {**RECIPE, "base_model": model}
+    if smoke:  # a CPU check of this script: two steps, two prompts per gate set
+        recipe.update(max_steps=2, sequence_len=256, holdout={"fraction": 0.01, "max_records": 4})
+        recipe["gates"] = {**recipe["gates"], "max_items": 2, "max_new_tokens": 4}
+    recipe_path = STAGE / "recipe.json"
+    recipe_path.write_text(json.dumps(recipe))  # JSON is YAML; eval-set paths resolve against .gpu-data
+    metrics = run_training(recipe_path, STAGE / "version", out / "run")
+    for name in ("metrics.json", "loss.png"):
+        shutil.copy(out / "run" / name, out / name)
+    rows = [
+        ("records (train / held out)", f"{metrics['records']['train']} / {metrics['records']['heldout']}"),
+        ("optimizer steps", metrics["steps"]),
+        ("tokens seen", f"{metrics['tokens_seen']:,}"),
+        (
+            "eval loss held out, before -> after",
+            f"{metrics['eval_loss_before']['heldout']:.4f} -> {metrics['eval_loss_after']['heldout']:.4f}",
+        ),
+    ]
+    if "gsm8k" in metrics["eval_loss_before"]:
+        rows.append(
+            (
+                "eval loss gsm8k, before -> after",
+                f"{metrics['eval_loss_before']['gsm8k']:.4f} -> {metrics['eval_loss_after']['gsm8k']:.4f}",
+            )
+        )
+    tps = metrics["tokens_per_second"]
+    rows += [
+        ("train seconds", f"{metrics['train_seconds']:.1f}"),
+        ("tokens/s", f"{tps:,.0f}"),
+        ("tokens/s vs TRL-defaults reference (14,403)", f"{tps / REFERENCE_PACKED_TOKENS_PER_S:.2f}x"),
+        ("peak GPU memory (GB)", f"{metrics['peak_gpu_memory_gb'] or 0:.2f}"),
+        ("wall seconds (load, train, gates)", f"{metrics['wall_seconds']:.1f}"),
+        ("device", metrics["device"]),
+        ("versions", json.dumps(metrics["versions"])),
+    ]
+    print("| figure | value |\n| --- | --- |")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    print("\n| gate | tuned | base | threshold | worse than base | passed |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for g in metrics["gates"]["gates"]:
+
+        def fmt(x):
+            return "-" if x is None else f"{x:.4g}"
+
+        print(
+            f"| {g['name']} | {fmt(g['value'])} | {fmt(g['base'])} | {fmt(g['threshold'])} | "
+            f"{g.get('worse_than_base')} | {g['passed']} |"
+        )
+    print("\nall gates passed:", metrics["gates"]["passed"], "| failed:", metrics["gates"]["failed"])
+    print("samples:", json.dumps(metrics["gates"]["samples"], indent=1)[:3000])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build")
+    t = sub.add_parser("train")
+    t.add_argument("--model", required=True, help="Hugging Face folder of SmolLM2-135M-Instruct")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--smoke", action="store_true", help="two steps on CPU, to check the script")
+    args = parser.parse_args()
+    if args.cmd == "build":
+        build()
+    else:
+        train(args.model, args.out, args.smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The QLoRA trainer on CPU with the stories260K llama2.c model: conversion, masks, packing, split, gates."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from curate.errors import CurateError, RecipeError
+from curate.records import make_record, message, to_table, train_messages
+from curate.train.data import IGNORE, encode, encode_all, in_holdout, load_version, split_holdout
+from curate.train.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO.parent / "shared" / "models"
+TINY = REPO / "train" / "tiny-cpu.yaml"
+# tests run the tiny recipe shorter still: a few packed steps, short generations
+FAST = {
+    "max_steps": 12,
+    "eval_steps": 6,
+    "micro_batch_size": 4,
+    "gates.max_new_tokens": 8,
+    "gates.max_items": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory) -> Path:
+    from curate.train.llama2c import convert
+
+    return convert(MODELS / "stories260K.bin", MODELS / "tok512.bin", tmp_path_factory.mktemp("stories"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories):
+    from curate.train.model import load_tokenizer
+
+    tok, added = load_tokenizer(str(stories), "chatml")
+    assert added == ["<|im_start|>", "<|im_end|>"]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory, shared_data) -> Path:
+    """A version folder in the runner's layout, from the first 120 short LLaMA-Factory alpaca records."""
+    rows = json.loads(gzip.open(shared_data / "raw" / "llamafactory_alpaca_en_demo.json.gz", "rt").read())
+    records = []
+    for i, r in enumerate(rows):
+        question = (r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip()
+        if len(question) + len(r["output"]) <= 300:
+            source = {
+                "name": "alpaca_en",
+                "path": "llamafactory_alpaca_en_demo.json.gz",
+                "row": i,
+                "format": "alpaca",
+            }
+            records.append(
+                make_record([message("user", question), message("assistant", r["output"])], source)
+            )
+        if len(records) == 120:
+            break
+    out = tmp_path_factory.mktemp("runs")
+    folder = out / "v1"
+    folder.mkdir()
+    pq.write_table(to_table(records), folder / "data.parquet")
+    with open(folder / "train.jsonl", "w") as fh:
+        for rec in records:
+            fh.write(json.dumps({"messages": train_messages(rec["messages"])}) + "\n")
+    manifest = {
+        "version": "v1",
+        "template": "chatml",
+        "recipe": {"stages": [{"normalize": {"template": "chatml"}}]},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (out / "latest").write_text("v1")
+    return out
+
+
+def test_llama2c_conversion_generates_the_known_story(stories):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(stories)
+    tok = AutoTokenizer.from_pretrained(stories)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    assert ids[0].tolist() == [1, 403, 407, 261, 378]
+    out = model.generate(ids, max_new_tokens=30, do_sample=False)
+    assert tok.decode(out[0], skip_special_tokens=True) == (
+        "Once upon a time, there was a little girl named Lily. "
+        "She loved to play outside in the park. One day,"
+    )
+
+
+def test_masks_train_assistant_tokens_and_end_of_turn_only(tokenizer):
+    conv = [
+        {"role": "system", "content": "You are kind."},
+        {"role": "user", "content": "Tell me a story."},
+        {"role": "assistant", "content": "Tom had a red ball."},
+        {"role": "user", "content": "More!"},
+        {"role": "assistant", "content": "He played all day."},
+    ]
+    row = encode(conv, tokenizer, "chatml", 512)
+    ids, labels = row["input_ids"], row["labels"]
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<unk>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    trained = [i for i, lab in enumerate(labels) if lab != IGNORE]
+    assert all(labels[i] == ids[i] for i in trained)
+    # the trained tokens spell exactly the two answers, each closed by its end-of-turn token
+    runs, current = [], []
+    for i in range(len(ids)):
+        if labels[i] != IGNORE:
+            current.append(ids[i])
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    assert [tokenizer.decode(r) for r in runs] == [
+        "Tom had a red ball.<|im_end|>",
+        "He played all day.<|im_end|>",
+    ]
+    assert [r[-1] for r in runs] == [eot, eot]
+    # every other token (system, user, headers, the end-of-turn after prompts) is masked
+    assert sum(1 for lab in labels if lab == IGNORE) == len(ids) - sum(len(r) for r in runs)
+    assert ids.count(eot) == 5 and sum(1 for i in trained if ids[i] == eot) == 2
+
+
+def test_an_example_with_nothing_to_train_is_an_error(tokenizer):
+    long_prompt = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(CurateError, match="1 example\\(s\\) would train on nothing.*record r1"):
+        encode_all([long_prompt], ["r1"], tokenizer, "chatml", 64, "error")
+    rows, dropped = encode_all([long_prompt], ["r1"], tokenizer, "chatml", 64, "drop")
+    assert rows == [] and dropped == ["r1"]
+
+
+def test_packed_examples_do_not_attend_across_each_other(stories, tokenizer):
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
+    a = encode(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Tom ran."}],
+        tokenizer,
+        "chatml",
+        99,
+    )
+    b = encode(
+        [{"role": "user", "content": "Go"}, {"role": "assistant", "content": "Sue sat."}],
+        tokenizer,
+        "chatml",
+        99,
+    )
+    a["input_ids"] = [t % 512 for t in a["input_ids"]]  # keep to the base vocabulary: no resize needed here
+    b["input_ids"] = [t % 512 for t in b["input_ids"]]
+    packed = {
+        "input_ids": a["input_ids"] + b["input_ids"],
+        "labels": a["labels"] + b["labels"],
+        "seq_lengths": [len(a["input_ids"]), len(b["input_ids"])],
+    }
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([packed])
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        # as in training (TRL passes use_cache=False): with no cache, restarting position ids split examples
+        joint = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
+        alone_a = model(input_ids=torch.tensor([a["input_ids"]])).logits[0]
+        alone_b = model(input_ids=torch.tensor([b["input_ids"]])).logits[0]
+    n = len(a["input_ids"])
+    torch.testing.assert_close(joint[:n], alone_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(joint[n:], alone_b, atol=1e-4, rtol=1e-4)
+
+
+def test_holdout_is_by_record_id_deterministic_and_stable(version):
+    v = load_version(version)
+    assert len(v.ids) == 120 and v.template == "chatml"
+    train, held = split_holdout(v, 0.1, 500, "curate-holdout")
+    assert sorted(train + held) == list(range(120))
+    assert held == [i for i, rid in enumerate(v.ids) if in_holdout(rid, 0.1, "curate-holdout")]
+    assert 4 <= len(held) <= 24
+    assert split_holdout(load_version(version / "v1"), 0.1, 500, "curate-holdout") == (train, held)
+    # membership depends on the id alone: it does not move when other records come or go
+    assert [in_holdout(v.ids[i], 0.1, "curate-holdout") for i in held] == [True] * len(held)
+    assert split_holdout(v, 0.1, 2, "curate-holdout")[1] == sorted(sorted(held, key=lambda i: v.ids[i])[:2])
+
+
+def test_recipe_validation_names_the_key():
+    recipe = load_recipe(TINY, {"lora.r": 8, "packing": False})
+    assert recipe.lora.r == 8 and recipe.packing is False and recipe.lora.alpha == 32
+    assert Path(recipe.path(recipe.base_model)) == (MODELS / "stories260K.bin").resolve()
+    with pytest.raises(
+        RecipeError, match="lora: Additional properties are not allowed \\('rank' was unexpected\\)"
+    ):
+        load_recipe(TINY, {"lora.rank": 8})
+    with pytest.raises(RecipeError, match="sequence_len: 'long' is not of type 'integer'"):
+        load_recipe(TINY, {"sequence_len": "long"})
+    with pytest.raises(RecipeError, match="base_model' is a required property"):
+        load_recipe({"sequence_len": 128})
+    default = load_recipe(REPO / "train" / "qlora-default.yaml")
+    assert (default.lora.r, default.lora.alpha, default.lora.dropout) == (16, 32, 0.05)
+    assert default.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert default.load_in_4bit and default.bnb_4bit_quant_type == "nf4" and default.bnb_4bit_use_double_quant
+
+
+@pytest.fixture(scope="module")
+def trained(version, tmp_path_factory):
+    from curate.train import run_training
+
+    out = tmp_path_factory.mktemp("train")
+    return out, run_training(TINY, version, out, {**FAST, "merge": True})
+
+
+def test_tiny_qlora_run_end_to_end(trained):
+    out, metrics = trained
+    assert metrics["steps"] == 12
+    assert (
+        metrics["records"]["train"]
+        + metrics["records"]["heldout"]
+        + len(metrics["records"]["fully_masked_dropped"])
+        == 120
+    )
+    before, after = metrics["eval_loss_before"]["heldout"], metrics["eval_loss_after"]["heldout"]
+    assert after < before - 0.3
+    assert metrics["train_loss"][-1]["loss"] < metrics["train_loss"][0]["loss"]
+    assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
+    assert set(metrics["versions"]) >= {"torch", "peft", "trl", "bitsandbytes"}
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.json",
+        "loss.png",
+    ):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    gates = {g["name"]: g for g in metrics["gates"]["gates"]}
+    assert list(gates) == [
+        "heldout_loss",
+        "heldout_perplexity",
+        "format_compliance",
+        "refusal_rate",
+        "stop_rate",
+        "latency_ms_per_token",
+    ]
+    assert gates["heldout_loss"]["passed"] and gates["heldout_loss"]["value"] < gates["heldout_loss"]["base"]
+    assert (
+        gates["format_compliance"]["value"] == 0.0
+    )  # a story model writes no JSON; the recipe does not judge it
+    assert gates["format_compliance"]["threshold"] is None
+
+
+def test_adapter_loads_back_and_the_gates_run_again(trained, version, tmp_path):
+    from curate.train import run_eval
+
+    out, metrics = trained
+    report = run_eval(None, out / "adapter", None, tmp_path)
+    assert (tmp_path / "gates.json").is_file()
+    gates = {g["name"]: g for g in report["gates"]}
+    trained_gates = {g["name"]: g for g in metrics["gates"]["gates"]}
+    assert gates["heldout_loss"]["value"] == pytest.approx(trained_gates["heldout_loss"]["value"], rel=1e-3)
+    assert gates["heldout_loss"]["base"] == pytest.approx(trained_gates["heldout_loss"]["base"], rel=1e-3)
+    assert report["samples"]["format"][0]["tuned"].strip()  # the reloaded adapter generates text
+    assert report["samples"]["format"][0]["tuned"] == metrics["gates"]["samples"]["format"][0]["tuned"]
+
+
+def test_merged_weights_hold_the_adapter(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = trained
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    assert tok.eos_token == "<|im_end|>" and len(tok) == merged.get_input_embeddings().weight.shape[0] == 514
+    assert "lora" not in " ".join(n for n, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(out / ".base" / next((out / ".base").iterdir()).name)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    # the trained end-of-turn embedding row moved away from its mean initialisation
+    mean_row = base.get_input_embeddings().weight.mean(0)
+    assert not torch.allclose(merged.get_input_embeddings().weight[eot], mean_row, atol=1e-3)
+    # merged = base + (alpha / r) * B @ A, from the saved adapter
+    from safetensors.torch import load_file
+
+    lora = load_file(out / "adapter" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = 2.0 * lora[f"{key}.lora_B.weight"].float() @ lora[f"{key}.lora_A.weight"].float()
+    assert delta.abs().max() > 1e-3
+    q_delta = merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(q_delta, delta, atol=2e-2, rtol=0.05)
+
+
+def test_gate_helpers():
+    from curate.train.gates import final_answer, is_refusal, json_of
+
+    assert final_answer("Natalia sold 48/2 = 24 clips in May.\n#### 72") == "72"
+    assert final_answer("so the total is 1,234 dollars") == "1234"
+    assert final_answer("The answer is 18.0") == "18"
+    assert is_refusal("I'm sorry, but I can't help with that.")
+    assert is_refusal("I cannot provide instructions for making weapons.")
+    assert not is_refusal("Sure! Here is a recipe for pancakes.")
+    assert json_of('```json\n{"a": 1}\n```') == {"a": 1}
+    with pytest.raises(ValueError):
+        json_of("name: Ada")
