@@ -55,7 +55,9 @@ class DecontaminateConfig:
         0.7, help="Estimated Jaccard of word 5-gram shingles (user turns vs eval question) to drop."
     )
     minhash_num_perm: int = option(128, help="MinHash permutations.")
-    minhash_ngram: int = option(5, help="Words per MinHash shingle; shorter texts are left to exact.")
+    minhash_ngram: int = option(
+        5, help="Words per MinHash shingle; questions shorter than this are left to the exact method."
+    )
     embedding_threshold: float = option(
         0.7, help="Cosine similarity (user turns vs eval question) to drop as a paraphrase."
     )
@@ -150,38 +152,27 @@ def _ngram_hits(index: SpanIndex, tokens: Tokens, min_matches: int) -> pl.DataFr
 
 
 def _minhash_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateConfig) -> pl.DataFrame:
-    from curate.text.lsh import optimal_params
-    from curate.text.minhash import signatures
+    """Near-duplicates of eval questions: estimated Jaccard of word-shingle MinHash signatures.
 
-    # a text without words has no shingles, and two empty signatures would look identical
-    docs = np.flatnonzero(texts.str.contains(r"\w").to_numpy())
-    questions = pl.Series(catalog.questions, dtype=pl.String)
-    eval_ok = np.flatnonzero(questions.str.contains(r"\w").to_numpy())
+    Jaccard >= t needs at least t * |B| shingles shared with eval item B, so only pairs that share
+    that many word n-grams in the n-gram index are candidates (half the bound, to leave room for the
+    shingler's word split differing from this normalization); signatures are then computed for
+    those records and items alone, with the dedup kernels, and compared pairwise.
+    """
+    from curate.text.minhash import jaccard_estimate, signatures
+
+    index = SpanIndex(catalog.questions, cfg.minhash_ngram)
+    shared = index.ngram_hits(tokenize(texts))
+    need = 0.5 * cfg.minhash_threshold * index.ngram_counts[shared["item"].to_numpy()]
+    cand = shared.filter(pl.Series(shared["matches"].to_numpy() >= need))
+    docs, doc_row = np.unique(cand["doc"].to_numpy(), return_inverse=True)
+    items, item_row = np.unique(cand["item"].to_numpy(), return_inverse=True)
     sig_kw = {"num_perm": cfg.minhash_num_perm, "ngram": cfg.minhash_ngram, "unit": "word", "seed": 1}
     rec_sigs = signatures(texts.gather(docs), **sig_kw)
-    eval_sigs = signatures(questions.gather(eval_ok), **sig_kw)
-    bands, rows = optimal_params(cfg.minhash_threshold, cfg.minhash_num_perm)
-    pairs = []
-    for b in range(bands):
-        cols = slice(b * rows, (b + 1) * rows)
-        left = pl.DataFrame({"key": _band_keys(rec_sigs[:, cols]), "r": np.arange(len(docs))})
-        right = pl.DataFrame({"key": _band_keys(eval_sigs[:, cols]), "e": np.arange(len(eval_ok))})
-        pairs.append(left.join(right, on="key").select("r", "e"))
-    cand = pl.concat(pairs).unique() if pairs else pl.DataFrame(schema={"r": pl.Int64, "e": pl.Int64})
-    r, e = cand["r"].to_numpy(), cand["e"].to_numpy()
-    same = (rec_sigs[r] == eval_sigs[e]).sum(axis=1) / cfg.minhash_num_perm if len(r) else np.zeros(0)
-    hits = pl.DataFrame({"doc": docs[r], "item": eval_ok[e], "score": same}).filter(
-        pl.col("score") >= cfg.minhash_threshold
-    )
-    return _pick(hits)
-
-
-def _band_keys(band: np.ndarray) -> np.ndarray:
-    """One uint64 key per row of a band (a run of signature values), by a polynomial mix."""
-    key = np.zeros(band.shape[0], np.uint64)
-    for col in band.T.astype(np.uint64):
-        key = key * np.uint64(0x100000001B3) + col + np.uint64(0x9E3779B97F4A7C15)
-    return key
+    eval_sigs = signatures([catalog.questions[i] for i in items.tolist()], **sig_kw)
+    score = jaccard_estimate(rec_sigs[doc_row], eval_sigs[item_row]) if cand.height else np.zeros(0)
+    hits = cand.select("doc", "item").with_columns(pl.Series("score", np.asarray(score, np.float64)))
+    return _pick(hits.filter(pl.col("score") >= cfg.minhash_threshold))
 
 
 def _views(question: str) -> list[str]:
