@@ -17,7 +17,7 @@ from curate.pipeline import recipe_from_dict, run_recipe
 from curate.records import make_record, message, to_table
 from curate.report.decontam import decontam_report, render
 from curate.stages.base import StageContext, build_config
-from curate.stages.decontaminate import DecontaminateStage, exact_eval_copies
+from curate.stages.decontaminate import DecontaminateStage, RecordTokens, exact_eval_copies
 from curate.text.conversation import conversation_text
 from curate.text.ngrams import SpanIndex, normalize, tokenize
 
@@ -101,6 +101,23 @@ def test_ngram_index_equals_plain_python_sets(shared_data):
     }
     assert set(index.contained(tokens).select("doc", "item").rows()) == contained
     assert len(contained) >= 46  # the 40 planted items and OASST's known copies
+
+
+def test_record_tokens_equal_tokenizing_the_joined_turns(shared_data):
+    table = pl.concat(
+        [
+            read(shared_data, "raw/llamafactory_glaive_toolcall_en_demo.json.gz"),
+            read(shared_data, "raw/hh_rlhf_harmless_base_test.jsonl.gz"),
+        ]
+    )
+    records = RecordTokens(table)
+    for key, tokens in (("conversation", records.conversation), ("user", records.user)):
+        direct = tokenize(conversation_text(table, key))
+        assert (tokens.offsets == direct.offsets).all() and (tokens.hashes == direct.hashes).all()
+    user_turns = table.select(
+        pl.col("messages").list.eval(pl.element().struct.field("role") == "user").list.sum()
+    )
+    assert len(records.user_turns) == len(records.turn_docs) == user_turns.to_series().sum()
 
 
 def test_minhash_candidates_lose_nothing_against_all_pairs(shared_data, cache):

@@ -91,6 +91,13 @@ class EvalCatalog:
         self.questions = [item.question for item in items]
         self.answers = [item.answer or "" for item in items]
         self.sizes = {s.name: len(s) for s in sets}
+        self._question_tokens: Tokens | None = None
+
+    def question_tokens(self) -> Tokens:
+        """The questions tokenized once, for every index built over them."""
+        if self._question_tokens is None:
+            self._question_tokens = tokenize(self.questions)
+        return self._question_tokens
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -111,12 +118,12 @@ def _pick(hits: pl.DataFrame) -> pl.DataFrame:
     return hits.sort("doc", "score", "item", descending=[False, True, False]).unique("doc", keep="first")
 
 
-def exact_hits(index: SpanIndex, tokens: Tokens, turns: tuple[np.ndarray, Tokens], min_words: int):
+def exact_hits(index: SpanIndex, tokens: Tokens, records: RecordTokens, min_words: int):
     """Records containing a whole eval question (>= min_words words) or with a user turn equal to one."""
     inside = index.contained(tokens, min_words).with_columns(
         pl.lit(1.0).alias("score"), pl.lit(None, pl.String).alias("turn")
     )
-    turn_docs, turn_tokens = turns
+    turn_docs, turn_tokens = records.turn_docs, records.user_turns
     equal = index.equal(turn_tokens, min_words)
     if equal.height:
         turn = equal["doc"].to_numpy()
@@ -134,15 +141,26 @@ def exact_hits(index: SpanIndex, tokens: Tokens, turns: tuple[np.ndarray, Tokens
     return _pick(inside)
 
 
-def _user_turns(table: pl.DataFrame) -> tuple[np.ndarray, Tokens]:
-    """Every user turn tokenized on its own, with the row number of its record."""
-    turns = (
-        table.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("doc"), pl.col("messages"))
-        .explode("messages")
-        .select("doc", pl.col("messages").struct.field("role"), pl.col("messages").struct.field("content"))
-        .filter(pl.col("role") == "user")
-    )
-    return turns["doc"].to_numpy(), tokenize(turns["content"])
+class RecordTokens:
+    """One tokenization of every non-system turn, seen three ways: the whole conversation of each
+    record, its user turns joined, and each user turn on its own (for whole-turn equality)."""
+
+    def __init__(self, table: pl.DataFrame) -> None:
+        turns = (
+            table.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("doc"), pl.col("messages"))
+            .explode("messages")
+            .select(
+                "doc", pl.col("messages").struct.field("role"), pl.col("messages").struct.field("content")
+            )
+            .filter(pl.col("role") != "system")
+        )
+        docs = turns["doc"].to_numpy()
+        every = tokenize(turns["content"])
+        user = np.flatnonzero((turns["role"] == "user").to_numpy())
+        self.conversation = every.join(docs, table.height, conversation_text(table, "conversation"))
+        self.turn_docs = docs[user]
+        self.user_turns = every.select(user, turns["content"].gather(user))
+        self.user = self.user_turns.join(self.turn_docs, table.height, conversation_text(table, "user"))
 
 
 def _ngram_hits(index: SpanIndex, tokens: Tokens, min_matches: int) -> pl.DataFrame:
@@ -151,7 +169,7 @@ def _ngram_hits(index: SpanIndex, tokens: Tokens, min_matches: int) -> pl.DataFr
     return _pick(hits.with_columns((pl.col("matches") / counts).alias("score")))
 
 
-def _minhash_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateConfig) -> pl.DataFrame:
+def _minhash_hits(catalog: EvalCatalog, user: Tokens, cfg: DecontaminateConfig) -> pl.DataFrame:
     """Near-duplicates of eval questions: estimated Jaccard of word-shingle MinHash signatures.
 
     Jaccard >= t needs at least t * |B| shingles shared with eval item B, so only pairs that share
@@ -161,8 +179,9 @@ def _minhash_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateConf
     """
     from curate.text.minhash import jaccard_estimate, signatures
 
-    index = SpanIndex(catalog.questions, cfg.minhash_ngram)
-    shared = index.ngram_hits(tokenize(texts))
+    texts = user.texts
+    index = SpanIndex(catalog.question_tokens(), cfg.minhash_ngram)
+    shared = index.ngram_hits(user)
     need = 0.5 * cfg.minhash_threshold * index.ngram_counts[shared["item"].to_numpy()]
     cand = shared.filter(pl.Series(shared["matches"].to_numpy() >= need))
     docs, doc_row = np.unique(cand["doc"].to_numpy(), return_inverse=True)
@@ -242,13 +261,13 @@ class DecontaminateStage(TableStage):
     def apply(self, table: pl.DataFrame) -> TableVerdicts:
         cfg, catalog = self.config, self.catalog
         found: dict[str, pl.DataFrame] = {}
-        prompts = conversation_text(table, "user")
+        records = RecordTokens(table)
+        prompts = records.user.texts
         if "exact" in cfg.methods or "ngram" in cfg.methods:
-            texts = prompts if cfg.user_turns_only else conversation_text(table, "conversation")
-            tokens = tokenize(texts)
-            index = SpanIndex(catalog.questions, cfg.ngram)
+            tokens = records.user if cfg.user_turns_only else records.conversation
+            index = SpanIndex(catalog.question_tokens(), cfg.ngram)
             if "exact" in cfg.methods:
-                hits = exact_hits(index, tokens, _user_turns(table), cfg.exact_min_words)
+                hits = exact_hits(index, tokens, records, cfg.exact_min_words)
                 spans = [
                     turn if turn is not None else tokens.span(d, p, n)
                     for d, p, n, turn in hits.select("doc", "pos", "length", "turn").rows()
@@ -271,7 +290,7 @@ class DecontaminateStage(TableStage):
                 spans = [tokens.span(d, p, cfg.ngram) for d, p in hits.select("doc", "pos").rows()]
                 found["ngram"] = hits.with_columns(pl.Series("match", spans, dtype=pl.String))
         if "minhash" in cfg.methods:
-            found["minhash"] = _minhash_hits(catalog, prompts, cfg)
+            found["minhash"] = _minhash_hits(catalog, records.user, cfg)
         if "embedding" in cfg.methods:
             found["embedding"] = _embedding_hits(catalog, prompts, cfg, self.context)
         verdicts = _verdicts(table.height, found, catalog, prompts)
@@ -316,8 +335,8 @@ def exact_eval_copies(
         return []
     catalog = EvalCatalog(load_eval_sets(eval_sets, Path(base_dir)))
     index = SpanIndex(catalog.questions, 13)
-    tokens = tokenize(conversation_text(table, "conversation"))
-    hits = exact_hits(index, tokens, _user_turns(table), min_words)
+    records = RecordTokens(table)
+    hits = exact_hits(index, records.conversation, records, min_words)
     ids = table["id"]
     return [
         {"id": ids[doc], "eval_set": catalog.set_names[catalog.set_of[item]], "eval_id": catalog.ids[item]}

@@ -159,6 +159,20 @@ class Tokens:
         """The normalized words [start, start + length) of one text, for evidence."""
         return " ".join(normalize(self.texts[doc] or "").split()[start : start + length])
 
+    def select(self, rows: np.ndarray, texts: pl.Series) -> Tokens:
+        """The tokens of some of the texts, in the order of `rows` (`texts` are those texts)."""
+        rows = np.asarray(rows, np.int64)
+        picked, counts = _expand(self.offsets[rows], self.offsets[rows + 1])
+        return Tokens(texts, self.hashes[picked], np.r_[0, np.cumsum(counts)].astype(np.int64))
+
+    def join(self, owner: np.ndarray, n: int, texts: pl.Series) -> Tokens:
+        """Runs of consecutive texts as one text each: text i belongs to owner[i] (sorted, < n).
+
+        Words never span two texts, so this equals tokenizing the texts joined by a newline.
+        """
+        counts = np.bincount(owner, weights=self.lengths(), minlength=n).astype(np.int64)
+        return Tokens(texts, self.hashes, np.r_[0, np.cumsum(counts)].astype(np.int64))
+
     def whole(self) -> np.ndarray:
         """Each text's hash of all its words (equal texts after normalizing have equal hashes)."""
         return hash_at(self.hashes, self.offsets[:-1], self.lengths())
@@ -308,9 +322,9 @@ class SpanIndex:
     text; `equal` reports training texts equal to a short item as a whole.
     """
 
-    def __init__(self, texts: Sequence[str] | pl.Series, n: int = 13) -> None:
+    def __init__(self, texts: Sequence[str] | pl.Series | Tokens, n: int = 13) -> None:
         self.n = n
-        self.tokens = tokenize(texts)
+        self.tokens = texts if isinstance(texts, Tokens) else tokenize(texts)
         lengths = self.lengths = self.tokens.lengths()
         starts, owners = _window_starts(self.tokens.offsets, n)
         grams = hash_at(self.tokens.hashes, starts, n)
