@@ -26,7 +26,7 @@ from curate.errors import RecipeError
 from curate.evalsets import EvalSet, load_eval_sets
 from curate.stages.base import Drop, TableStage, TableVerdicts, option, register
 from curate.text.conversation import conversation_text
-from curate.text.ngrams import SpanIndex, Tokens, tokenize
+from curate.text.ngrams import SpanIndex, Tokens, span, tokenize
 
 Method = Literal["exact", "ngram", "minhash", "embedding"]
 METHODS = ("exact", "ngram", "minhash", "embedding")
@@ -134,7 +134,7 @@ def exact_hits(index: SpanIndex, tokens: Tokens, records: RecordTokens, min_word
                 "pos": np.zeros(len(turn), np.int64),
                 "length": turn_tokens.lengths()[turn],
                 "score": np.ones(len(turn)),
-                "turn": [turn_tokens.span(t, 0, _SNIPPET) for t in turn.tolist()],
+                "turn": [span(records.turn_texts[t] or "", 0, _SNIPPET) for t in turn.tolist()],
             }
         )
         inside = pl.concat([inside, equal], how="vertical_relaxed")
@@ -146,6 +146,7 @@ class RecordTokens:
     record, its user turns joined, and each user turn on its own (for whole-turn equality)."""
 
     def __init__(self, table: pl.DataFrame) -> None:
+        self.table = table
         turns = (
             table.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("doc"), pl.col("messages"))
             .explode("messages")
@@ -157,10 +158,15 @@ class RecordTokens:
         docs = turns["doc"].to_numpy()
         every = tokenize(turns["content"])
         user = np.flatnonzero((turns["role"] == "user").to_numpy())
-        self.conversation = every.join(docs, table.height, conversation_text(table, "conversation"))
+        self.conversation = every.join(docs, table.height)
         self.turn_docs = docs[user]
-        self.user_turns = every.select(user, turns["content"].gather(user))
-        self.user = self.user_turns.join(self.turn_docs, table.height, conversation_text(table, "user"))
+        self.turn_texts = turns["content"].gather(user)
+        self.user_turns = every.select(user)
+        self.user = self.user_turns.join(self.turn_docs, table.height)
+
+    def texts(self, docs: np.ndarray | list[int], key: str) -> list[str]:
+        """The conversation or user text of some records (only flagged ones need their text)."""
+        return conversation_text(self.table[np.asarray(docs, np.int64)], key).to_list()
 
 
 def _ngram_hits(index: SpanIndex, tokens: Tokens, min_matches: int) -> pl.DataFrame:
@@ -169,7 +175,7 @@ def _ngram_hits(index: SpanIndex, tokens: Tokens, min_matches: int) -> pl.DataFr
     return _pick(hits.with_columns((pl.col("matches") / counts).alias("score")))
 
 
-def _minhash_hits(catalog: EvalCatalog, user: Tokens, cfg: DecontaminateConfig) -> pl.DataFrame:
+def _minhash_hits(catalog: EvalCatalog, records: RecordTokens, cfg: DecontaminateConfig) -> pl.DataFrame:
     """Near-duplicates of eval questions: estimated Jaccard of word-shingle MinHash signatures.
 
     Jaccard >= t needs at least t * |B| shingles shared with eval item B, so only pairs that share
@@ -179,18 +185,21 @@ def _minhash_hits(catalog: EvalCatalog, user: Tokens, cfg: DecontaminateConfig) 
     """
     from curate.text.minhash import jaccard_estimate, signatures
 
-    texts = user.texts
     index = SpanIndex(catalog.question_tokens(), cfg.minhash_ngram)
-    shared = index.ngram_hits(user)
+    shared = index.ngram_hits(records.user)
     need = 0.5 * cfg.minhash_threshold * index.ngram_counts[shared["item"].to_numpy()]
     cand = shared.filter(pl.Series(shared["matches"].to_numpy() >= need))
     docs, doc_row = np.unique(cand["doc"].to_numpy(), return_inverse=True)
     items, item_row = np.unique(cand["item"].to_numpy(), return_inverse=True)
     sig_kw = {"num_perm": cfg.minhash_num_perm, "ngram": cfg.minhash_ngram, "unit": "word", "seed": 1}
-    rec_sigs = signatures(texts.gather(docs), **sig_kw)
+    texts = records.texts(docs, "user")
+    rec_sigs = signatures(texts, **sig_kw)
     eval_sigs = signatures([catalog.questions[i] for i in items.tolist()], **sig_kw)
     score = jaccard_estimate(rec_sigs[doc_row], eval_sigs[item_row]) if cand.height else np.zeros(0)
-    hits = cand.select("doc", "item").with_columns(pl.Series("score", np.asarray(score, np.float64)))
+    hits = cand.select("doc", "item").with_columns(
+        pl.Series("score", np.asarray(score, np.float64)),
+        pl.Series("match", [texts[r] for r in doc_row.tolist()], dtype=pl.String),
+    )
     return _pick(hits.filter(pl.col("score") >= cfg.minhash_threshold))
 
 
@@ -205,6 +214,7 @@ def _views(question: str) -> list[str]:
 
 
 def _embedding_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateConfig, ctx) -> pl.DataFrame:
+    """Paraphrases of eval questions: best cosine of each record's user text over all question views."""
     from curate.embed import Embedder
 
     embedder = Embedder(
@@ -230,7 +240,12 @@ def _embedding_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateCo
     keep = best_score >= cfg.embedding_threshold
     view_item = np.asarray(view_item, np.int64)
     return pl.DataFrame(
-        {"doc": docs[keep], "item": view_item[best_view[keep]], "score": best_score[keep].astype(np.float64)}
+        {
+            "doc": docs[keep],
+            "item": view_item[best_view[keep]],
+            "score": best_score[keep].astype(np.float64),
+            "match": texts.gather(docs[keep]),
+        }
     )
 
 
@@ -262,15 +277,18 @@ class DecontaminateStage(TableStage):
         cfg, catalog = self.config, self.catalog
         found: dict[str, pl.DataFrame] = {}
         records = RecordTokens(table)
-        prompts = records.user.texts
+        key = "user" if cfg.user_turns_only else "conversation"
         if "exact" in cfg.methods or "ngram" in cfg.methods:
             tokens = records.user if cfg.user_turns_only else records.conversation
             index = SpanIndex(catalog.question_tokens(), cfg.ngram)
             if "exact" in cfg.methods:
                 hits = exact_hits(index, tokens, records, cfg.exact_min_words)
+                texts = records.texts(hits["doc"], key)
                 spans = [
-                    turn if turn is not None else tokens.span(d, p, n)
-                    for d, p, n, turn in hits.select("doc", "pos", "length", "turn").rows()
+                    turn if turn is not None else span(text, p, n)
+                    for text, (p, n, turn) in zip(
+                        texts, hits.select("pos", "length", "turn").rows(), strict=True
+                    )
                 ]
                 found["exact"] = hits.with_columns(pl.Series("match", spans, dtype=pl.String))
             if "ngram" in cfg.methods:
@@ -287,19 +305,21 @@ class DecontaminateStage(TableStage):
                         )
                     )
                 hits = _pick(pl.concat(parts, how="vertical_relaxed"))
-                spans = [tokens.span(d, p, cfg.ngram) for d, p in hits.select("doc", "pos").rows()]
+                texts = records.texts(hits["doc"], key)
+                spans = [span(text, p, cfg.ngram) for text, p in zip(texts, hits["pos"], strict=True)]
                 found["ngram"] = hits.with_columns(pl.Series("match", spans, dtype=pl.String))
         if "minhash" in cfg.methods:
-            found["minhash"] = _minhash_hits(catalog, records.user, cfg)
+            found["minhash"] = _minhash_hits(catalog, records, cfg)
         if "embedding" in cfg.methods:
+            prompts = conversation_text(table, "user")
             found["embedding"] = _embedding_hits(catalog, prompts, cfg, self.context)
-        verdicts = _verdicts(table.height, found, catalog, prompts)
+        verdicts = _verdicts(table.height, found, catalog)
         if "embedding" not in cfg.methods:
             self.context.advance(table.height)
         return TableVerdicts(verdicts)
 
 
-def _verdicts(n: int, found: dict[str, pl.DataFrame], catalog: EvalCatalog, prompts: pl.Series) -> list:
+def _verdicts(n: int, found: dict[str, pl.DataFrame], catalog: EvalCatalog) -> list:
     """One Drop per flagged record: the first method in METHODS order that fired leads the evidence."""
     per_doc: dict[int, list[dict]] = {}
     for method in METHODS:
@@ -308,11 +328,10 @@ def _verdicts(n: int, found: dict[str, pl.DataFrame], catalog: EvalCatalog, prom
             continue
         for row in hits.iter_rows(named=True):
             doc, item = row["doc"], row["item"]
-            match = row.get("match") or prompts[doc]
             extra = {}
             if method == "ngram":
                 extra = {"matches": int(row["matches"]), "part": row["part"]}
-            hit = catalog.hit(item, method, row["score"], match, **extra)
+            hit = catalog.hit(item, method, row["score"], row["match"] or "", **extra)
             if method in ("minhash", "embedding"):
                 hit["eval_text"] = catalog.questions[item][:_SNIPPET]
             per_doc.setdefault(doc, []).append(hit)

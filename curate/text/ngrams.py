@@ -52,6 +52,11 @@ def normalize(text: str) -> str:
     return " ".join(text.translate(_translation()).split())
 
 
+def span(text: str, start: int, length: int) -> str:
+    """The normalized words [start, start + length) of a text: the evidence for a match there."""
+    return " ".join(normalize(text).split()[start : start + length])
+
+
 @functools.lru_cache(maxsize=1)
 def _tables() -> tuple[np.ndarray, np.ndarray]:
     """(lowercase code point, KEEP/DROP/SPACE) for every code point below _TABLE_SIZE."""
@@ -145,7 +150,6 @@ def _hash_words(data, offsets, lower, kind, chunks, starts, out):
 class Tokens:
     """Normalized texts as word hashes laid end to end, with each text's start offset."""
 
-    texts: pl.Series  # the texts themselves, to show a matched span as evidence
     hashes: np.ndarray  # uint64 hash of each word, all texts concatenated
     offsets: np.ndarray  # int64, len(texts) + 1
 
@@ -155,23 +159,19 @@ class Tokens:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def span(self, doc: int, start: int, length: int) -> str:
-        """The normalized words [start, start + length) of one text, for evidence."""
-        return " ".join(normalize(self.texts[doc] or "").split()[start : start + length])
-
-    def select(self, rows: np.ndarray, texts: pl.Series) -> Tokens:
-        """The tokens of some of the texts, in the order of `rows` (`texts` are those texts)."""
+    def select(self, rows: np.ndarray) -> Tokens:
+        """The tokens of some of the texts, in the order of `rows`."""
         rows = np.asarray(rows, np.int64)
         picked, counts = _expand(self.offsets[rows], self.offsets[rows + 1])
-        return Tokens(texts, self.hashes[picked], np.r_[0, np.cumsum(counts)].astype(np.int64))
+        return Tokens(self.hashes[picked], np.r_[0, np.cumsum(counts)].astype(np.int64))
 
-    def join(self, owner: np.ndarray, n: int, texts: pl.Series) -> Tokens:
+    def join(self, owner: np.ndarray, n: int) -> Tokens:
         """Runs of consecutive texts as one text each: text i belongs to owner[i] (sorted, < n).
 
         Words never span two texts, so this equals tokenizing the texts joined by a newline.
         """
         counts = np.bincount(owner, weights=self.lengths(), minlength=n).astype(np.int64)
-        return Tokens(texts, self.hashes, np.r_[0, np.cumsum(counts)].astype(np.int64))
+        return Tokens(self.hashes, np.r_[0, np.cumsum(counts)].astype(np.int64))
 
     def whole(self) -> np.ndarray:
         """Each text's hash of all its words (equal texts after normalizing have equal hashes)."""
@@ -193,7 +193,7 @@ def tokenize(texts: Sequence[str] | pl.Series) -> Tokens:
     hashes = np.empty(int(starts[-1]), np.uint64)
     if n:
         _hash_words(data, offsets, lower, kind, chunks, starts, hashes)
-    return Tokens(series, hashes, starts)
+    return Tokens(hashes, starts)
 
 
 @numba.njit(parallel=True, cache=True)
