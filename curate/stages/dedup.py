@@ -20,7 +20,7 @@ from curate.errors import CurateError
 from curate.stages.base import Drop, TableStage, TableVerdicts, option, register
 from curate.text import lsh
 from curate.text.conversation import conversation_text
-from curate.text.minhash import empty_value, jaccard_estimate, signatures
+from curate.text.minhash import dtype_of, empty_value, jaccard_estimate, signatures
 from curate.text.shingles import content_keys, shingle_hash_sets
 
 _SCOPES = {"all": lsh.SCOPE_ALL, "within_source": lsh.SCOPE_WITHIN, "across_sources": lsh.SCOPE_ACROSS}
@@ -226,7 +226,7 @@ class DedupStage(TableStage):
 
     def _signatures(self, text: pl.Series, mh: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
         """Signatures of the texts and which of them have shingles (an empty signature matches nothing)."""
-        sigs = np.empty((text.len(), mh.num_perm), dtype=np.uint32 if mh.scheme == "affine32" else np.uint64)
+        sigs = np.empty((text.len(), mh.num_perm), dtype=dtype_of(mh.scheme))
         for start in range(0, text.len(), _BATCH):
             sigs[start : start + _BATCH] = signatures(
                 text.slice(start, _BATCH), mh.num_perm, mh.ngram, mh.unit, mh.seed, mh.lowercase, mh.scheme

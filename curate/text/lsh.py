@@ -1,9 +1,11 @@
-"""MinHash LSH for whole tables: bands from the threshold as datasketch picks them, candidate pairs, clusters.
+"""MinHash LSH for whole tables: bands from the threshold as datasketch picks them, buckets, clusters.
 
 datasketch's `MinHashLSH` puts a record in one bucket per band (a run of `rows` signature values)
-and calls two records candidates when any band is equal. Here every band's buckets are found at
-once by sorting the band hashes, and each bucket links its members to its first record (lowest
-row), which gives the same clusters as linking every pair, in linear rather than quadratic pairs.
+and calls two records candidates when any band is equal. Here all bands are hashed at once and
+sorted, so each bucket is a run of equal keys. Unchecked, a bucket links its members to its first
+row (the same clusters as every pair, in linear size); checked, every pair of a bucket is compared
+unless union-find already joined it, which gives exactly the clusters of checking every candidate
+pair a `MinHashLSH` query returns.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How text becomes shingles: defined once in plain Python, computed by compiled kernels that match it.
+"""How text becomes shingles (and exact-dedup keys): defined in plain Python, computed by matching kernels.
 
 The definition (what `shingles(text)` returns; `lowercase=False` skips `.lower()`):
 
