@@ -227,3 +227,14 @@ def test_recipe_options_validate() -> None:
         build_config(DedupStage.Config, {"minhash": {"bands": 20, "rows": 10}}, "d")
     with pytest.raises(RecipeError, match="scope"):
         build_config(DedupStage.Config, {"scope": "everywhere"}, "d")
+
+
+def test_tiny_and_empty_inputs(tmp_path: Path) -> None:
+    one = [_conv("Only one record here, nothing to compare.", "Fine.", "a", 0)]
+    assert _run(one, tmp_path, minhash=True) == [None]
+    blank = [_conv("", "", "a", i) for i in range(3)]  # no text to compare: never judged here
+    assert _run(blank, tmp_path, minhash=True) == [None, None, None]
+    punct = [_conv("?!", "...", "a", i) for i in range(2)]  # text without words: exact copies only
+    verdicts = _run(punct, tmp_path, minhash=True)
+    assert verdicts[0] is None and verdicts[1].reason == "exact_duplicate"
+    assert _run(punct, tmp_path, exact=False, minhash=True) == [None, None]

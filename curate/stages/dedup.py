@@ -158,7 +158,7 @@ class DedupStage(TableStage):
         self.rank = _keep_rank(table, cfg.keep, cfg.score_column)
         self.groups = _source_groups(table)
         self.where = _source_refs(table)
-        self.alive = (self.text.str.len_bytes() > 0).to_numpy().copy()
+        self.alive = self.text.str.contains(r"\S").fill_null(False).to_numpy().copy()
         if cfg.reference is not None:
             self._against_reference()
         if cfg.exact:
@@ -304,7 +304,7 @@ class DedupStage(TableStage):
             )
         ref = pl.read_parquet(found, columns=["id", "messages", "source"])
         text = conversation_text(ref, self.config.key)
-        present = (text.str.len_bytes() > 0).to_numpy()
+        present = text.str.contains(r"\S").fill_null(False).to_numpy()
         return text.filter(present), ref["id"].to_numpy()[present], _source_refs(ref)[present]
 
     def _against_reference(self) -> None:
