@@ -167,16 +167,17 @@ def test_scopes(tmp_path: Path) -> None:
         _conv(text, "Moon on still water.", "b", 0),  # a copy in source b
         _conv("Something else entirely, about trains.", "Trains run.", "b", 1),
     ]
-    dropped = {scope: [v is not None for v in _run(records, tmp_path, scope=scope)] for scope in ("all",)}
-    dropped["within_source"] = [v is not None for v in _run(records, tmp_path, scope="within_source")]
-    dropped["across_sources"] = [v is not None for v in _run(records, tmp_path, scope="across_sources")]
+    scopes = ("all", "within_source", "across_sources")
+    dropped = {scope: [v is not None for v in _run(records, tmp_path, scope=scope)] for scope in scopes}
     assert dropped == {
         "all": [False, True, True, False],
         "within_source": [False, True, False, False],
         "across_sources": [False, False, True, False],
     }
-    near = _run(records, tmp_path, exact=False, minhash=True, scope="across_sources")
-    assert [v is not None for v in near] == [False, False, True, False]
+    for scope, expected in dropped.items():
+        near = _run(records, tmp_path, exact=False, minhash=True, scope=scope)
+        assert [v is not None for v in near] == expected, scope
+        assert all(v.reason == "near_duplicate" for v in near if v is not None)
 
 
 def test_reference_version_drops_what_it_already_holds(
