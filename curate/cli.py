@@ -231,5 +231,151 @@ def formats(target: Path, fmt: str, as_json: bool) -> None:
     out.print(f"{len(rows)} file(s), {total:,} records, {sum(r['quarantined'] for r in rows):,} quarantined")
 
 
+@main.command("decontam-report")
+@click.argument("version", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_friendly_errors
+def decontam_report(version: Path, as_json: bool) -> None:
+    """Per eval set of a VERSION: how many of its items the training data contained, found by which method."""
+    from curate.report.decontam import decontam_report as build
+    from curate.report.decontam import render
+    from curate.versions import resolve_version
+
+    report = build(resolve_version(version))
+    if as_json:
+        _print_json(report)
+    else:
+        render(report, out)
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict:
+    """`--set key=value` pairs; values are read as YAML, so numbers and booleans keep their type."""
+    import yaml
+
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--set")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 2e-4 as text; a learning rate is a number
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        result[key.strip()] = parsed
+    return result
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset version to train on (a version folder, or an output dir for its latest).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/train"),
+    show_default=True,
+    help="Where adapter/, metrics.json and loss.png go.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a training recipe key, e.g. --set max_steps=20 --set lora.r=8 (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout.")
+@_friendly_errors
+def train(recipe: Path, data: Path, out_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Fine-tune a base model on a dataset version with QLoRA (train/*.yaml), then run the eval gates.
+
+    \b
+    curate train train/tiny-cpu.yaml --data runs/demo              # CPU, tiny model, minutes
+    curate train train/qlora-default.yaml --data runs/sft-mix      # 7-8B on one 24 GB GPU
+    """
+    from curate.train import run_training
+    from curate.versions import resolve_version
+
+    metrics = run_training(recipe, resolve_version(data), out_dir, _overrides(overrides))
+    if as_json:
+        _print_json(metrics)
+        return
+    out.print(f"adapter and metrics in {out_dir}")
+    if metrics.get("gates"):
+        _print_gates(metrics["gates"])
+
+
+@main.command("eval")
+@click.option(
+    "--adapter",
+    "adapter",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Adapter folder written by `curate train`.",
+)
+@click.option(
+    "--recipe",
+    "recipe",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Training recipe whose gate thresholds to use (default: the one it was trained with).",
+)
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset version for the held-out split (default: the one it was trained on).",
+)
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Write gates.json here."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the gate report as JSON.")
+@_friendly_errors
+def evaluate(
+    adapter: Path, recipe: Path | None, data: Path | None, out_dir: Path | None, as_json: bool
+) -> None:
+    """Run the evaluation gates on an adapter, each figure beside the base model's; exit 1 if a gate fails."""
+    from curate.train import run_eval
+    from curate.versions import resolve_version
+
+    report = run_eval(recipe, adapter, resolve_version(data) if data else None, out_dir)
+    if as_json:
+        _print_json(report)
+    else:
+        _print_gates(report)
+    if report.get("passed") is False:
+        sys.exit(1)
+
+
+def _print_gates(report: dict) -> None:
+    table = Table(show_edge=False, header_style="bold", title="evaluation gates")
+    for col in ("gate", "tuned", "base model", "threshold", "result"):
+        table.add_column(col, justify="left" if col in ("gate", "result") else "right")
+
+    def fmt(x) -> str:
+        return "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
+
+    for g in report.get("gates", []):
+        result = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]n/a[/dim]"}[
+            g.get("passed")
+        ]
+        table.add_row(g["name"], fmt(g.get("value")), fmt(g.get("base")), fmt(g.get("threshold")), result)
+    out.print(table)
+    verdict = report.get("passed")
+    out.print(
+        "[green]all gates pass[/green]"
+        if verdict
+        else "[red]some gates fail[/red]"
+        if verdict is False
+        else ""
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -77,3 +77,26 @@ def test_formats_reports_counts_without_running(tmp_path: Path):
         ("data/alpaca.jsonl", 5, 1),
         ("data/chats.jsonl", 1, 0),
     ]
+
+
+def test_decontam_report_on_the_demo(tmp_path: Path):
+    from tests.conftest import REPO
+
+    assert (
+        invoke("run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(tmp_path), "--json").exit_code == 0
+    )
+    report = json.loads(invoke("decontam-report", str(tmp_path), "--json").output)
+    (demo_eval,) = report["eval_sets"]
+    assert (demo_eval["name"], demo_eval["items"], demo_eval["items_found"]) == ("demo_eval", 25, 1)
+    assert demo_eval["by_method"]["exact"] == 1 and demo_eval["by_method"]["ngram"] == 1
+
+
+def test_train_overrides_are_typed():
+    from curate.cli import _overrides
+
+    assert _overrides(("max_steps=20", "lora.r=8", "packing=true", "lr=2e-4")) == {
+        "max_steps": 20,
+        "lora.r": 8,
+        "packing": True,
+        "lr": 2e-4,
+    }
