@@ -247,6 +247,13 @@ def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, cac
         and e["match"] == texts[hit[0]]
     )
 
+    # the vectors are cached on disk: a second embedder over the same cache loads no model at all
+    from curate.embed import Embedder
+
+    again = Embedder(cache_dir=cache, max_seq_length=128)
+    assert again.encode(texts[:5]).shape == (5, 384)
+    assert (again.encoded, again._model) == (0, None)
+
     # every 250th record of raw/ (343 of 85,669, all shapes): paraphrase hits against MMLU are rare
     sample = read(shared_data, "raw").gather_every(250)
     raw_verdicts = run(sample, MMLU_SETS, shared_data, cache, methods=["embedding"])

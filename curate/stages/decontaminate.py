@@ -229,8 +229,10 @@ def _embedding_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateCo
             view_item.append(item)
             view_text.append(view)
     eval_vecs = embedder.encode(view_text)
+    before = embedder.encoded
     docs = np.flatnonzero(texts.str.strip_chars().str.len_chars().to_numpy() > 0)
     rec_vecs = embedder.encode(texts.gather(docs).to_list(), progress=ctx.advance)
+    ctx.advance(len(texts) - (embedder.encoded - before))  # records read from the cache or without text
     best_score = np.full(len(docs), -1.0, np.float32)
     best_view = np.zeros(len(docs), np.int64)
     for start in range(0, len(docs), 4096):
