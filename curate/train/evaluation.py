@@ -27,7 +27,7 @@ def run_eval(
     out_dir: str | Path | None = None,
 ) -> dict:
     """Gates for an adapter; the held-out split comes from `data_version` (default: the one it trained on)."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from curate.train import gates
@@ -62,8 +62,6 @@ def run_eval(
     if not held:
         raise CurateError("the held-out split of this version is empty", hint="pass a larger --data version")
     base = load_model(stored["base_model"], recipe, tokenizer)
-    if recipe.load_in_4bit:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = PeftModel.from_pretrained(base, adapter)
     if recipe.load_in_4bit:
         _adapter_dtype_as_trained(model)
@@ -77,9 +75,8 @@ def run_eval(
 
 
 def _adapter_dtype_as_trained(model) -> None:
-    # Training ran on a model prepared for k-bit training (norms and embeddings in fp32) with the adapter
-    # in bf16, as TRL does for QLoRA; peft loads adapters in fp32. Matching the trained numerics makes
-    # the gates here reproduce the ones written at the end of training.
+    # TRL trains QLoRA adapters in bf16 (the QLoRA paper's recipe); peft loads them back in fp32.
+    # Matching the trained numerics makes the gates here reproduce the ones written after training.
     import torch
 
     for name, param in model.named_parameters():

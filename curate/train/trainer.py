@@ -79,7 +79,6 @@ def run_training(
 ) -> dict:
     """Train a QLoRA adapter on a version; returns metrics.json's content (gates included)."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -137,12 +136,11 @@ def run_training(
         if rows:
             eval_data[name] = _dataset(rows)
 
+    # TRL wraps the model with the adapter, enables checkpointing and keeps the adapter in bf16 for
+    # QLoRA; peft's prepare_model_for_kbit_training is not used, since its fp32 copies of the
+    # embeddings and LM head cost a fifth of the throughput on the H200 (bench/results/train_gpu.md).
     model = load_model(base.model_path, recipe, tokenizer)
-    if recipe.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.gradient_checkpointing
-        )
-    model = get_peft_model(model, lora_config(recipe, model, tokenizer, added))
+    peft_config = lora_config(recipe, model, tokenizer, added)
 
     train_tokens = sum(len(r["input_ids"]) for r in train_rows)
     epochs = recipe.num_epochs
@@ -190,24 +188,27 @@ def run_training(
         pad_token=tokenizer.pad_token,
     )
     log = RunLog(recipe.max_tokens)
-    trainer_cls = _model_loss_trainer(SFTTrainer) if added else SFTTrainer
+    trainer_cls = _trainer_class(SFTTrainer, model_loss=bool(added))
     trainer = trainer_cls(
         model=model,
+        peft_config=peft_config,
         args=config,
         train_dataset=_dataset(train_rows),
         eval_dataset=eval_data,
         processing_class=tokenizer,
         callbacks=[log],
     )
+    model = trainer.model
     before = trainer.evaluate()
     progress = _rich_progress()
     if progress is not None:
         trainer.add_callback(progress)  # it draws bars only between train begin and end
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    trainer.eval_seconds = 0.0
     t0 = time.perf_counter()
     result = trainer.train()
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 - trainer.eval_seconds  # periodic evals are not training
     memory = peak_memory()
     if progress is not None:
         trainer.remove_callback(progress)
@@ -249,6 +250,7 @@ def run_training(
         "tokens_seen": tokens,
         "trained_label_tokens_per_epoch": trained_labels,
         "train_seconds": train_seconds,
+        "periodic_eval_seconds": trainer.eval_seconds,
         "tokens_per_second": tokens / train_seconds if train_seconds else None,
         "train_loss_mean": result.training_loss,
         "eval_loss_before": {k[5:-5]: v for k, v in before.items() if k.endswith("_loss")},
@@ -276,17 +278,29 @@ def _rich_progress() -> type | None:
     return RichProgressCallback
 
 
-def _model_loss_trainer(base: type) -> type:
-    """SFTTrainer scoring with the model's own loss. TRL's fused LM head reads `lm_head.weight` directly,
-    which would skip the trained rows of tokens added for the template."""
+def _trainer_class(base: type, model_loss: bool) -> type:
+    """SFTTrainer that times its evaluations (so tokens/s counts training alone) and, when tokens were
+    added for the template, scores with the model's own loss: TRL's fused LM head reads
+    `lm_head.weight` directly and would skip the trained rows of the added tokens."""
     from transformers import Trainer
 
-    class ModelLossSFTTrainer(base):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+    class CurateSFTTrainer(base):
+        eval_seconds = 0.0
 
-    return ModelLossSFTTrainer
+        def evaluate(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.eval_seconds += time.perf_counter() - t0
+
+        if model_loss:
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                inputs["use_cache"] = False
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return CurateSFTTrainer
 
 
 def _write_merged(model_path: str, recipe: TrainRecipe, tokenizer: Any, out: Path) -> None:
