@@ -226,10 +226,10 @@ def lsh_clusters(
     )
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _pair_estimates(sigs, left, right, out):
     num_perm = sigs.shape[1]
-    for p in numba.prange(left.size):
+    for p in range(left.size):
         same = 0
         for q in range(num_perm):
             same += sigs[left[p], q] == sigs[right[p], q]
@@ -291,9 +291,9 @@ def _set_jaccard(offsets, hashes, i, j):
     return common / union if union else 1.0
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _pair_exact(offsets, hashes, left, right, out):
-    for p in numba.prange(left.size):
+    for p in range(left.size):
         out[p] = _set_jaccard(offsets, hashes, left[p], right[p])
 
 
