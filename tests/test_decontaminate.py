@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import http.server
 import json
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +261,81 @@ def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, cac
     raw_verdicts = run(sample, MMLU_SETS, shared_data, cache, methods=["embedding"])
     assert sample.height == 343
     assert len(flagged(raw_verdicts)) == 0 <= 0.01 * sample.height
+
+
+class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint: says yes when the training example mentions Oregon."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+        )
+        example = body["messages"][-1]["content"].split("Training example:")[1]
+        reply = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "Yes" if "Oregon" in example else "No."},
+                }
+            ],
+            "usage": {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
+        }
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_judge_confirms_embedding_candidates_once(shared_data, cache, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CURATE_TEST_JUDGE_KEY", "sk-test-secret-123")
+    _FakeOpenAI.requests = []
+    texts = [
+        "How did the United States acquire the Oregon Territory? ",  # rephrased MMLU history item 0
+        "Which legislative act is the clearest illustration of nativism?",  # rephrased item 3
+        "Write a haiku about autumn leaves.",
+    ]
+    options = {
+        "methods": ["embedding"],
+        "judge": True,
+        "judge_model": "judge-1",
+        "judge_base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+        "judge_api_key_env": "CURATE_TEST_JUDGE_KEY",
+    }
+    try:
+        verdicts = run(prompts(texts), MMLU_SETS[2:], shared_data, cache, **options)
+        sent = len(_FakeOpenAI.requests)
+        again = run(prompts(texts), MMLU_SETS[2:], shared_data, cache, **options)
+    finally:
+        server.shutdown()
+    assert sent == 2  # the two history questions passed the candidate bar; the haiku did not
+    assert len(_FakeOpenAI.requests) == sent  # the rerun was answered from the request cache
+    assert _FakeOpenAI.requests[0]["path"] == "/v1/chat/completions"
+    assert _FakeOpenAI.requests[0]["auth"] == "Bearer sk-test-secret-123"
+    assert flagged(verdicts) == flagged(again) == [0]
+    e = verdicts[0].evidence
+    assert (e["eval_set"], e["eval_id"], e["method"], e["judge"]) == (
+        "mmlu_high_school_us_history",
+        "0",
+        "embedding",
+        "judge-1",
+    )
+    stored = b"".join(p.read_bytes() for p in cache.rglob("*.sqlite"))
+    assert b"sk-test-secret-123" not in stored and b"Oregon" in stored
 
 
 # evidence, refusal, report ---------------------------------------------------------------------

@@ -66,6 +66,22 @@ class DecontaminateConfig:
     )
     embedding_max_tokens: int = option(128, help="Tokens of each text the embedding model reads.")
     embedding_batch_size: int = option(64, help="Texts per embedding batch.")
+    judge: bool = option(
+        False,
+        help="Ask an LLM whether each embedding candidate restates its eval question (as LMSYS's "
+        "llm-decontaminator does); only confirmed candidates are dropped.",
+    )
+    judge_candidates: float = option(0.5, help="Cosine from which an embedding match goes to the judge.")
+    judge_provider: Literal["openai", "anthropic"] = option(
+        "openai", help="openai (or compatible) or anthropic."
+    )
+    judge_model: str = option("", help="The judge's model name, e.g. gpt-4o-mini.")
+    judge_base_url: str = option(
+        "", help="An OpenAI-compatible endpoint (vLLM, Ollama, ...); empty: the provider's."
+    )
+    judge_api_key_env: str = option(
+        "", help="Environment variable holding the API key; empty: OPENAI_API_KEY or ANTHROPIC_API_KEY."
+    )
 
     def check(self) -> None:
         if not self.methods:
@@ -75,7 +91,9 @@ class DecontaminateConfig:
         for name in ("exact_min_words", "ngram", "ngram_min_matches", "minhash_num_perm", "minhash_ngram"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("minhash_threshold", "embedding_threshold"):
+        if self.judge and ("embedding" not in self.methods or not self.judge_model):
+            raise ValueError("judge needs the embedding method and a judge_model")
+        for name in ("minhash_threshold", "embedding_threshold", "judge_candidates"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1]")
 
@@ -239,15 +257,50 @@ def _embedding_hits(catalog: EvalCatalog, texts: pl.Series, cfg: DecontaminateCo
         sims = rec_vecs[start : start + 4096] @ eval_vecs.T
         best_view[start : start + 4096] = sims.argmax(axis=1)
         best_score[start : start + 4096] = sims.max(axis=1)
-    keep = best_score >= cfg.embedding_threshold
     view_item = np.asarray(view_item, np.int64)
-    return pl.DataFrame(
+    hits = pl.DataFrame(
         {
-            "doc": docs[keep],
-            "item": view_item[best_view[keep]],
-            "score": best_score[keep].astype(np.float64),
-            "match": texts.gather(docs[keep]),
+            "doc": docs,
+            "item": view_item[best_view],
+            "score": best_score.astype(np.float64),
+            "match": texts.gather(docs),
         }
+    )
+    if not cfg.judge:
+        return hits.filter(pl.col("score") >= cfg.embedding_threshold)
+    return _judged(hits.filter(pl.col("score") >= cfg.judge_candidates), catalog, cfg, ctx)
+
+
+_JUDGE_SYSTEM = "You check training data for benchmark contamination. Answer with one word: yes or no."
+_JUDGE_ASK = (
+    "Benchmark question:\n{question}\n\nTraining example:\n{example}\n\n"
+    "Does the training example pose the same question as the benchmark question, possibly reworded, "
+    "translated or reformatted, so that a model trained on it would have seen the benchmark item? "
+    "Answer yes or no."
+)
+
+
+def _judged(candidates: pl.DataFrame, catalog: EvalCatalog, cfg: DecontaminateConfig, ctx) -> pl.DataFrame:
+    """The candidates an LLM confirms as restating their eval question (each request cached on disk)."""
+    from curate.llm import LLMClient
+
+    client = LLMClient(
+        cfg.judge_provider,
+        cfg.judge_model,
+        ctx.cache_dir,
+        base_url=cfg.judge_base_url,
+        api_key_env=cfg.judge_api_key_env,
+        max_tokens=4,
+    )
+    verdicts = []
+    for item, example in candidates.select("item", "match").rows():
+        ask = _JUDGE_ASK.format(question=catalog.questions[item][:4000], example=(example or "")[:4000])
+        reply = client.complete(
+            [{"role": "system", "content": _JUDGE_SYSTEM}, {"role": "user", "content": ask}]
+        )
+        verdicts.append(reply.strip().lower().startswith("yes"))
+    return candidates.filter(pl.Series(verdicts, dtype=pl.Boolean)).with_columns(
+        pl.lit(cfg.judge_model).alias("judge")
     )
 
 
@@ -336,6 +389,8 @@ def _verdicts(n: int, found: dict[str, pl.DataFrame], catalog: EvalCatalog) -> l
             hit = catalog.hit(item, method, row["score"], row["match"] or "", **extra)
             if method in ("minhash", "embedding"):
                 hit["eval_text"] = catalog.questions[item][:_SNIPPET]
+            if row.get("judge"):
+                hit["judge"] = row["judge"]
             per_doc.setdefault(doc, []).append(hit)
     verdicts: list = [None] * n
     for doc, hits in per_doc.items():
