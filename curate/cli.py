@@ -65,10 +65,16 @@ def main() -> None:
     help="Output folder (default: the recipe's output.dir, else runs/<name> beside the recipe).",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Processes for reading files and row stages (default: CURATE_WORKERS or every core). "
+    "The result does not depend on it.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout; no progress bars."
 )
 @_friendly_errors
-def run(recipe: Path, out_dir: Path | None, as_json: bool) -> None:
+def run(recipe: Path, out_dir: Path | None, workers: int | None, as_json: bool) -> None:
     """Run RECIPE and write a new dataset version.
 
     Stages whose inputs, options and code did not change since an earlier run are taken from
@@ -80,7 +86,7 @@ def run(recipe: Path, out_dir: Path | None, as_json: bool) -> None:
 
     loaded = load_recipe(recipe)
     with Progress(enabled=not as_json) as progress:
-        folder, manifest = run_recipe(loaded, out_dir, progress)
+        folder, manifest = run_recipe(loaded, out_dir, progress, workers)
     if as_json:
         _print_json({**manifest, "path": str(folder)})
         return

@@ -17,10 +17,9 @@ def manifest_counts(shared_data: Path) -> dict[str, int]:
     return {r["local_path"]: int(r["records"]) for r in rows if r["local_path"].startswith("raw/")}
 
 
-@pytest.fixture(scope="module")
-def raw_version(shared_data: Path, tmp_path_factory):
+def raw_recipe(shared_data: Path):
     raw = shared_data / "raw"
-    recipe = recipe_from_dict(
+    return recipe_from_dict(
         {
             "name": "all-raw",
             "inputs": [{"path": str(p)} for p in sorted(raw.iterdir())],
@@ -28,7 +27,11 @@ def raw_version(shared_data: Path, tmp_path_factory):
         },
         base_dir=shared_data,
     )
-    return run_recipe(recipe, tmp_path_factory.mktemp("raw") / "out")
+
+
+@pytest.fixture(scope="module")
+def raw_version(shared_data: Path, tmp_path_factory):
+    return run_recipe(raw_recipe(shared_data), tmp_path_factory.mktemp("raw") / "out", workers=2)
 
 
 def test_every_raw_file_converts_with_exact_counts(raw_version, shared_data: Path):
@@ -56,3 +59,11 @@ def test_only_the_invalid_json_lines_are_quarantined(raw_version):
     c = manifest["counts"]
     assert c["input"] == c["kept"] + c["dropped"] + c["quarantined"] - c["synthetic"]
     assert c["kept"] + c["dropped"] == 85_669
+
+
+def test_one_worker_gives_byte_identical_output(raw_version, shared_data: Path, tmp_path):
+    parallel_folder, parallel = raw_version
+    serial_folder, serial = run_recipe(raw_recipe(shared_data), tmp_path / "out", workers=1)
+    assert serial["version"] == parallel["version"]
+    for name in ("data.parquet", "dropped.parquet", "edits.parquet", "train.jsonl", "quarantine.jsonl"):
+        assert (serial_folder / name).read_bytes() == (parallel_folder / name).read_bytes(), name

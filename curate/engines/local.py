@@ -1,0 +1,157 @@
+"""The local engine: reads input files and runs row stages on every core, with the result of one process.
+
+Work is cut into ordered tasks (an input file, or a slice of rows) and results come back in task
+order, so the output never depends on the number of workers. Workers are spawned processes (polars
+and numba keep thread pools that must not be forked); small work stays in this process, where
+starting workers would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from curate.edits import EDITS_SCHEMA, edit_entry
+from curate.errors import CurateError
+from curate.records import RECORD_SCHEMA, to_table
+
+# Below these sizes one process is faster than starting workers.
+PARALLEL_MIN_ROWS = 20_000
+PARALLEL_MIN_BYTES = 16 << 20
+ROW_CHUNK = 8192
+
+
+def default_workers() -> int:
+    """CURATE_WORKERS if set, else every core."""
+    return max(1, int(os.environ.get("CURATE_WORKERS") or os.cpu_count() or 1))
+
+
+class LocalEngine:
+    """Ordered map over worker processes; `with LocalEngine() as engine:` shuts them down after."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or default_workers()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        _STAGES.clear()
+
+    def map(self, fn: Callable, tasks: list[tuple], parallel: bool) -> Iterator[Any]:
+        """fn(*task) for every task, results in task order; in workers only when `parallel` pays off."""
+        if not parallel or self.workers == 1 or len(tasks) < 2:
+            for task in tasks:
+                yield fn(*task)
+            return
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+        try:
+            yield from self._pool.map(fn, *zip(*tasks, strict=True))
+        except BrokenProcessPool:
+            raise CurateError(
+                "a worker process died before finishing its part",
+                hint="a script that runs curate must guard its code with `if __name__ == '__main__':` "
+                "(workers re-import it); or run with --workers 1 / CURATE_WORKERS=1",
+            ) from None
+
+
+# ingest -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestResult:
+    """One input file (or hf: dataset) read: its records as Arrow, its quarantine, per-file counts."""
+
+    table: pa.Table
+    quarantined: list[dict]
+    files: list[dict]
+
+
+def ingest_task(spec: Any, base_dir: Path) -> IngestResult:
+    from curate.formats import read_input
+
+    tables, quarantined, files = [], [], {}
+    for batch in read_input(spec, base_dir):
+        entry = files.setdefault(
+            batch.path, {"path": batch.path, "format": batch.format, "records": 0, "quarantined": 0}
+        )
+        entry["records"] += len(batch.records)
+        entry["quarantined"] += len(batch.quarantined)
+        if batch.records:
+            tables.append(to_table(batch.records))
+        quarantined.extend(batch.quarantined)
+    table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+    return IngestResult(table, quarantined, list(files.values()))
+
+
+# row stages ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowChunkResult:
+    """A row stage's verdicts on one slice: kept rows (rewrites applied), drops by slice row, edits."""
+
+    kept: pa.Table
+    drops: list[tuple[int, str, str]]  # (row in the slice, reason, evidence as JSON)
+    edits: pa.Table
+
+
+# Stages built in this process, so a worker sets each one up (models, tokenizers) once, not per slice.
+_STAGES: dict[tuple, Any] = {}
+
+
+def _stage(name: str, config: Any, context: Any) -> Any:
+    from curate.stages import STAGES
+
+    key = (name, repr(config), str(context.base_dir))
+    stage = _STAGES.get(key)
+    if stage is None:
+        stage = STAGES[name](config, context)
+        stage.setup()
+        _STAGES[key] = stage
+    return stage
+
+
+def row_stage_task(name: str, config: Any, context: Any, chunk: pa.Table) -> RowChunkResult:
+    from curate.stages.base import Drop
+
+    stage = _stage(name, config, context)
+    rows = chunk.to_pylist()
+    verdicts = stage.process_batch(rows)
+    if len(verdicts) != len(rows):
+        raise RuntimeError(f"stage {name} returned {len(verdicts)} verdicts for {len(rows)} records")
+    keep, rewritten, drops, edits = [], False, [], []
+    for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):
+        if isinstance(verdict, Drop):
+            drops.append(
+                (
+                    i,
+                    verdict.reason,
+                    json.dumps(verdict.evidence, ensure_ascii=False, sort_keys=True, default=str),
+                )
+            )
+            continue
+        keep.append(i)
+        if isinstance(verdict, dict):
+            rewritten = True
+            rows[i] = verdict
+            entry = edit_entry(name, row, verdict)
+            if entry:
+                edits.append(entry)
+    # untouched slices are cut from the input table: no trip through Python objects and back
+    kept = to_table([rows[i] for i in keep]) if rewritten else chunk.take(keep)
+    return RowChunkResult(kept, drops, pa.Table.from_pylist(edits, schema=EDITS_SCHEMA))
