@@ -47,6 +47,7 @@ def texts(shared_data: Path) -> list[str]:
         "İstanbul'da ΣΊΣΥΦΟΣ ΟΔΟΣ and Σ alone",  # multi-code-point and context-dependent lowercase
         "snake_case and ｆｕｌｌｗｉｄｔｈ text, ① ② ③, x²",
         "emoji 🙂 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 letters 𠀀𠀁 beyond the BMP " * 3,
+        "past the tables: \U00030000\U00030001 and private \U000f0000 use",
         "a " * 40 + "verylongword" * 10,  # a shingle longer than one SHA-1 block
     ]
     return real + edge
@@ -127,11 +128,12 @@ def test_signatures_equal_datasketch_on_real_records(texts: list[str]) -> None:
         ("affine64", {}),
         ("affine32", {"unit": "char", "ngram": 4}),
         ("affine32", {"ngram": 2, "seed": 42, "num_perm": 64}),
+        ("affine32", {"unit": "char", "ngram": 3, "lowercase": False}),
     ],
 )
 def test_signature_variants_equal_datasketch(texts: list[str], scheme: str, kwargs: dict) -> None:
     sample = texts[::9] + texts[-8:]
-    shingling = {k: v for k, v in kwargs.items() if k in ("unit", "ngram")}
+    shingling = {k: v for k, v in kwargs.items() if k in ("unit", "ngram", "lowercase")}
     sketch = {k: v for k, v in kwargs.items() if k in ("seed", "num_perm")}
     sigs = signatures(sample, scheme=scheme, **kwargs)
     for i, text in enumerate(sample):
