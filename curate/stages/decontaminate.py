@@ -108,7 +108,6 @@ class EvalCatalog:
         self.ids = [item.id for item in items]
         self.questions = [item.question for item in items]
         self.answers = [item.answer or "" for item in items]
-        self.sizes = {s.name: len(s) for s in sets}
         self._question_tokens: Tokens | None = None
 
     def question_tokens(self) -> Tokens:
@@ -117,10 +116,8 @@ class EvalCatalog:
             self._question_tokens = tokenize(self.questions)
         return self._question_tokens
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def hit(self, item: int, method: str, score: float, match: str, **extra) -> dict:
+        """The evidence of one match with eval item `item`."""
         return {
             "eval_set": self.set_names[self.set_of[item]],
             "eval_id": self.ids[item],
