@@ -167,6 +167,7 @@ class StageResult:
     added: int
     seconds: float
     cached: bool
+    llm: dict = field(default_factory=dict)  # requests and tokens of the LLM calls the stage made
 
     def as_manifest(self) -> dict:
         return {
@@ -177,6 +178,7 @@ class StageResult:
             "added": self.added,
             "seconds": round(self.seconds, 3),
             "cached": self.cached,
+            **({"llm": self.llm} if self.llm.get("requests") or self.llm.get("cached") else {}),
         }
 
 
@@ -361,6 +363,7 @@ class Runner:
             added=added,
             seconds=time.perf_counter() - started,
             cached=False,
+            llm=ctx.llm_usage(),
         )
         return kept, dropped, edits, result
 
@@ -493,13 +496,23 @@ def run_recipe(
         "counts": counts,
         "stages": [s.as_manifest() for s in output.stages],
         "eval_overlap": overlap,
-        "llm": {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost": 0.0},
+        "llm": _llm_totals(output.stages),
         "seconds": round(time.perf_counter() - started, 3),
     }
     folder = versions.write_version(
         out_dir, vid, manifest, output.kept, output.dropped, output.edits, output.quarantine
     )
     return folder, versions.read_manifest(folder)
+
+
+def _llm_totals(stages: list[StageResult]) -> dict:
+    """LLM usage of this run: a cached stage made no calls; cost is left unknown (null) without prices."""
+    totals = {"requests": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0}
+    for s in stages:
+        if not s.cached:
+            for key in totals:
+                totals[key] += s.llm.get(key, 0)
+    return {**totals, "cost": None}
 
 
 def _previous_version(out_dir: Path) -> str | None:

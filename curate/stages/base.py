@@ -51,10 +51,26 @@ class StageContext:
     eval_sets: list[dict] = field(default_factory=list)  # eval set specs from the recipe
     progress: Any = None  # a callable(advance: int) or None
     recipe: dict = field(default_factory=dict)
+    llm_clients: list = field(default_factory=list)  # every client a stage made, for the manifest's usage
 
     def advance(self, n: int = 1) -> None:
         if self.progress is not None:
             self.progress(n)
+
+    def llm_client(self, provider: str, model: str, **options: Any) -> Any:
+        """An LLM client with the durable request cache under cache_dir; its usage reaches the manifest."""
+        from curate.llm import LLMClient
+
+        client = LLMClient(provider, model, self.cache_dir, **options)
+        self.llm_clients.append(client)
+        return client
+
+    def llm_usage(self) -> dict:
+        totals = {"requests": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0}
+        for client in self.llm_clients:
+            for key in totals:
+                totals[key] += getattr(client.usage, key)
+        return totals
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002

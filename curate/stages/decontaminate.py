@@ -279,12 +279,9 @@ _JUDGE_ASK = (
 
 def _judged(candidates: pl.DataFrame, catalog: EvalCatalog, cfg: DecontaminateConfig, ctx) -> pl.DataFrame:
     """The candidates an LLM confirms as restating their eval question (each request cached on disk)."""
-    from curate.llm import LLMClient
-
-    client = LLMClient(
+    client = ctx.llm_client(
         cfg.judge_provider,
         cfg.judge_model,
-        ctx.cache_dir,
         base_url=cfg.judge_base_url,
         api_key_env=cfg.judge_api_key_env,
         max_tokens=4,
