@@ -207,11 +207,23 @@ def test_recipe_validation_names_the_key():
 
 
 @pytest.fixture(scope="module")
-def trained(version, tmp_path_factory):
+def demo_version(tmp_path_factory) -> Path:
+    """The demo version, written by the runner: `curate run pipelines/demo.yaml --out DIR`."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "-m", "curate", "run", "pipelines/demo.yaml", "--out", str(out)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(demo_version, tmp_path_factory):
     from curate.train import run_training
 
     out = tmp_path_factory.mktemp("train")
-    return out, run_training(TINY, version, out, {**FAST, "merge": True})
+    return out, run_training(TINY, demo_version, out, {**FAST, "merge": True})
 
 
 def test_tiny_qlora_run_end_to_end(trained):
@@ -221,8 +233,9 @@ def test_tiny_qlora_run_end_to_end(trained):
         metrics["records"]["train"]
         + metrics["records"]["heldout"]
         + len(metrics["records"]["fully_masked_dropped"])
-        == 120
+        == 270  # the demo version's kept records
     )
+    assert metrics["template"] == "chatml" and metrics["records"]["eval_sets"] == {"demo_eval": 16}
     before, after = metrics["eval_loss_before"]["heldout"], metrics["eval_loss_after"]["heldout"]
     assert after < before - 0.3
     assert metrics["train_loss"][-1]["loss"] < metrics["train_loss"][0]["loss"]
@@ -242,6 +255,7 @@ def test_tiny_qlora_run_end_to_end(trained):
     assert list(gates) == [
         "heldout_loss",
         "heldout_perplexity",
+        "accuracy:demo_eval",
         "format_compliance",
         "refusal_rate",
         "stop_rate",
