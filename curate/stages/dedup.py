@@ -159,15 +159,23 @@ class DedupStage(TableStage):
         self.groups = _source_groups(table)
         self.where = _source_refs(table)
         self.alive = self.text.str.contains(r"\S").fill_null(False).to_numpy().copy()
+        self.progressed = 0
         if cfg.reference is not None:
             self._against_reference()
         if cfg.exact:
             self._exact()
-        self.context.advance(n // 4)
+        self._progress(0.1)
         if cfg.minhash is not None:
             self._near(cfg.minhash)
-        self.context.advance(n - n // 4)
+        self._progress(1.0)
         return TableVerdicts(self.verdicts)
+
+    def _progress(self, share: float) -> None:
+        """Move the runner's progress bar to `share` of the records (signing is most of the time)."""
+        target = int(len(self.verdicts) * min(share, 1.0))
+        if target > self.progressed:
+            self.context.advance(target - self.progressed)
+            self.progressed = target
 
     # exact duplicates ---------------------------------------------------------------------------
 
@@ -224,13 +232,17 @@ class DedupStage(TableStage):
 
     # near duplicates ----------------------------------------------------------------------------
 
-    def _signatures(self, text: pl.Series, mh: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
+    def _signatures(
+        self, text: pl.Series, mh: MinHashConfig, report: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Signatures of the texts and which of them have shingles (an empty signature matches nothing)."""
         sigs = np.empty((text.len(), mh.num_perm), dtype=dtype_of(mh.scheme))
         for start in range(0, text.len(), _BATCH):
             sigs[start : start + _BATCH] = signatures(
                 text.slice(start, _BATCH), mh.num_perm, mh.ngram, mh.unit, mh.seed, mh.lowercase, mh.scheme
             )
+            if report:
+                self._progress(0.1 + 0.8 * min(start + _BATCH, text.len()) / text.len())
         has = ~np.all(sigs == sigs.dtype.type(empty_value(mh.scheme)), axis=1)
         return sigs, has
 
@@ -262,7 +274,7 @@ class DedupStage(TableStage):
     def _near(self, mh: MinHashConfig) -> None:
         rows = np.nonzero(self.alive)[0]
         text = self.text if rows.size == self.text.len() else self.text.gather(rows)
-        sigs, has = self._signatures(text, mh)
+        sigs, has = self._signatures(text, mh, report=True)
         if not has.all():
             rows, sigs = rows[has], sigs[has]
             text = text.filter(pl.Series(has))
