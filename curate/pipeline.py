@@ -243,6 +243,7 @@ class Runner:
                 key,
                 step.name,
                 dataclasses.asdict(step.config),
+                step.cls(step.config, self._context()).cache_token(),
                 code_fingerprint(step.cls),
                 curate.__version__,
             )
@@ -329,14 +330,17 @@ class Runner:
 
     # stages ---------------------------------------------------------------------------------------
 
-    def _run_stage(self, step: StageStep, table: pl.DataFrame):
-        ctx = StageContext(
+    def _context(self) -> StageContext:
+        return StageContext(
             base_dir=self.recipe.base_dir,
             cache_dir=self.cache_dir,
             seed=self.recipe.seed,
             eval_sets=self.recipe.eval_sets,
             recipe=self.recipe.raw,
         )
+
+    def _run_stage(self, step: StageStep, table: pl.DataFrame):
+        ctx = self._context()
         started = time.perf_counter()
         task = self.progress.task(step.name, total=table.height, unit="records")
         if issubclass(step.cls, RowStage):

@@ -100,3 +100,9 @@ def test_train_overrides_are_typed():
         "packing": True,
         "lr": 2e-4,
     }
+
+
+def test_stages_lists_nested_options():
+    info = json.loads(invoke("stages", "dedup", "--json").output)
+    names = [o["name"] for o in info["dedup"]["options"]]
+    assert {"minhash", "minhash.threshold", "minhash.num_perm"} <= set(names)

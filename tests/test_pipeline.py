@@ -181,3 +181,18 @@ def test_manifest_and_records_match_their_schemas(project: Path):
     record_schema = load_schema("record.schema.json")
     for record in pl.read_parquet(folder / "data.parquet").to_dicts():
         jsonschema.validate(record, record_schema)
+
+
+def test_a_changed_eval_file_invalidates_the_cached_decontamination(project: Path):
+    evals = project / "eval.jsonl"
+    evals.write_text(
+        json.dumps({"id": "e1", "question": "What is the capital of Peru?", "answer": "Lima"}) + "\n"
+    )
+    stages = [{"normalize": {}}, {"decontaminate": {"methods": ["exact"]}}]
+    recipe = write_recipe(project, stages, eval_sets=[{"name": "ev", "path": "eval.jsonl"}])
+    _, first = run_recipe(load_recipe(recipe), project / "out")
+    assert first["stages"][1]["dropped"] == {}
+    evals.write_text(json.dumps({"id": "e1", "question": "Name a primary colour.", "answer": "Red"}) + "\n")
+    _, second = run_recipe(load_recipe(recipe), project / "out")
+    assert [s["cached"] for s in second["stages"]] == [True, False]
+    assert second["stages"][1]["dropped"] == {"eval_overlap": 2}  # the record and its exact copy

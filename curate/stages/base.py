@@ -94,6 +94,27 @@ class Stage:
     def setup(self) -> None:
         """Load models or indexes once, before the first record (optional)."""
 
+    def cache_token(self) -> str:
+        """What the output depends on beyond the config and the input records (files the stage reads),
+        as a string for the stage cache key: when it changes, a cached result is not reused."""
+        return ""
+
+
+def files_token(paths: list[Path]) -> str:
+    """A digest of the contents of files (or of every file under folders), for `Stage.cache_token`."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f).encode())
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()
+
 
 class RowStage(Stage):
     """A stage that judges each record on its own."""
@@ -190,11 +211,15 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union or origin is types.UnionType:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
-def describe_config(config_cls: type) -> list[dict]:
-    """Options of a stage config, for `curate stages`: name, type, default, help."""
+def describe_config(config_cls: type, prefix: str = "") -> list[dict]:
+    """Options of a stage config, for `curate stages`: name, type, default, help (nested ones dotted)."""
     hints = typing.get_type_hints(config_cls)
     rows = []
     for f in dataclasses.fields(config_cls):
@@ -204,14 +229,17 @@ def describe_config(config_cls: type) -> list[dict]:
             default = f.default_factory()
         else:
             default = None
+        nested = _dataclass_in(hints[f.name])
         if dataclasses.is_dataclass(default):
             default = dataclasses.asdict(default)
         rows.append(
             {
-                "name": f.name,
+                "name": prefix + f.name,
                 "type": _type_name(hints[f.name]),
                 "default": default,
                 "help": f.metadata.get("help", ""),
             }
         )
+        if nested is not None:
+            rows.extend(describe_config(nested, prefix=f"{prefix}{f.name}."))
     return rows

@@ -15,6 +15,7 @@ eval set, which items were found and how.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,7 @@ import polars as pl
 
 from curate.errors import RecipeError
 from curate.evalsets import EvalSet, load_eval_sets
-from curate.stages.base import Drop, TableStage, TableVerdicts, option, register
+from curate.stages.base import Drop, TableStage, TableVerdicts, files_token, option, register
 from curate.text.conversation import conversation_text
 from curate.text.ngrams import SpanIndex, Tokens, span, tokenize
 
@@ -304,6 +305,14 @@ class DecontaminateStage(TableStage):
 
     name = "decontaminate"
     Config = DecontaminateConfig
+
+    def cache_token(self) -> str:
+        """The eval sets' entries and file contents: a changed eval file must not reuse cached verdicts."""
+        base = self.context.base_dir
+        files = [base / e["path"] for e in self.context.eval_sets if not str(e["path"]).startswith("hf:")]
+        return json.dumps(self.context.eval_sets, sort_keys=True) + files_token(
+            [f for f in files if f.exists()]
+        )
 
     def setup(self) -> None:
         entries = self.context.eval_sets

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from curate.errors import CurateError
-from curate.stages.base import Drop, TableStage, TableVerdicts, option, register
+from curate.stages.base import Drop, TableStage, TableVerdicts, files_token, option, register
 from curate.text import lsh
 from curate.text.conversation import conversation_text
 from curate.text.minhash import dtype_of, empty_value, jaccard_estimate, signatures
@@ -300,8 +300,17 @@ class DedupStage(TableStage):
 
     # reference version --------------------------------------------------------------------------
 
+    def cache_token(self) -> str:
+        return files_token([self._reference_file()]) if self.config.reference is not None else ""
+
     def _reference_texts(self) -> tuple[pl.Series, np.ndarray, np.ndarray]:
         """Texts, ids and `path:row` of the reference version's records (empty texts left out)."""
+        ref = pl.read_parquet(self._reference_file(), columns=["id", "messages", "source"])
+        text = conversation_text(ref, self.config.key)
+        present = text.str.contains(r"\S").fill_null(False).to_numpy()
+        return text.filter(present), ref["id"].to_numpy()[present], _source_refs(ref)[present]
+
+    def _reference_file(self) -> Path:
         path = Path(self.config.reference)
         if not path.is_absolute():
             path = self.context.base_dir / path
@@ -314,10 +323,7 @@ class DedupStage(TableStage):
                 f"dedup.reference: no dataset version at {path}",
                 hint="give a version folder (with data.parquet), an output dir (with latest/) or a .parquet",
             )
-        ref = pl.read_parquet(found, columns=["id", "messages", "source"])
-        text = conversation_text(ref, self.config.key)
-        present = text.str.contains(r"\S").fill_null(False).to_numpy()
-        return text.filter(present), ref["id"].to_numpy()[present], _source_refs(ref)[present]
+        return found
 
     def _against_reference(self) -> None:
         """Drop records that repeat a reference record; each names its closest reference match."""
