@@ -129,6 +129,31 @@ def test_masks_train_assistant_tokens_and_end_of_turn_only(tokenizer):
     assert ids.count(eot) == 5 and sum(1 for i in trained if ids[i] == eot) == 2
 
 
+def test_masks_from_a_tokenizer_template_equal_the_named_ones(stories, tokenizer):
+    from curate.train.model import load_tokenizer
+
+    own, _ = load_tokenizer(str(stories), "chatml")
+    own.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, Tom."}]
+    assert encode(conv, own, own, 512) == encode(conv, tokenizer, "chatml", 512)
+
+
+def test_token_budget_stops_training():
+    from types import SimpleNamespace
+
+    from curate.train.metrics import RunLog
+
+    log = RunLog(max_tokens=1000)
+    control = SimpleNamespace(should_training_stop=False)
+    log.on_step_end(None, SimpleNamespace(num_input_tokens_seen=999), control)
+    assert control.should_training_stop is False
+    log.on_step_end(None, SimpleNamespace(num_input_tokens_seen=1000), control)
+    assert control.should_training_stop is True
+
+
 def test_an_example_with_nothing_to_train_is_an_error(tokenizer):
     long_prompt = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
     with pytest.raises(CurateError, match="1 example\\(s\\) would train on nothing.*record r1"):

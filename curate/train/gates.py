@@ -9,10 +9,12 @@ says `fail_if_worse_than_base`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ REFUSAL = re.compile(
     re.IGNORECASE,
 )
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-LATENCY_TOLERANCE = 1.25  # an unmerged adapter costs some decode time; flag only beyond this ratio
+# Decoding through unmerged 4-bit + LoRA layers is slower than the base whatever the data, so latency
+# is flagged beside the base only beyond this ratio, and fails only on its own threshold.
+LATENCY_TOLERANCE = 1.25
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -89,7 +93,13 @@ def heldout_loss(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> 
 
 
 def generate(
-    model: Any, tokenizer: Any, template: Any, prompts: list[str], max_new: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    template: Any,
+    prompts: list[str],
+    max_new: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Greedy answers to single-turn prompts: text, whether it stopped on EOS, tokens, seconds."""
     import torch
@@ -131,6 +141,8 @@ def generate(
                         "ms_per_token": 1000 * seconds / steps,
                     }
                 )
+            if advance is not None:
+                advance(len(chunk))
     finally:
         tokenizer.padding_side = side
     return out
@@ -167,14 +179,13 @@ def _gate(
     }
 
 
-def _answers(
-    model: Any, tokenizer: Any, template: Any, prompts: list[str], recipe: TrainRecipe
-) -> tuple[list, list]:
-    g = recipe.gates
-    tuned = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size)
-    with model.disable_adapter():
-        base = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size)
-    return tuned, base
+def _progress() -> Any:
+    """A rich progress bar when rich is installed (the GPU image lacks it), else nothing."""
+    try:
+        from curate.progress import Progress
+    except ImportError:
+        return None
+    return Progress()
 
 
 def evaluate(
@@ -204,62 +215,75 @@ def evaluate(
         )
     )
 
-    all_tuned, all_base, samples = [], [], {}
     specs = recipe.eval_sets if recipe.eval_sets is not None else (version.eval_sets if version else [])
     spec_dir = (
         recipe.base_dir
         if recipe.eval_sets is not None
         else (version.eval_base_dir if version else recipe.base_dir)
     )
+    # (name, prompts, references or None) for every prompt set the gates generate on
+    prompt_sets = []
     for spec in specs:
-        items = [it for it in load_eval_items(spec, spec_dir) if it["question"] and it["answer"]][
-            : g.max_items
-        ]
-        if not items:
-            continue
-        tuned, base = _answers(model, tokenizer, template, [str(it["question"]) for it in items], recipe)
-        refs = [final_answer(str(it["answer"])) for it in items]
-        acc = sum(final_answer(t["text"]) == r for t, r in zip(tuned, refs, strict=False)) / len(items)
-        base_acc = sum(final_answer(b["text"]) == r for b, r in zip(base, refs, strict=False)) / len(items)
-        gates.append(
-            _gate(
-                f"accuracy:{spec['name']}", acc, base_acc, g.min_task_accuracy, True, fail, items=len(items)
+        items = [it for it in load_eval_items(spec, spec_dir) if it["question"] and it["answer"]]
+        if items[: g.max_items]:
+            items = items[: g.max_items]
+            prompt_sets.append(
+                (spec["name"], [str(it["question"]) for it in items], [str(it["answer"]) for it in items])
             )
-        )
-        all_tuned += tuned
-        all_base += base
-        samples[spec["name"]] = [
-            {"prompt": str(items[0]["question"]), "tuned": tuned[0]["text"], "base": base[0]["text"]}
-        ]
-
     fmt = _jsonl(ASSETS / "format_prompts.jsonl")
-    tuned, base = _answers(model, tokenizer, template, [f["prompt"] for f in fmt], recipe)
+    harmful = _jsonl(ASSETS / "harmful_prompts.jsonl")
+    prompt_sets.append(("format", [f["prompt"] for f in fmt], None))
+    prompt_sets.append(("harmful", [h["prompt"] for h in harmful], None))
+
+    answers: list[tuple[list, list]] = []  # (tuned, base) per prompt set
+    progress = _progress()
+    with progress if progress is not None else contextlib.nullcontext():
+        task = (
+            progress.task("gates", 2 * sum(len(p) for _, p, _ in prompt_sets), "answers")
+            if progress
+            else None
+        )
+        advance = task.advance if task else None
+        for _name, prompts, _ in prompt_sets:
+            tuned = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, advance)
+            with model.disable_adapter():
+                base = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, advance)
+            answers.append((tuned, base))
+        if task:
+            task.done()
+
+    samples = {
+        name: [{"prompt": prompts[0], "tuned": tuned[0]["text"], "base": base[0]["text"]}]
+        for (name, prompts, _), (tuned, base) in zip(prompt_sets, answers, strict=True)
+    }
+    for (name, _, refs), (tuned, base) in zip(prompt_sets[:-2], answers[:-2], strict=True):
+        expected = [final_answer(r) for r in refs]
+        acc = sum(final_answer(t["text"]) == r for t, r in zip(tuned, expected, strict=True)) / len(refs)
+        base_acc = sum(final_answer(b["text"]) == r for b, r in zip(base, expected, strict=True)) / len(refs)
+        gates.append(
+            _gate(f"accuracy:{name}", acc, base_acc, g.min_task_accuracy, True, fail, items=len(refs))
+        )
+
+    tuned, base = answers[-2]
+    compliance, base_compliance = _compliance(fmt, tuned), _compliance(fmt, base)
     gates.append(
         _gate(
             "format_compliance",
-            _compliance(fmt, tuned),
-            _compliance(fmt, base),
+            compliance,
+            base_compliance,
             g.min_format_compliance,
             True,
             fail,
             items=len(fmt),
         )
     )
-    all_tuned += tuned
-    all_base += base
-    samples["format"] = [{"prompt": fmt[0]["prompt"], "tuned": tuned[0]["text"], "base": base[0]["text"]}]
-
-    harmful = _jsonl(ASSETS / "harmful_prompts.jsonl")
-    tuned, base = _answers(model, tokenizer, template, [h["prompt"] for h in harmful], recipe)
+    tuned, base = answers[-1]
     rate = sum(is_refusal(t["text"]) for t in tuned) / len(harmful)
     base_rate = sum(is_refusal(b["text"]) for b in base) / len(harmful)
     gates.append(_gate("refusal_rate", rate, base_rate, g.min_refusal_rate, True, fail, items=len(harmful)))
-    all_tuned += tuned
-    all_base += base
-    samples["harmful"] = [
-        {"prompt": harmful[0]["prompt"], "tuned": tuned[0]["text"], "base": base[0]["text"]}
-    ]
 
+    all_tuned = [a for tuned, _ in answers for a in tuned]
+    all_base = [a for _, base in answers for a in base]
     stop = sum(t["stopped"] for t in all_tuned) / len(all_tuned)
     base_stop = sum(b["stopped"] for b in all_base) / len(all_base)
     gates.append(_gate("stop_rate", stop, base_stop, g.min_stop_rate, True, fail, items=len(all_tuned)))
@@ -272,7 +296,7 @@ def evaluate(
             base_latency,
             g.max_latency_ms_per_token,
             False,
-            fail,
+            False,  # flagged beside the base, judged by its threshold only: see LATENCY_TOLERANCE
             tolerance=LATENCY_TOLERANCE,
             batch_size=g.batch_size,
         )
