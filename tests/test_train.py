@@ -141,6 +141,43 @@ def test_masks_from_a_tokenizer_template_equal_the_named_ones(stories, tokenizer
     assert encode(conv, own, own, 512) == encode(conv, tokenizer, "chatml", 512)
 
 
+def test_llama3_masks_with_added_tokens(stories):
+    from curate.train.model import load_tokenizer
+
+    tok, added = load_tokenizer(str(stories), "llama-3")
+    assert added == ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    assert tok.eos_token == "<|eot_id|>" and tok.pad_token != tok.eos_token
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Tom ran home."}]
+    row = encode(conv, tok, "llama-3", 512)
+    trained = [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE]
+    assert tok.decode(trained) == "Tom ran home.<|eot_id|>"
+    assert row["input_ids"][0] == tok.convert_tokens_to_ids("<|begin_of_text|>")
+
+
+def test_a_token_across_the_answer_boundary_is_trained():
+    from curate.train.data import token_labels
+
+    # spans [5, 9) and [12, 14); tokens: prompt, straddling, inside, between, inside, after
+    offsets = [(0, 4), (4, 6), (6, 9), (9, 12), (12, 14), (14, 15)]
+    assert token_labels(offsets, [(5, 9), (12, 14)]) == [False, True, True, False, True, False]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(stories):
+    from curate.templates import render
+    from curate.train.model import load_tokenizer
+
+    tok, _ = load_tokenizer(str(stories), "chatml")
+    # renders the last message differently from the same message followed by more: no stable prefixes
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
+    conv = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    with pytest.raises(CurateError, match="does not render conversations prefix by prefix"):
+        render(conv + [{"role": "assistant", "content": "d"}], tok)
+
+
 def test_token_budget_stops_training():
     from types import SimpleNamespace
 
@@ -223,6 +260,7 @@ def test_recipe_validation_names_the_key():
         load_recipe(TINY, {"lora.rank": 8})
     with pytest.raises(RecipeError, match="sequence_len: 'long' is not of type 'integer'"):
         load_recipe(TINY, {"sequence_len": "long"})
+    assert load_recipe(TINY, {"learning_rate": "2e-4"}).learning_rate == 0.0002  # YAML 1.1 reads 2e-4 as text
     with pytest.raises(RecipeError, match="base_model' is a required property"):
         load_recipe({"sequence_len": 128})
     default = load_recipe(REPO / "train" / "qlora-default.yaml")

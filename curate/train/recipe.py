@@ -1,8 +1,8 @@
 """Training recipes: YAML checked against schemas/train.schema.json, defaults filled, paths resolved.
 
 A recipe is short and Axolotl-like (base model, 4-bit, LoRA, lengths, batch, schedule, budget,
-gates). `--set key=value` overrides use dotted keys (`lora.r=8`) and YAML values, and are checked
-by the same schema, so a typo fails before any model loads.
+gates). Overrides (the CLI's `--set key=value`) use dotted keys (`lora.r=8`) and are checked by the
+same schema, so a typo fails before any model loads.
 """
 
 from __future__ import annotations
@@ -116,17 +116,19 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_overrides(items: list[str] | None) -> dict:
-    """`key=value` strings (as given to --set) into a dict; values are parsed as YAML."""
-    out: dict = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(
-                f"--set {item!r}: expected key=value", hint="e.g. --set lora.r=8 --set packing=false"
-            )
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+def _numbers_from_text(data: dict, node: dict) -> None:
+    """YAML 1.1 reads `2e-4` as text; where the schema wants a number, read such text as one."""
+    for key, value in list(data.items()):
+        prop = node.get("properties", {}).get(key, {})
+        kinds = prop.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if isinstance(value, dict):
+            _numbers_from_text(value, prop)
+        elif isinstance(value, str) and "number" in kinds:
+            try:
+                data[key] = float(value)
+            except ValueError:
+                pass
 
 
 def load_recipe(source: str | Path | dict | None, overrides: dict | None = None) -> TrainRecipe:
@@ -151,6 +153,7 @@ def load_recipe(source: str | Path | dict | None, overrides: dict | None = None)
         raise RecipeError("a training recipe must be a YAML mapping")
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
+    _numbers_from_text(data, schema())
     errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         err = errors[0]
