@@ -302,6 +302,9 @@ def test_tiny_qlora_run_end_to_end(trained):
     before, after = metrics["eval_loss_before"]["heldout"], metrics["eval_loss_after"]["heldout"]
     assert after < before - 0.3
     assert metrics["train_loss"][-1]["loss"] < metrics["train_loss"][0]["loss"]
+    assert [e["step"] for e in metrics["eval_loss"]] == [0, 6, 12]
+    assert all(set(e["loss"]) == {"heldout", "demo_eval"} for e in metrics["eval_loss"])
+    assert metrics["eval_loss"][-1]["loss"] == metrics["eval_loss_after"]
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
     assert set(metrics["versions"]) >= {"torch", "peft", "trl", "bitsandbytes"}
     for name in (

@@ -34,7 +34,9 @@ class RunLog(TrainerCallback):
                 {**at, "loss": float(logs["loss"]), "seconds": time.perf_counter() - self.started}
             )
         evals = {k[5:-5]: float(v) for k, v in logs.items() if k.startswith("eval_") and k.endswith("_loss")}
-        if evals:
+        if evals and self.eval and self.eval[-1]["step"] == at["step"]:
+            self.eval[-1]["loss"].update(evals)  # each eval set logs on its own; one entry per step
+        elif evals:
             self.eval.append({**at, "loss": evals})
 
 

@@ -19,6 +19,9 @@ from curate.templates import TEMPLATE_NAMES
 from curate.train.data import Version, encode_all, load_eval_items, load_version, split_holdout
 from curate.train.recipe import TrainRecipe, load_recipe
 
+# Eval-set loss is cheap next to generation, so it reads this many times the gates' max_items.
+EVAL_LOSS_ITEMS_PER_GATE_ITEM = 4
+
 
 def resolve_template(recipe: TrainRecipe, version: Version | None, tokenizer_path: str) -> str:
     """The recipe's template, else the version's normalize template, else the tokenizer's own, else chatml."""
@@ -54,7 +57,7 @@ def eval_set_conversations(recipe: TrainRecipe, version: Version | None) -> dict
     for spec in specs:
         items = [it for it in load_eval_items(spec, base) if it["question"] and it["answer"]]
         if items:
-            items = items[: recipe.gates.max_items * 4]
+            items = items[: recipe.gates.max_items * EVAL_LOSS_ITEMS_PER_GATE_ITEM]
             out[spec["name"]] = [
                 [
                     {"role": "user", "content": str(it["question"])},
@@ -80,7 +83,7 @@ def run_training(
     """Train a QLoRA adapter on a version; returns metrics.json's content (gates included)."""
     import torch
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from curate.train import gates as gate_mod
     from curate.train.metrics import RunLog, library_versions, peak_memory, plot_loss
@@ -97,44 +100,11 @@ def run_training(
     tokenizer, added = load_tokenizer(base.tokenizer_path, template)
     tmpl = template_object(template, tokenizer)
 
-    train_idx, held_idx = split_holdout(
-        version, recipe.holdout.fraction, recipe.holdout.max_records, recipe.holdout.salt
-    )
-    convs, ids = version.conversations, version.ids
-    max_len = recipe.sequence_len
-    train_rows, train_empty = encode_all(
-        [convs[i] for i in train_idx],
-        [ids[i] for i in train_idx],
-        tokenizer,
-        tmpl,
-        max_len,
-        recipe.fully_masked,
-    )
-    held_rows, held_empty = encode_all(
-        [convs[i] for i in held_idx],
-        [ids[i] for i in held_idx],
-        tokenizer,
-        tmpl,
-        max_len,
-        recipe.fully_masked,
-    )
+    train_rows, held_rows, eval_data, dropped = _encode_splits(recipe, version, tokenizer, tmpl)
     if not held_rows:
         raise CurateError(
             "the held-out split is empty", hint="raise holdout.fraction or use a larger version"
         )
-    eval_sets = eval_set_conversations(recipe, version)
-    eval_data = {"heldout": _dataset(held_rows)}
-    for name, conversations in eval_sets.items():
-        rows, _ = encode_all(
-            conversations,
-            [f"{name}:{i}" for i in range(len(conversations))],
-            tokenizer,
-            tmpl,
-            max_len,
-            "drop",
-        )
-        if rows:
-            eval_data[name] = _dataset(rows)
 
     # TRL wraps the model with the adapter, enables checkpointing and keeps the adapter in bf16 for
     # QLoRA; peft's prepare_model_for_kbit_training is not used, since its fp32 copies of the
@@ -142,51 +112,8 @@ def run_training(
     model = load_model(base.model_path, recipe, tokenizer)
     peft_config = lora_config(recipe, model, tokenizer, added)
 
-    train_tokens = sum(len(r["input_ids"]) for r in train_rows)
-    epochs = recipe.num_epochs
-    if recipe.max_tokens is not None:
-        epochs = max(epochs, math.ceil(recipe.max_tokens / max(train_tokens, 1)))
-    per_step = recipe.micro_batch_size * recipe.gradient_accumulation_steps
-    est_steps = recipe.max_steps or max(1, math.ceil(len(train_rows) * epochs / per_step))
-    if recipe.packing:
-        est_steps = recipe.max_steps or max(1, math.ceil(train_tokens * epochs / (max_len * per_step)))
-    if recipe.max_tokens is not None and not recipe.max_steps:
-        est_steps = min(est_steps, max(1, math.ceil(recipe.max_tokens / (max_len * per_step))))
-    eval_steps = recipe.eval_steps or max(1, est_steps // 10)
     on_gpu = device() == "cuda"
-    bf16 = recipe.bnb_4bit_compute_dtype == "bfloat16" and (not on_gpu or torch.cuda.is_bf16_supported())
-    config = SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        max_length=max_len,
-        packing=recipe.packing,
-        packing_strategy="bfd",
-        per_device_train_batch_size=recipe.micro_batch_size,
-        per_device_eval_batch_size=recipe.micro_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=int(recipe.warmup_ratio * est_steps),
-        weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm,
-        num_train_epochs=epochs,
-        max_steps=recipe.max_steps or -1,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        bf16=bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        logging_steps=recipe.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
-        dataloader_num_workers=0,
-        use_cpu=not on_gpu,
-        eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
-    )
+    config = _sft_config(recipe, out, tokenizer, train_rows, on_gpu)
     log = RunLog(recipe.max_tokens)
     trainer_cls = _trainer_class(SFTTrainer, model_loss=bool(added))
     trainer = trainer_cls(
@@ -242,7 +169,7 @@ def run_training(
         "records": {
             "train": len(train_rows),
             "heldout": len(held_rows),
-            "fully_masked_dropped": train_empty + held_empty,
+            "fully_masked_dropped": dropped,
             "eval_sets": {k: len(v) for k, v in eval_data.items() if k != "heldout"},
         },
         "steps": trainer.state.global_step,
@@ -266,6 +193,87 @@ def run_training(
     metrics["wall_seconds"] = time.perf_counter() - wall0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     return metrics
+
+
+def _encode_splits(recipe: TrainRecipe, version: Version, tokenizer: Any, template: Any) -> tuple:
+    """Token rows of the train and held-out splits, eval-set datasets, and ids of dropped examples."""
+    train_idx, held_idx = split_holdout(
+        version, recipe.holdout.fraction, recipe.holdout.max_records, recipe.holdout.salt
+    )
+    convs, ids, max_len = version.conversations, version.ids, recipe.sequence_len
+    train_rows, train_empty = encode_all(
+        [convs[i] for i in train_idx],
+        [ids[i] for i in train_idx],
+        tokenizer,
+        template,
+        max_len,
+        recipe.fully_masked,
+    )
+    held_rows, held_empty = encode_all(
+        [convs[i] for i in held_idx],
+        [ids[i] for i in held_idx],
+        tokenizer,
+        template,
+        max_len,
+        recipe.fully_masked,
+    )
+    eval_data = {"heldout": _dataset(held_rows)} if held_rows else {}
+    for name, conversations in eval_set_conversations(recipe, version).items():
+        item_ids = [f"{name}:{i}" for i in range(len(conversations))]
+        rows, _ = encode_all(conversations, item_ids, tokenizer, template, max_len, "drop")
+        if rows:
+            eval_data[name] = _dataset(rows)
+    return train_rows, held_rows, eval_data, train_empty + held_empty
+
+
+def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list[dict], on_gpu: bool) -> Any:
+    """TRL's SFTConfig from the recipe; warmup and eval interval from the expected number of steps."""
+    import torch
+    from trl import SFTConfig
+
+    train_tokens = sum(len(r["input_ids"]) for r in train_rows)
+    epochs = recipe.num_epochs
+    if recipe.max_tokens is not None:  # enough passes to spend the budget; the budget callback stops
+        epochs = max(epochs, math.ceil(recipe.max_tokens / max(train_tokens, 1)))
+    per_step = recipe.micro_batch_size * recipe.gradient_accumulation_steps
+    if recipe.packing:
+        steps = math.ceil(train_tokens * epochs / (recipe.sequence_len * per_step))
+    else:
+        steps = math.ceil(len(train_rows) * epochs / per_step)
+    if recipe.max_tokens is not None:
+        steps = min(steps, math.ceil(recipe.max_tokens / (recipe.sequence_len * per_step)))
+    steps = max(1, recipe.max_steps or steps)
+    bf16 = recipe.bnb_4bit_compute_dtype == "bfloat16" and (not on_gpu or torch.cuda.is_bf16_supported())
+    return SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_length=recipe.sequence_len,
+        packing=recipe.packing,
+        packing_strategy="bfd",
+        per_device_train_batch_size=recipe.micro_batch_size,
+        per_device_eval_batch_size=recipe.micro_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler,
+        warmup_steps=int(recipe.warmup_ratio * steps),
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        num_train_epochs=epochs,
+        max_steps=recipe.max_steps or -1,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        eval_strategy="steps",
+        eval_steps=recipe.eval_steps or max(1, steps // 10),
+        logging_steps=recipe.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        dataloader_num_workers=0,
+        use_cpu=not on_gpu,
+    )
 
 
 def _rich_progress() -> type | None:
