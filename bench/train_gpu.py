@@ -230,6 +230,73 @@ def train(model: str, out: Path, smoke: bool, reference_steps: int) -> None:
     print("samples:", json.dumps(metrics["gates"]["samples"], indent=1)[:3000])
 
 
+def scale(tokenizer_dir: str, out: Path, steps: int, smoke: bool) -> None:
+    """train/qlora-default.yaml on a randomly initialised model of Llama-3-8B shape (same FLOPs and
+    memory as the real one, no weights needed): does the 7-8B recipe fit one 24 GB GPU, and how fast."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from curate.train import run_training
+
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
+    if smoke:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(
+        **shape,
+        num_key_value_heads=8 if not smoke else 2,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    model_dir = out / "llama3-8b-shape"
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    overrides = {
+        "base_model": str(model_dir),
+        "template": "chatml",
+        "max_steps": steps,
+        "eval_steps": steps,
+        "holdout.max_records": 32,
+        "gates.max_new_tokens": 8,
+        "gates.max_items": 4,
+        "gates.batch_size": 32,
+    }
+    if smoke:
+        overrides.update(
+            sequence_len=256, micro_batch_size=1, gradient_accumulation_steps=2, fully_masked="drop"
+        )
+    m = run_training(REPO / "train" / "qlora-default.yaml", STAGE / "version", out / "scale", overrides)
+    shutil.rmtree(model_dir)
+    print("| figure (qlora-default.yaml, Llama-3-8B shape, random weights) | value |\n| --- | --- |")
+    for k, v in [
+        (
+            "recipe",
+            "NF4 + double quant, r=16/alpha=32 qkvo, sequence_len 2048 packed, "
+            "micro batch 2 x 8 accumulation, gradient checkpointing",
+        ),
+        ("optimizer steps", m["steps"]),
+        ("tokens seen", f"{m['tokens_seen']:,}"),
+        ("train seconds (periodic evals excluded)", f"{m['train_seconds']:.1f}"),
+        ("tokens/s", f"{m['tokens_per_second']:,.0f}"),
+        ("peak GPU memory (GB)", f"{m['peak_gpu_memory_gb'] or 0:.2f}"),
+        ("wall seconds (load, train, gates)", f"{m['wall_seconds']:.1f}"),
+    ]:
+        print(f"| {k} | {v} |")
+    (out / "scale_metrics.json").write_text(
+        json.dumps({k: v for k, v in m.items() if k != "gates"}, default=str)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -243,9 +310,16 @@ def main() -> None:
     t.add_argument(
         "--reference-steps", type=int, default=40, help="optimizer steps of each TRL reference run"
     )
+    sc = sub.add_parser("scale")
+    sc.add_argument("--tokenizer", required=True, help="tokenizer folder (SmolLM2's: chatml tokens built in)")
+    sc.add_argument("--out", type=Path, required=True)
+    sc.add_argument("--steps", type=int, default=6)
+    sc.add_argument("--smoke", action="store_true", help="a tiny model of the same family, on CPU")
     args = parser.parse_args()
     if args.cmd == "build":
         build()
+    elif args.cmd == "scale":
+        scale(args.tokenizer, args.out, args.steps, args.smoke)
     else:
         train(args.model, args.out, args.smoke, 2 if args.smoke else args.reference_steps)
 

@@ -294,13 +294,17 @@ def _trainer_class(base: type, model_loss: bool) -> type:
 
     class CurateSFTTrainer(base):
         eval_seconds = 0.0
+        _eval_depth = 0  # evaluate() calls itself once per eval dataset; time the outer call only
 
         def evaluate(self, *args, **kwargs):
             t0 = time.perf_counter()
+            self._eval_depth += 1
             try:
                 return super().evaluate(*args, **kwargs)
             finally:
-                self.eval_seconds += time.perf_counter() - t0
+                self._eval_depth -= 1
+                if self._eval_depth == 0:
+                    self.eval_seconds += time.perf_counter() - t0
 
         if model_loss:
 
