@@ -69,6 +69,7 @@ def heldout_loss(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> 
     import torch
 
     dev = next(model.parameters()).device
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # batches of similar length pad little
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
@@ -82,7 +83,7 @@ def heldout_loss(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> 
                 ids[j, :n] = torch.tensor(r["input_ids"])
                 labels[j, :n] = torch.tensor(r["labels"])
                 mask[j, :n] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(dev)
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="sum"
@@ -200,9 +201,10 @@ def evaluate(
     g, fail = recipe.gates, recipe.gates.fail_if_worse_than_base
     model.eval()
     gates = []
-    loss = heldout_loss(model, heldout, tokenizer.pad_token_id, g.batch_size)
+    # the training micro batch fits the logits of full-length rows (2 x 2048 x 128K for Llama-3-8B)
+    loss = heldout_loss(model, heldout, tokenizer.pad_token_id, recipe.micro_batch_size)
     with model.disable_adapter():
-        base_loss = heldout_loss(model, heldout, tokenizer.pad_token_id, g.batch_size)
+        base_loss = heldout_loss(model, heldout, tokenizer.pad_token_id, recipe.micro_batch_size)
     gates.append(_gate("heldout_loss", loss, base_loss, g.max_eval_loss, False, fail, records=len(heldout)))
     gates.append(
         _gate(
