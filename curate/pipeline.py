@@ -493,7 +493,7 @@ def run_recipe(
         "parent": previous if previous != vid else None,
         "created": versions.now_iso(),
         "recipe": recipe.raw,
-        "recipe_path": str(recipe.path) if recipe.path else None,
+        "recipe_path": str(recipe.path.resolve()) if recipe.path else None,
         "code_version": versions.code_version(),
         "template": (recipe.stage_options("normalize") or {}).get("template", "chatml"),
         "inputs": output.inputs,
