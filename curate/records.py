@@ -54,7 +54,6 @@ RECORD_SCHEMA = pa.schema(
         pa.field("label", pa.bool_()),
     ]
 )
-RECORD_COLUMNS = RECORD_SCHEMA.names
 
 
 def message(role: str, content: str, tool_calls: Any = None, name: str | None = None) -> dict:
@@ -115,20 +114,9 @@ def meta_of(record: dict) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def with_meta(record: dict, **updates: Any) -> dict:
-    """A copy of the record with meta keys added or replaced."""
-    meta = meta_of(record)
-    meta.update(updates)
-    return {**record, "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
-
-
 def to_table(records: list[dict]) -> pa.Table:
     """Records as an Arrow table with the canonical schema (missing optional keys become null)."""
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
-
-
-def empty_table() -> pa.Table:
-    return RECORD_SCHEMA.empty_table()
 
 
 def train_messages(messages: list[dict]) -> list[dict]:
