@@ -16,6 +16,8 @@ import numba
 import numpy as np
 import polars as pl
 
+from curate.text.minhash import fmix64
+
 SCOPE_ALL = 0  # any two records may be duplicates
 SCOPE_WITHIN = 1  # only records of the same group (source)
 SCOPE_ACROSS = 2  # only records of different groups
@@ -52,15 +54,6 @@ def optimal_params(
     return pairs[best]
 
 
-@numba.njit(inline="always")
-def _mix(h):
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xFF51AFD7ED558CCD)
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xC4CEB9FE1A85EC53)
-    return h ^ (h >> np.uint64(33))
-
-
 @numba.njit(cache=True)
 def _same_band(sigs, i, j, lo, hi):
     for q in range(lo, hi):
@@ -78,9 +71,9 @@ def _band_keys(sigs, bands, rows, groups, scope, keys):
         for i in range(n):
             h = np.uint64(k + 1) * _GOLDEN
             for q in range(lo, lo + rows):
-                h = _mix(h ^ np.uint64(sigs[i, q]))
+                h = fmix64(h ^ np.uint64(sigs[i, q]))
             if scope == SCOPE_WITHIN:
-                h = _mix(h ^ np.uint64(groups[i]))
+                h = fmix64(h ^ np.uint64(groups[i]))
             keys[k, i] = h
 
 

@@ -86,7 +86,8 @@ def _fmix32(h):
 
 
 @numba.njit(inline="always")
-def _fmix64(h):
+def fmix64(h):
+    """MurmurHash3's 64-bit finalizer: spreads every input bit over the whole word."""
     h ^= h >> np.uint64(33)
     h *= np.uint64(0xFF51AFD7ED558CCD)
     h ^= h >> np.uint64(33)
@@ -114,7 +115,7 @@ def _permute_min(hv, count, a, b, scheme, sig):
             sig[k] = low[k]
     elif scheme == 1:
         for j in range(count):
-            h = _fmix64(hv[j])
+            h = fmix64(hv[j])
             for k in range(num_perm):
                 v = a[k] * h + b[k]
                 if v < sig[k]:

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import polars as pl
 
-from curate.text.shingles import chunks_for, utf8_buffers
+from curate.text.shingles import chunks_for, decode_utf8, utf8_buffers
 
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so it has an inverse mod 2^64
 _BASE_INV = np.uint64(pow(int(_BASE), -1, 1 << 64))
@@ -73,23 +73,6 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
     return lower, kind
 
 
-@numba.njit(cache=True, inline="always")
-def _code_point(data, i):
-    b0 = np.int64(data[i])
-    if b0 < 0x80:
-        return b0, 1
-    if b0 < 0xE0:
-        return ((b0 & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F), 2
-    if b0 < 0xF0:
-        return ((b0 & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F), 3
-    return (
-        ((b0 & 0x07) << 18)
-        | ((np.int64(data[i + 1]) & 0x3F) << 12)
-        | ((np.int64(data[i + 2]) & 0x3F) << 6)
-        | (np.int64(data[i + 3]) & 0x3F)
-    ), 4
-
-
 @numba.njit(cache=True)
 def _scan(data, start, end, lower, kind, out, o):
     """Hash the normalized words of data[start:end] into out[o:]; return how many there were.
@@ -102,7 +85,7 @@ def _scan(data, start, end, lower, kind, out, o):
     in_word = False
     i = start
     while i < end:
-        cp, step = _code_point(data, i)
+        cp, step = decode_utf8(data, i)
         i += step
         k = kind[cp] if cp < kind.size else 0
         if k == 2:

@@ -104,7 +104,8 @@ def utf8_buffers(texts: list[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(inline="always")
-def _decode(data, i):
+def decode_utf8(data, i):
+    """The code point at byte i of UTF-8 `data`, and its length in bytes."""
     b0 = np.int64(data[i])
     if b0 < 0x80:
         return b0, 1
@@ -175,7 +176,7 @@ def _normalize(data, start, end, prenormalized, word_unit, lower, flags, out, ma
     if word_unit:
         in_word = False
         while i < end:
-            cp, n = _decode(data, i)
+            cp, n = decode_utf8(data, i)
             i += n
             if cp >= TABLE_SIZE or flags[cp] & SPECIAL:
                 return -1, 0
@@ -197,7 +198,7 @@ def _normalize(data, start, end, prenormalized, word_unit, lower, flags, out, ma
         return o, m
     pending = False
     while i < end:
-        cp, n = _decode(data, i)
+        cp, n = decode_utf8(data, i)
         i += n
         if cp >= TABLE_SIZE or flags[cp] & SPECIAL:
             return -1, 0
