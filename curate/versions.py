@@ -13,12 +13,14 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 import curate
 from curate.errors import CurateError
 from curate.records import train_messages
+
+if TYPE_CHECKING:  # the trainer reads versions on machines without polars
+    import polars as pl
 
 LATEST = "latest"
 # Written with fixed settings so the same records give byte-identical files.

@@ -16,6 +16,7 @@ from typing import Any
 from curate.errors import CurateError
 from curate.records import message, record_id
 from curate.templates import render
+from curate.versions import resolve_version
 
 IGNORE = -100
 
@@ -48,26 +49,6 @@ class Version:
         """Where the pipeline recipe's relative eval-set paths are read from (its folder)."""
         recipe_path = self.manifest.get("recipe_path")
         return Path(recipe_path).resolve().parent if recipe_path else self.path
-
-
-def resolve_version(path: str | Path) -> Path:
-    """A version folder from itself or from an output folder whose `latest` names one (link or file)."""
-    path = Path(path)
-    if (path / "train.jsonl").is_file():
-        return path
-    latest = path / "latest"
-    if latest.is_symlink() or latest.is_dir():
-        target = latest.resolve()
-    elif latest.is_file():
-        target = path / latest.read_text().strip()
-    else:
-        raise CurateError(
-            f"{path} is not a dataset version (no train.jsonl) and has no 'latest'",
-            hint="pass a folder written by `curate run`, e.g. runs/demo or runs/demo/<version_id>",
-        )
-    if not (target / "train.jsonl").is_file():
-        raise CurateError(f"{path}/latest points at {target}, which holds no train.jsonl")
-    return target
 
 
 def load_version(path: str | Path) -> Version:
