@@ -38,7 +38,7 @@ from curate.errors import CurateError, RecipeError
 from curate.formats import InputSpec
 from curate.progress import Progress
 from curate.records import RECORD_SCHEMA, to_table
-from curate.stages.base import Drop, RowStage, Stage, StageContext, build_config
+from curate.stages.base import Drop, RowStage, Stage, StageContext, build_config, files_token
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -279,7 +279,8 @@ class Runner:
         files = []
         for spec in self.recipe.inputs:
             paths = input_files(spec, base)  # raises a FormatError naming the input when nothing matches
-            files.append([(p, file_sha256(p)) for p in paths if p.is_file()])
+            # a save_to_disk folder is one input too; its digest covers every file in it
+            files.append([(p, file_sha256(p) if p.is_file() else files_token([p])) for p in paths])
         key = _digest(
             "ingest",
             [dataclasses.asdict(s) for s in self.recipe.inputs],
@@ -299,7 +300,7 @@ class Runner:
                 tasks.append((spec, base))
             for path, digest in group:
                 tasks.append((dataclasses.replace(spec, path=str(path)), base))
-                hashes[_rel(path, base)] = digest
+                hashes[_rel(path, base)] = digest if path.is_file() else None
                 size += path.stat().st_size
         tables: list[pa.Table] = []
         quarantine: list[dict] = []

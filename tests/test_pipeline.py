@@ -196,3 +196,16 @@ def test_a_changed_eval_file_invalidates_the_cached_decontamination(project: Pat
     _, second = run_recipe(load_recipe(recipe), project / "out")
     assert [s["cached"] for s in second["stages"]] == [True, False]
     assert second["stages"][1]["dropped"] == {"eval_overlap": 2}  # the record and its exact copy
+
+
+def test_a_saved_hugging_face_dataset_folder_is_an_input(tmp_path: Path):
+    from datasets import Dataset
+
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe")]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    recipe = recipe_from_dict({"inputs": [{"path": "saved"}], "stages": [{"filter": {}}]}, base_dir=tmp_path)
+    folder, manifest = run_recipe(recipe, tmp_path / "out")
+    assert manifest["counts"]["kept"] == 3
+    assert [(i["path"], i["records"], i["sha256"]) for i in manifest["inputs"]] == [("saved", 3, None)]
+    again = run_recipe(recipe, tmp_path / "out")[1]
+    assert again["version"] == manifest["version"] and again["stages"][0]["cached"]
