@@ -227,7 +227,9 @@ def formats(target: Path, fmt: str, as_json: bool) -> None:
         return
     table = Table(show_edge=False, header_style="bold")
     for col in ("file", "format", "records", "quarantined", "detected"):
-        table.add_column(col, justify="right" if col in ("records", "quarantined") else "left")
+        table.add_column(
+            col, justify="right" if col in ("records", "quarantined") else "left", overflow="fold"
+        )
     for r in rows:
         table.add_row(
             r["path"], r["format"], f"{r['records']:,}", f"{r['quarantined']:,}", str(r.get("detected", ""))
