@@ -140,3 +140,22 @@ def test_prompt_only_records_pass_normalize_for_the_filter_to_decide():
     assert stage("normalize").process(prompt_only) is None
     nothing = make_record([message("system", "s")], SOURCE)
     assert stage("normalize", system_prompt_mode="keep").process(nothing) is None
+
+
+def test_token_bounds_count_with_a_real_tokenizer(tmp_path):
+    """max_tokens with `tokenizer:` counts that tokenizer's tokens (stories260K's 512-piece vocabulary)."""
+    from transformers import AutoTokenizer
+
+    from curate.train.llama2c import convert
+    from tests.conftest import SHARED_MODELS
+
+    folder = convert(SHARED_MODELS / "stories260K.bin", SHARED_MODELS / "tok512.bin", tmp_path / "stories")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    r = rec(("user", "Once upon a time"), ("assistant", "there was a little girl named Lily."))
+    text = "Once upon a time\nthere was a little girl named Lily."
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    words = len(text.split()) + 1  # the tokenizer-free estimate: words and the full stop
+    assert n != words  # so the test tells the two counts apart
+    assert stage("filter", tokenizer=str(folder), max_tokens=n).process(r) is None
+    too_many = stage("filter", tokenizer=str(folder), max_tokens=n - 1).process(r)
+    assert too_many.reason == "too_many_tokens" and too_many.evidence == {"tokens": n, "max": n - 1}
