@@ -86,7 +86,7 @@ def write_version(
             for row in kept.select("messages", "tools").iter_rows(named=True):
                 line = {"messages": train_messages(row["messages"])}
                 if row["tools"]:
-                    line["tools"] = row["tools"]
+                    line["tools"] = json.loads(row["tools"])  # a list of definitions, as TRL expects
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
         with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as f:
             for entry in quarantine:

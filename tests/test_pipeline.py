@@ -209,3 +209,23 @@ def test_a_saved_hugging_face_dataset_folder_is_an_input(tmp_path: Path):
     assert [(i["path"], i["records"], i["sha256"]) for i in manifest["inputs"]] == [("saved", 3, None)]
     again = run_recipe(recipe, tmp_path / "out")[1]
     assert again["version"] == manifest["version"] and again["stages"][0]["cached"]
+
+
+def test_tool_calls_and_definitions_reach_train_jsonl(shared_data: Path, tmp_path: Path):
+    from datasets import load_dataset
+
+    recipe = recipe_from_dict(
+        {
+            "inputs": [{"path": "raw/llamafactory_glaive_toolcall_en_demo.json.gz"}],
+            "stages": [{"normalize": {}}],
+        },
+        base_dir=shared_data,
+    )
+    folder, manifest = run_recipe(recipe, tmp_path / "out")
+    rows = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
+    assert len(rows) == manifest["counts"]["kept"] == 300
+    first = rows[0]
+    assert isinstance(first["tools"], list) and first["tools"][0]["name"] == "search_recipes"
+    call = next(m for m in first["messages"] if m.get("tool_calls"))
+    assert call["role"] == "assistant" and call["tool_calls"][0]["function"]["name"] == "search_recipes"
+    assert any(m["role"] == "tool" for m in first["messages"])
