@@ -25,15 +25,12 @@ import polars as pl
 
 from curate.text.shingles import (
     PAD,
+    TextPass,
     Unit,
     check_shingling,
-    chunks_for,
-    max_len,
-    python_fallback,
     record_hashes,
+    run_with_fallback,
     scratch_for,
-    tables,
-    utf8_buffers,
 )
 
 Scheme = Literal["affine32", "affine64", "legacy"]
@@ -206,33 +203,14 @@ def signatures(
     # one kernel specialization for every scheme: it writes uint32 words, two per 64-bit value
     wide = scheme != "affine32"
     out = np.empty((n, num_perm * (2 if wide else 1)), dtype=np.uint32)
-    data, offsets = utf8_buffers(texts)
-    rows = np.arange(n, dtype=np.int64)
-    status = np.zeros(n, np.int64)
-    lower, flags = tables(lowercase)
-    common = (unit == "word", ngram)
     tail = (a, b, _SCHEME_CODE[scheme], np.uint64(empty_value(scheme)), wide, out)
-    _sign_kernel(
-        chunks_for(n), data, offsets, rows, False, *common, lower, flags, max_len(offsets), *tail, status
-    )
-    back = np.nonzero(status < 0)[0]
-    if back.size:
-        fdata, foffsets = python_fallback(texts, back, unit, lowercase)
-        plain_lower, plain_flags = tables(False)
-        fstatus = np.zeros(back.size, np.int64)
-        _sign_kernel(
-            chunks_for(back.size),
-            fdata,
-            foffsets,
-            back,
-            True,
-            *common,
-            plain_lower,
-            plain_flags,
-            max_len(foffsets),
-            *tail,
-            fstatus,
-        )
+
+    def sign(p: TextPass) -> np.ndarray:
+        status = np.zeros(p.rows.size, np.int64)
+        _sign_kernel(*p.head, unit == "word", ngram, p.lower, p.flags, p.max_bytes, *tail, status)
+        return status
+
+    run_with_fallback(texts, unit, lowercase, sign)
     return out.view(np.uint64) if wide else out
 
 

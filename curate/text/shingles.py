@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numba
@@ -340,6 +342,44 @@ def _set_kernel(
             sizes[r] = size
 
 
+@dataclass(frozen=True)
+class TextPass:
+    """One kernel pass over some texts: their UTF-8 buffers, which rows they are, and the tables used."""
+
+    data: np.ndarray
+    offsets: np.ndarray
+    rows: np.ndarray
+    fallback: bool  # texts already normalized in Python (plain tables, no lowercasing in the kernel)
+    lower: np.ndarray
+    flags: np.ndarray
+    max_bytes: int
+
+    @property
+    def head(self) -> tuple:
+        """The arguments every text kernel starts with."""
+        return (chunks_for(self.rows.size), self.data, self.offsets, self.rows, self.fallback)
+
+
+def run_with_fallback(
+    texts: list[str] | pl.Series, unit: Unit, lowercase: bool, run: Callable[[TextPass], np.ndarray]
+) -> list[TextPass]:
+    """`run` a kernel over all texts, then again over the rows it handed back (status < 0: characters
+    the tables cannot lowercase alone), normalized in Python first. Returns the passes made."""
+    data, offsets = utf8_buffers(texts)
+    lower, flags = tables(lowercase)
+    first = TextPass(
+        data, offsets, np.arange(len(texts), dtype=np.int64), False, lower, flags, max_len(offsets)
+    )
+    back = np.nonzero(run(first) < 0)[0]
+    if not back.size:
+        return [first]
+    fdata, foffsets = python_fallback(texts, back, unit, lowercase)
+    plain_lower, plain_flags = tables(False)
+    second = TextPass(fdata, foffsets, back, True, plain_lower, plain_flags, max_len(foffsets))
+    run(second)
+    return [first, second]
+
+
 def shingle_hash_sets(
     texts: list[str] | pl.Series, ngram: int = 5, unit: Unit = "word", lowercase: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -351,40 +391,19 @@ def shingle_hash_sets(
     check_shingling(ngram, unit)
     n = len(texts)
     word_unit = unit == "word"
-    data, offsets = utf8_buffers(texts)
-    rows = np.arange(n, dtype=np.int64)
-    lower, flags = tables(lowercase)
-    max_bytes = max_len(offsets)
-    counts = np.zeros(n, np.int64)
-    _count_kernel(
-        chunks_for(n), data, offsets, rows, False, word_unit, ngram, lower, flags, max_bytes, counts
-    )
-    back = np.nonzero(counts < 0)[0]
-    passes = [(data, offsets, rows, False, lower, flags, max_bytes)]
-    if back.size:
-        fdata, foffsets = python_fallback(texts, back, unit, lowercase)
-        plain_lower, plain_flags = tables(False)
-        fmax = max_len(foffsets)
-        _count_kernel(
-            chunks_for(back.size),
-            fdata,
-            foffsets,
-            back,
-            True,
-            word_unit,
-            ngram,
-            plain_lower,
-            plain_flags,
-            fmax,
-            counts,
-        )
-        passes.append((fdata, foffsets, back, True, plain_lower, plain_flags, fmax))
+    counts = np.zeros(n, np.int64)  # indexed by row; the first pass marks hand-backs with -1
+
+    def count(p: TextPass) -> np.ndarray:
+        _count_kernel(*p.head, word_unit, ngram, p.lower, p.flags, p.max_bytes, counts)
+        return counts
+
+    passes = run_with_fallback(texts, unit, lowercase, count)
     starts = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=starts[1:])
     out = np.empty(int(starts[-1]), np.uint64)
     sizes = np.zeros(n, np.int64)
-    for d, o, r, pre, lo, fl, mb in passes:
-        _set_kernel(chunks_for(r.size), d, o, r, pre, word_unit, ngram, lo, fl, mb, starts, out, sizes)
+    for p in passes:
+        _set_kernel(*p.head, word_unit, ngram, p.lower, p.flags, p.max_bytes, starts, out, sizes)
     keep = np.arange(out.size) - np.repeat(starts[:-1], counts) < np.repeat(sizes, counts)
     set_offsets = np.zeros(n + 1, np.int64)
     np.cumsum(sizes, out=set_offsets[1:])
@@ -459,26 +478,11 @@ def content_keys(texts: list[str] | pl.Series, lowercase: bool = True) -> np.nda
     out = np.zeros((n, 2), np.uint64)
     if n == 0:
         return out
-    data, offsets = utf8_buffers(texts)
-    status = np.zeros(n, np.int64)
-    lower, flags = tables(lowercase)
-    rows = np.arange(n, dtype=np.int64)
-    _content_kernel(chunks_for(n), data, offsets, rows, False, lower, flags, max_len(offsets), out, status)
-    back = np.nonzero(status < 0)[0]
-    if back.size:
-        fdata, foffsets = python_fallback(texts, back, "char", lowercase)
-        plain_lower, plain_flags = tables(False)
-        fstatus = np.zeros(back.size, np.int64)
-        _content_kernel(
-            chunks_for(back.size),
-            fdata,
-            foffsets,
-            back,
-            True,
-            plain_lower,
-            plain_flags,
-            max_len(foffsets),
-            out,
-            fstatus,
-        )
+
+    def key(p: TextPass) -> np.ndarray:
+        status = np.zeros(p.rows.size, np.int64)
+        _content_kernel(*p.head, p.lower, p.flags, p.max_bytes, out, status)
+        return status
+
+    run_with_fallback(texts, "char", lowercase, key)
     return out
