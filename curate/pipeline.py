@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
-import inspect
 import json
 import time
 from collections import Counter
@@ -35,7 +35,7 @@ from curate.engines.local import (
     row_stage_task,
 )
 from curate.errors import CurateError, RecipeError
-from curate.formats import InputSpec
+from curate.formats import InputSpec, input_files, relative
 from curate.progress import Progress
 from curate.records import RECORD_SCHEMA, to_table
 from curate.stages.base import Drop, RowStage, Stage, StageContext, build_config, files_token
@@ -204,10 +204,16 @@ DROPPED_EXTRA = pa.schema(
 )
 
 
-def code_fingerprint(obj: Any) -> str:
-    """Hash of the source of the module that defines `obj`: a code change invalidates its cache."""
-    source = inspect.getsource(inspect.getmodule(obj))
-    return hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of every source file of curate: a stage's output also depends on the kernels, readers and
+    helpers it calls, so any code change invalidates the cache (hashing ~10k lines takes a millisecond)."""
+    h = hashlib.blake2b(digest_size=8)
+    package = Path(curate.__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def _digest(*parts: Any) -> str:
@@ -239,13 +245,13 @@ class Runner:
         edit_parts: list[pl.DataFrame] = []
         results = []
         for step in self.recipe.stages:
+            ctx = self._context()
             key = _digest(
                 key,
                 step.name,
                 dataclasses.asdict(step.config),
-                step.cls(step.config, self._context()).cache_token(),
-                code_fingerprint(step.cls),
-                curate.__version__,
+                step.cls(step.config, ctx).cache_token(),
+                code_fingerprint(),
             )
             cached = self._load_cached(key)
             if cached is not None:
@@ -253,7 +259,7 @@ class Runner:
                 result.cached = True
                 self.progress.note(f"{step.name}: cached ({result.rows_in:,} -> {result.rows_out:,})")
             else:
-                kept, dropped, edits, result = self._run_stage(step, table)
+                kept, dropped, edits, result = self._run_stage(step, ctx, table)
                 self._store_cached(key, kept, dropped, edits, result)
             table = kept
             dropped_parts.append(dropped)
@@ -272,8 +278,6 @@ class Runner:
     # ingest ---------------------------------------------------------------------------------------
 
     def _ingest(self) -> tuple[pl.DataFrame, list[dict], list[dict], str]:
-        from curate import formats
-        from curate.formats import input_files
 
         base = self.recipe.base_dir
         files = []
@@ -285,8 +289,7 @@ class Runner:
             "ingest",
             [dataclasses.asdict(s) for s in self.recipe.inputs],
             [[(str(p), h) for p, h in group] for group in files],
-            code_fingerprint(formats),
-            curate.__version__,
+            code_fingerprint(),
         )
         cached = self._load_cached(key)
         if cached is not None:
@@ -300,7 +303,7 @@ class Runner:
                 tasks.append((spec, base))
             for path, digest in group:
                 tasks.append((dataclasses.replace(spec, path=str(path)), base))
-                hashes[_rel(path, base)] = digest if path.is_file() else None
+                hashes[relative(path, base)] = digest if path.is_file() else None
                 size += path.stat().st_size
         tables: list[pa.Table] = []
         quarantine: list[dict] = []
@@ -340,8 +343,7 @@ class Runner:
             recipe=self.recipe.raw,
         )
 
-    def _run_stage(self, step: StageStep, table: pl.DataFrame):
-        ctx = self._context()
+    def _run_stage(self, step: StageStep, ctx: StageContext, table: pl.DataFrame):
         started = time.perf_counter()
         task = self.progress.task(step.name, total=table.height, unit="records")
         if issubclass(step.cls, RowStage):
@@ -415,12 +417,6 @@ class Runner:
         edits.write_parquet(folder / "edits.parquet", compression="lz4")
         # done.json last: a crash mid-write leaves an entry that is ignored, never a half one that is used
         (folder / "done.json").write_text(json.dumps(dataclasses.asdict(result)))
-
-
-def _rel(path: Path, base: Path) -> str:
-    import os
-
-    return Path(os.path.relpath(path, base)).as_posix()
 
 
 def _empty_dropped() -> pl.DataFrame:
