@@ -28,10 +28,10 @@ def explain(version: Path, record_id: str | None = None, source_ref: str | None 
         ).str.ends_with(path)
     else:
         condition = pl.col("id") == record_id
-    kept = pl.read_parquet(version / "data.parquet").filter(condition)
-    dropped = pl.read_parquet(version / "dropped.parquet").filter(condition)
+    kept = _find(version / "data.parquet", condition)
+    dropped = _find(version / "dropped.parquet", condition)
     ids = set(kept["id"]) | set(dropped["id"])
-    edits = pl.read_parquet(version / "edits.parquet").filter(pl.col("id").is_in(list(ids)))
+    edits = _find(version / "edits.parquet", pl.col("id").is_in(list(ids)))
     if not ids:
         where = record_id or source_ref
         raise CurateError(
@@ -49,9 +49,14 @@ def explain(version: Path, record_id: str | None = None, source_ref: str | None 
     return result
 
 
+def _find(path: Path, condition: pl.Expr) -> pl.DataFrame:
+    # a lazy scan reads only what the filter needs, not the whole version into memory
+    return pl.scan_parquet(path).filter(condition).collect()
+
+
 def _summary(version: Path, record_id: str) -> dict | None:
     for name in ("data.parquet", "dropped.parquet"):
-        hit = pl.read_parquet(version / name).filter(pl.col("id") == record_id).head(1).to_dicts()
+        hit = _find(version / name, pl.col("id") == record_id).head(1).to_dicts()
         if hit:
             return {
                 "id": record_id,
