@@ -73,6 +73,14 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
     return lower, kind
 
 
+@numba.njit(inline="always")
+def _word_hash(h):
+    """Finish a word's FNV-1a hash with half of MurmurHash3's mix (the word's key in every index)."""
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    return h ^ (h >> np.uint64(33))
+
+
 @numba.njit(cache=True)
 def _scan(data, start, end, lower, kind, out, o):
     """Hash the normalized words of data[start:end] into out[o:]; return how many there were.
@@ -91,10 +99,7 @@ def _scan(data, start, end, lower, kind, out, o):
         if k == 2:
             if in_word:
                 if out.size:
-                    h ^= h >> np.uint64(33)
-                    h *= np.uint64(0xFF51AFD7ED558CCD)
-                    h ^= h >> np.uint64(33)
-                    out[o + count] = h
+                    out[o + count] = _word_hash(h)
                 count += 1
                 in_word = False
                 h = np.uint64(0xCBF29CE484222325)
@@ -104,10 +109,7 @@ def _scan(data, start, end, lower, kind, out, o):
             in_word = True
     if in_word:
         if out.size:
-            h ^= h >> np.uint64(33)
-            h *= np.uint64(0xFF51AFD7ED558CCD)
-            h ^= h >> np.uint64(33)
-            out[o + count] = h
+            out[o + count] = _word_hash(h)
         count += 1
     return count
 

@@ -200,27 +200,24 @@ def _encode_splits(recipe: TrainRecipe, version: Version, tokenizer: Any, templa
     train_idx, held_idx = split_holdout(
         version, recipe.holdout.fraction, recipe.holdout.max_records, recipe.holdout.salt
     )
-    convs, ids, max_len = version.conversations, version.ids, recipe.sequence_len
-    train_rows, train_empty = encode_all(
-        [convs[i] for i in train_idx],
-        [ids[i] for i in train_idx],
-        tokenizer,
-        template,
-        max_len,
-        recipe.fully_masked,
-    )
-    held_rows, held_empty = encode_all(
-        [convs[i] for i in held_idx],
-        [ids[i] for i in held_idx],
-        tokenizer,
-        template,
-        max_len,
-        recipe.fully_masked,
-    )
+
+    def encode(idx: list[int]) -> tuple:
+        convs, ids = version.conversations, version.ids
+        return encode_all(
+            [convs[i] for i in idx],
+            [ids[i] for i in idx],
+            tokenizer,
+            template,
+            recipe.sequence_len,
+            recipe.fully_masked,
+        )
+
+    train_rows, train_empty = encode(train_idx)
+    held_rows, held_empty = encode(held_idx)
     eval_data = {"heldout": _dataset(held_rows)} if held_rows else {}
     for name, conversations in eval_set_conversations(recipe, version).items():
         item_ids = [f"{name}:{i}" for i in range(len(conversations))]
-        rows, _ = encode_all(conversations, item_ids, tokenizer, template, max_len, "drop")
+        rows, _ = encode_all(conversations, item_ids, tokenizer, template, recipe.sequence_len, "drop")
         if rows:
             eval_data[name] = _dataset(rows)
     return train_rows, held_rows, eval_data, train_empty + held_empty
