@@ -38,7 +38,7 @@ from curate.errors import CurateError, RecipeError
 from curate.formats import InputSpec, input_files, relative
 from curate.progress import Progress
 from curate.records import RECORD_SCHEMA, to_table
-from curate.stages.base import Drop, RowStage, Stage, StageContext, build_config, files_token
+from curate.stages.base import Drop, RowStage, Stage, StageContext, build_config, evidence_json, files_token
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -378,7 +378,8 @@ class Runner:
         """A row stage over slices of the table, on the engine's workers when the table is large."""
         offsets = range(0, table.height, ROW_CHUNK)
         tasks = [
-            (step.name, step.config, ctx, table.slice(o, ROW_CHUNK).rechunk().to_arrow()) for o in offsets
+            (step.name, step.config, ctx, table.slice(o, ROW_CHUNK).to_arrow().cast(RECORD_SCHEMA))
+            for o in offsets
         ]
         kept_parts, edit_parts, drop_idx, reasons, evidence = [], [], [], [], []
         results = self.engine.map(row_stage_task, tasks, parallel=table.height >= PARALLEL_MIN_ROWS)
@@ -455,7 +456,7 @@ def _apply_verdicts(stage: str, table: pl.DataFrame, verdicts: list, added: list
     if added:
         kept = pl.concat([kept, pl.from_arrow(to_table(added))])
         edits.extend(edit_entry(stage, None, r) for r in added)
-    evidence = [json.dumps(d.evidence, ensure_ascii=False, sort_keys=True, default=str) for d in drops]
+    evidence = [evidence_json(d.evidence) for d in drops]
     dropped = _dropped_rows(stage, table, drop_idx, [d.reason for d in drops], evidence)
     return kept, dropped, pl.from_arrow(pa.Table.from_pylist(edits, schema=EDITS_SCHEMA))
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import pairwise
 from typing import Any
 
 import pyarrow as pa
 
-from curate.text.clean import clean_text
+from curate.text.clean import clean_column, clean_text, string_buffers
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -92,20 +93,119 @@ def make_record(
     rejected: list[dict] | None = None,
     label: bool | None = None,
 ) -> dict:
-    """Build a canonical record dict with its id; messages must already be canonical dicts."""
-    if tools is not None and not isinstance(tools, str):
-        tools = json.dumps(tools, ensure_ascii=False)
+    """One canonical record dict with its id; messages must already be canonical dicts.
+
+    For many records at once, `RecordColumns` is several times faster and gives the same rows.
+    """
     return {
         "id": record_id(messages),
         "messages": messages,
         "source": source,
         "origin": origin,
         "parent_id": parent_id,
-        "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
-        "tools": tools,
+        "meta": _meta_text(meta),
+        "tools": _tools_text(tools),
         "rejected": rejected,
         "label": label,
     }
+
+
+def _meta_text(meta: dict | None) -> str | None:
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None
+
+
+def _tools_text(tools: Any) -> str | None:
+    return tools if tools is None or isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+
+
+class RecordColumns:
+    """Records gathered column by column, then one Arrow table with every id computed at once.
+
+    Readers add tens of thousands of records per file; building Python dicts and converting them
+    with `pa.Table.from_pylist` cost more than parsing the JSON, so the values go straight into
+    one list per column instead. `table()` gives the same rows as `to_table` of `make_record`s.
+    """
+
+    def __init__(self) -> None:
+        self.offsets = [0]
+        self.role: list[str] = []
+        self.content: list[str | None] = []
+        self.tool_calls: list[str | None] = []
+        self.name: list[str | None] = []
+        self.columns: dict[str, list] = {k: [] for k in ("source", "origin", "parent_id", "meta", "tools")}
+        self.rejected: list[list[dict] | None] = []
+        self.label: list[bool | None] = []
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def add(
+        self,
+        messages: list[dict],
+        source: dict,
+        *,
+        origin: str = "real",
+        parent_id: str | None = None,
+        meta: dict | None = None,
+        tools: Any = None,
+        rejected: list[dict] | None = None,
+        label: bool | None = None,
+    ) -> None:
+        """Append one record; the arguments are those of `make_record`."""
+        for m in messages:
+            self.role.append(m["role"])
+            self.content.append(m["content"])
+            self.tool_calls.append(m.get("tool_calls"))
+            self.name.append(m.get("name"))
+        self.offsets.append(len(self.role))
+        columns = self.columns
+        columns["source"].append(source)
+        columns["origin"].append(origin)
+        columns["parent_id"].append(parent_id)
+        columns["meta"].append(_meta_text(meta))
+        columns["tools"].append(_tools_text(tools))
+        self.rejected.append(rejected)
+        self.label.append(label)
+
+    def table(self) -> pa.Table:
+        """The records as a table of RECORD_SCHEMA, ids included."""
+        turns = pa.StructArray.from_arrays(
+            [
+                pa.array(self.role, pa.string()),
+                pa.array(self.content, pa.string()),
+                pa.array(self.tool_calls, pa.string()),
+                pa.array(self.name, pa.string()),
+            ],
+            fields=list(MESSAGE_TYPE),
+        )
+        messages = pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), turns)
+        columns = {"id": record_ids(messages), "messages": messages}
+        for key, values in self.columns.items():
+            columns[key] = pa.array(values, RECORD_SCHEMA.field(key).type)
+        columns["rejected"] = pa.array(self.rejected, MESSAGES_TYPE)
+        columns["label"] = pa.array(self.label, pa.bool_())
+        return pa.table(columns, schema=RECORD_SCHEMA)
+
+
+def record_ids(messages: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`record_id` of every conversation of a messages column, with the text cleaned column-wise."""
+    import pyarrow.compute as pc
+
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    role, content, tool_calls, name = messages.flatten().flatten()
+    turn_keys = pc.binary_join_element_wise(
+        role, clean_column(content)[0].fill_null(""), tool_calls.fill_null(""), name.fill_null(""), _FIELD
+    )
+    offsets = messages.offsets
+    offsets = pc.subtract(offsets, offsets[0])
+    keys = pc.binary_join(pa.ListArray.from_arrays(offsets, turn_keys), _TURN)
+    data, ends = string_buffers(keys)
+    view = memoryview(data)
+    blake2b = hashlib.blake2b
+    return pa.array(
+        [blake2b(view[a:b], digest_size=8).hexdigest() for a, b in pairwise(ends.tolist())], pa.string()
+    )
 
 
 def meta_of(record: dict) -> dict:

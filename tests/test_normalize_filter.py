@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from curate.errors import RecipeError
-from curate.records import make_record, message, record_id
-from curate.stages import STAGES, Drop, StageContext
+from curate.formats import InputSpec, read_input
+from curate.records import make_record, message, record_id, to_table
+from curate.stages import STAGES, Drop, RowStage, StageContext
 from curate.stages.base import build_config
 
 SOURCE = {"name": "t", "path": "t.jsonl", "row": 1, "format": "messages"}
@@ -159,3 +162,64 @@ def test_token_bounds_count_with_a_real_tokenizer(tmp_path):
     assert stage("filter", tokenizer=str(folder), max_tokens=n).process(r) is None
     too_many = stage("filter", tokenizer=str(folder), max_tokens=n - 1).process(r)
     assert too_many.reason == "too_many_tokens" and too_many.evidence == {"tokens": n, "max": n - 1}
+
+
+NORMALIZE_CONFIGS = [
+    {},
+    {"system_prompt": "You are helpful.  "},
+    {"system_prompt": "Be brief.", "system_prompt_mode": "replace"},
+    {"system_prompt": "S", "system_prompt_mode": "keep", "merge_consecutive": False},
+    {"unicode_form": "NFKC", "role_aliases": {"human": "user", "narrator": "system"}},
+    {"unicode_form": "none", "strip_whitespace": False, "strip_control_chars": False},
+]
+
+
+def _random_records(n: int, seed: int) -> list[dict]:
+    """Records built to hit every branch: aliases, unknown roles, runs to merge, tool calls, nulls."""
+    rng = random.Random(seed)
+    roles = ["user", "assistant", "system", "tool", "human", "narrator", "wizard"]
+    texts = ["", " ", "hi", "ok \n", "Cafe\u0301", "a\r\nb", "x\x07", "\u00a0y", None]
+    records = []
+    for i in range(n):
+        turns = []
+        for _ in range(rng.randint(0, 5)):
+            role = rng.choice(roles)
+            calls = (
+                '[{"name": "f"}]' if role == "assistant" and rng.random() < 0.2 else rng.choice([None, ""])
+            )
+            turns.append(
+                {
+                    "role": role,
+                    "content": rng.choice(texts),
+                    "tool_calls": calls,
+                    "name": rng.choice([None, "t"]),
+                }
+            )
+        source = {"name": "t", "path": "t.jsonl", "row": i, "format": "messages"}
+        records.append({**make_record(turns, source), "meta": None})
+    return records
+
+
+@pytest.mark.parametrize("options", NORMALIZE_CONFIGS)
+def test_normalize_on_columns_equals_the_row_path(options):
+    """process_table (whole columns) gives exactly the rows, drops and edits of process (dicts)."""
+    table = to_table(_random_records(3000, seed=len(str(options))))
+    s = stage("normalize", **options)
+    fast, slow = s.process_table(table), RowStage.process_table(s, table)
+    assert fast.drops == slow.drops
+    assert fast.kept.equals(slow.kept)
+    assert fast.edits.equals(slow.edits)
+    reasons = {reason for _, reason, _ in slow.drops}
+    assert "unknown_role" in reasons and slow.edits.num_rows > 50
+
+
+@pytest.mark.parametrize("options", NORMALIZE_CONFIGS[:3])
+def test_normalize_on_columns_equals_the_row_path_on_raw(shared_data, options):
+    table = pa.concat_tables(b.table for b in read_input(InputSpec(path="raw"), shared_data))
+    s = stage("normalize", **options)
+    for offset in range(0, table.num_rows, 20_000):
+        chunk = table.slice(offset, 20_000)
+        fast, slow = s.process_table(chunk), RowStage.process_table(s, chunk)
+        assert fast.drops == slow.drops
+        assert fast.kept.equals(slow.kept)
+        assert fast.edits.equals(slow.edits)

@@ -8,7 +8,6 @@ starting workers would cost more than it saves.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -20,9 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.edits import EDITS_SCHEMA, edit_entry
 from curate.errors import CurateError
-from curate.records import RECORD_SCHEMA, to_table
+from curate.records import RECORD_SCHEMA
 
 # Below these sizes one process is faster than starting workers.
 PARALLEL_MIN_ROWS = 20_000
@@ -89,25 +87,16 @@ def ingest_task(spec: Any, base_dir: Path) -> IngestResult:
         entry = files.setdefault(
             batch.path, {"path": batch.path, "format": batch.format, "records": 0, "quarantined": 0}
         )
-        entry["records"] += len(batch.records)
+        entry["records"] += batch.table.num_rows
         entry["quarantined"] += len(batch.quarantined)
-        if batch.records:
-            tables.append(to_table(batch.records))
+        if batch.table.num_rows:
+            tables.append(batch.table)
         quarantined.extend(batch.quarantined)
     table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
     return IngestResult(table, quarantined, list(files.values()))
 
 
 # row stages ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class RowChunkResult:
-    """A row stage's verdicts on one slice: kept rows (rewrites applied), drops by slice row, edits."""
-
-    kept: pa.Table
-    drops: list[tuple[int, str, str]]  # (row in the slice, reason, evidence as JSON)
-    edits: pa.Table
 
 
 # Stages built in this process, so a worker sets each one up (models, tokenizers) once, not per slice.
@@ -126,32 +115,6 @@ def _stage(name: str, config: Any, context: Any) -> Any:
     return stage
 
 
-def row_stage_task(name: str, config: Any, context: Any, chunk: pa.Table) -> RowChunkResult:
-    from curate.stages.base import Drop
-
-    stage = _stage(name, config, context)
-    rows = chunk.to_pylist()
-    verdicts = stage.process_batch(rows)
-    if len(verdicts) != len(rows):
-        raise RuntimeError(f"stage {name} returned {len(verdicts)} verdicts for {len(rows)} records")
-    keep, rewritten, drops, edits = [], False, [], []
-    for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):
-        if isinstance(verdict, Drop):
-            drops.append(
-                (
-                    i,
-                    verdict.reason,
-                    json.dumps(verdict.evidence, ensure_ascii=False, sort_keys=True, default=str),
-                )
-            )
-            continue
-        keep.append(i)
-        if isinstance(verdict, dict):
-            rewritten = True
-            rows[i] = verdict
-            entry = edit_entry(name, row, verdict)
-            if entry:
-                edits.append(entry)
-    # untouched slices are cut from the input table: no trip through Python objects and back
-    kept = to_table([rows[i] for i in keep]) if rewritten else chunk.take(keep)
-    return RowChunkResult(kept, drops, pa.Table.from_pylist(edits, schema=EDITS_SCHEMA))
+def row_stage_task(name: str, config: Any, context: Any, chunk: pa.Table) -> Any:
+    """A row stage on one slice of the table: its `RowsResult`."""
+    return _stage(name, config, context).process_table(chunk)

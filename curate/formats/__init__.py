@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
 
+import pyarrow as pa
+
 from curate.errors import FormatError, RecipeError
 from curate.formats import (  # noqa: F401 - each module registers its format on import
     alpaca,
@@ -47,7 +49,7 @@ from curate.formats.readers import (
     load_hf,
     stem,
 )
-from curate.records import make_record
+from curate.records import RecordColumns
 
 SPEC_KEYS = ("path", "name", "format", "fields", "split", "config", "options")
 
@@ -146,12 +148,17 @@ def _check_fields(mapping: object, where: str) -> None:
 
 @dataclass
 class IngestBatch:
-    """Records read from one file, with the quarantine entries met while reading them."""
+    """Records read from one file, as a canonical Arrow table, with the quarantine met reading them."""
 
     path: str  # the file these came from (relative to base_dir, posix)
     format: str  # the format the converter used (the file's format; rows of mixed files say their own)
-    records: list[dict]
+    table: pa.Table  # of curate.records.RECORD_SCHEMA
     quarantined: list[dict]  # {"file", "line", "error", "raw"}
+
+    @property
+    def records(self) -> list[dict]:
+        """The records as dicts (a conversion: for inspection and tests, not for bulk work)."""
+        return self.table.to_pylist()
 
 
 def input_files(spec: InputSpec, base_dir: Path) -> list[Path]:
@@ -211,9 +218,9 @@ def inspect_input(spec: InputSpec, base_dir: Path) -> list[dict]:
                 "formats": Counter(),
             },
         )
-        item["records"] += len(batch.records)
+        item["records"] += batch.table.num_rows
         item["quarantined"] += len(batch.quarantined)
-        item["formats"].update(r["source"]["format"] for r in batch.records)
+        item["formats"].update(batch.table["source"].combine_chunks().field("format").to_pylist())
     for item in out.values():
         item["formats"] = dict(sorted(item["formats"].items()))
     return list(out.values())
@@ -267,7 +274,7 @@ def _read_rows(
     file_format, check_rows = _choose_format(head, path, spec)
     format_name = file_format.name if file_format else "empty"
     detect = file_format.detect if file_format else None
-    records: list[dict] = []
+    records = RecordColumns()
     quarantined: list[dict] = []
     for number, value, raw in chain(head, rows):
         if type(value) is not dict:
@@ -303,11 +310,11 @@ def _read_rows(
             continue
         source = {"name": source_name, "path": path, "row": number, "format": fmt.name}
         for item in converted:
-            records.append(make_record(source=source, **item))
+            records.add(source=source, **item)
         if len(records) >= batch_size:
-            yield IngestBatch(path, format_name, records, quarantined)
-            records, quarantined = [], []
-    yield IngestBatch(path, format_name, records, quarantined)
+            yield IngestBatch(path, format_name, records.table(), quarantined)
+            records, quarantined = RecordColumns(), []
+    yield IngestBatch(path, format_name, records.table(), quarantined)
 
 
 __all__ = [

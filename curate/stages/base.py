@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import polars as pl
+import pyarrow as pa
 
+from curate.edits import EDITS_SCHEMA, edit_entry
 from curate.errors import RecipeError
+from curate.records import to_table
 
 
 @dataclass(frozen=True)
@@ -116,14 +120,54 @@ def files_token(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class RowsResult:
+    """A row stage's answer for a slice of the table: kept rows (rewrites applied), drops, edits."""
+
+    kept: pa.Table
+    drops: list[tuple[int, str, str]]  # (row in the slice, reason, evidence as JSON)
+    edits: pa.Table  # of curate.edits.EDITS_SCHEMA
+
+
 class RowStage(Stage):
-    """A stage that judges each record on its own."""
+    """A stage that judges each record on its own.
+
+    A stage writes `process` (one record as a dict in, a verdict out). The engine calls
+    `process_table` on slices of the table; its default runs `process` on every row, and a stage
+    whose work can be done on whole columns overrides it (normalize does) to skip the dicts.
+    """
 
     def process(self, record: dict) -> Verdict:
         raise NotImplementedError
 
     def process_batch(self, records: list[dict]) -> list[Verdict]:
         return [self.process(r) for r in records]
+
+    def process_table(self, table: pa.Table) -> RowsResult:
+        rows = table.to_pylist()
+        verdicts = self.process_batch(rows)
+        if len(verdicts) != len(rows):
+            raise RuntimeError(f"stage {self.name} returned {len(verdicts)} verdicts for {len(rows)} records")
+        keep, rewritten, drops, edits = [], False, [], []
+        for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):
+            if isinstance(verdict, Drop):
+                drops.append((i, verdict.reason, evidence_json(verdict.evidence)))
+                continue
+            keep.append(i)
+            if isinstance(verdict, dict):
+                rewritten = True
+                rows[i] = verdict
+                entry = edit_entry(self.name, row, verdict)
+                if entry:
+                    edits.append(entry)
+        # untouched slices are cut from the input table: no trip through Python objects and back
+        kept = to_table([rows[i] for i in keep]) if rewritten else table.take(keep)
+        return RowsResult(kept, drops, pa.Table.from_pylist(edits, schema=EDITS_SCHEMA))
+
+
+def evidence_json(evidence: dict) -> str:
+    """A drop's evidence as it is stored in dropped.parquet."""
+    return json.dumps(evidence, ensure_ascii=False, sort_keys=True, default=str)
 
 
 class TableStage(Stage):

@@ -11,6 +11,12 @@ import re
 import unicodedata
 from typing import Literal
 
+import numba
+import numpy as np
+import pyarrow as pa
+
+from curate.text.shingles import decode_utf8
+
 UnicodeForm = Literal["NFC", "NFKC", "none"]
 
 # C0/C1 control characters except tab and newline: they break tokenizers and renderers.
@@ -45,3 +51,251 @@ def clean_text(
     if text[:1].isspace() or text[-1:].isspace():
         text = text.strip()
     return text
+
+
+# Whole columns ------------------------------------------------------------------------------------
+#
+# `clean_column` gives the same strings as `clean_text` on every element of an Arrow string array,
+# without a Python call per string. A compiled pass notes what each string needs: most real text
+# needs nothing and is copied as is; the byte-level steps (control characters, CR, spaces before a
+# newline, blank lines, trimming) run compiled, in clean_text's order; only Unicode composition,
+# and the rare non-ASCII text holding control characters, go through Python. tests/test_clean.py
+# holds the column equal to clean_text on fuzzed text and on all of raw/.
+
+_IS_CONTROL = np.zeros(256, np.bool_)
+_IS_CONTROL[list(_ASCII_CONTROL)] = True
+# str.isspace() of every code point that has it: none lies above U+3000 (a test checks this)
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3001)], np.bool_)
+
+# what a string needs, as bits
+_CONTROL, _CR, _SPACE_NL, _BLANK_LINES, _EDGE, _NON_ASCII = 1, 2, 4, 8, 16, 32
+_WHITESPACE_STEPS = _CR | _SPACE_NL | _BLANK_LINES | _EDGE
+# how a string is produced
+_COPY, _STEPS, _FROM_PYTHON, _STEPS_ON_PYTHON = 0, 1, 2, 3
+
+
+@numba.njit(inline="always")
+def _space_at(data, i):
+    """Whether the code point starting at byte i is whitespace to str.isspace(), and its length."""
+    cp, size = decode_utf8(data, i)
+    return cp < 0x3001 and _IS_SPACE[cp], size
+
+
+@numba.njit(inline="always")
+def _last_start(data, start, end):
+    """Byte where the last code point of data[start:end] starts."""
+    k = end - 1
+    while k > start and (data[k] & 0xC0) == 0x80:
+        k -= 1
+    return k
+
+
+@numba.njit(cache=True)
+def _triage(data, offsets, needs):
+    """What each string needs, as bits: one pass over the bytes, nothing changed."""
+    for i in range(len(offsets) - 1):
+        start, end = offsets[i], offsets[i + 1]
+        bits = 0
+        prev = prev2 = 0
+        for j in range(start, end):
+            c = data[j]
+            if c >= 0x80:
+                bits |= _NON_ASCII
+                if c == 0xC2 and j + 1 < end and 0x80 <= data[j + 1] <= 0x9F:
+                    bits |= _CONTROL  # C1 control characters, U+0080..U+009F
+            elif _IS_CONTROL[c]:
+                bits |= _CONTROL
+            elif c == 13:
+                bits |= _CR
+            elif c == 10:
+                if prev == 32 or prev == 9:
+                    bits |= _SPACE_NL
+                elif prev == 10 and prev2 == 10:
+                    bits |= _BLANK_LINES
+            prev2 = prev
+            prev = c
+        if end > start and (_space_at(data, start)[0] or _space_at(data, _last_start(data, start, end))[0]):
+            bits |= _EDGE
+        needs[i] = bits
+
+
+@numba.njit(cache=True)
+def _steps(src, start, end, bits, strip_control, strip_whitespace, out, o):
+    """clean_text's byte-level steps on src[start:end], written at out[o:]; returns the new end.
+
+    Each step is its own pass, in clean_text's order, compacting in place (the write position never
+    passes the read position). Steps the string does not need are skipped; one step can make work
+    for the next (removing a control character can bring a space next to a newline), so after
+    those every later step runs.
+    """
+    w = o
+    if strip_control and bits & _CONTROL:
+        j = start
+        while j < end:
+            c = src[j]
+            if c == 0xC2 and j + 1 < end and 0x80 <= src[j + 1] <= 0x9F:
+                j += 2
+                continue
+            if not _IS_CONTROL[c]:
+                out[w] = c
+                w += 1
+            j += 1
+        bits |= _WHITESPACE_STEPS
+    else:
+        out[o : o + end - start] = src[start:end]
+        w = o + end - start
+    if not strip_whitespace:
+        return w
+    end = w
+    if bits & _CR:
+        w = r = o
+        while r < end:
+            c = out[r]
+            r += 1
+            if c == 13:
+                c = 10
+                if r < end and out[r] == 10:
+                    r += 1
+            out[w] = c
+            w += 1
+        end = w
+        bits |= _SPACE_NL | _BLANK_LINES
+    if bits & _SPACE_NL:
+        w = r = o
+        while r < end:
+            c = out[r]
+            if c == 32 or c == 9:
+                k = r
+                while k < end and (out[k] == 32 or out[k] == 9):
+                    k += 1
+                if k < end and out[k] == 10:
+                    r = k
+                    continue
+                while r < k:
+                    out[w] = out[r]
+                    w += 1
+                    r += 1
+                continue
+            out[w] = c
+            w += 1
+            r += 1
+        end = w
+        bits |= _BLANK_LINES
+    if bits & _BLANK_LINES:
+        w = r = o
+        while r < end:
+            if out[r] == 10:
+                k = r
+                while k < end and out[k] == 10:
+                    k += 1
+                for _ in range(min(k - r, 2)):
+                    out[w] = 10
+                    w += 1
+                r = k
+                continue
+            out[w] = out[r]
+            w += 1
+            r += 1
+        end = w
+    first = o
+    while first < end:
+        space, size = _space_at(out, first)
+        if not space:
+            break
+        first += size
+    while end > first:
+        last = _last_start(out, first, end)
+        if not _space_at(out, last)[0]:
+            break
+        end = last
+    if first > o:
+        out[o : o + end - first] = out[first:end].copy()
+    return o + end - first
+
+
+@numba.njit(cache=True)
+def _assemble(data, offsets, needs, how, py, py_offsets, strip_control, strip_whitespace, out, out_offsets):
+    """The cleaned column, string by string, from the source or from Python's result."""
+    o = 0
+    p = 0
+    for i in range(len(offsets) - 1):
+        out_offsets[i] = o
+        start, end = offsets[i], offsets[i + 1]
+        src = data
+        if how[i] == _FROM_PYTHON or how[i] == _STEPS_ON_PYTHON:
+            src = py
+            start, end = py_offsets[p], py_offsets[p + 1]
+            p += 1
+        if how[i] == _STEPS or how[i] == _STEPS_ON_PYTHON:
+            o = _steps(src, start, end, needs[i], strip_control, strip_whitespace, out, o)
+        else:
+            out[o : o + end - start] = src[start:end]
+            o += end - start
+    out_offsets[len(offsets) - 1] = o
+
+
+def string_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(UTF-8 bytes, int64 offsets) of a string array, zero-copy where Arrow allows; nulls are empty."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if array.null_count:
+        array = array.fill_null("")
+    if array.type != pa.large_string():
+        array = array.cast(pa.large_string())
+    _, off_buf, data_buf = array.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return data, offsets
+
+
+def clean_column(
+    array: pa.Array,
+    unicode_form: UnicodeForm = "NFC",
+    strip_control: bool = True,
+    strip_whitespace: bool = True,
+) -> tuple[pa.Array, np.ndarray]:
+    """`clean_text` on every string of an Arrow string array: (cleaned array, which strings changed).
+
+    Nulls stay null; the result has the input's type (string or large_string).
+    """
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    data, offsets = string_buffers(array)
+    needs = np.empty(len(array), np.uint8)
+    _triage(data, offsets, needs)
+    work = _WHITESPACE_STEPS if strip_whitespace else 0
+    if strip_control:
+        work |= _CONTROL
+    how = np.where(needs & work, _STEPS, _COPY).astype(np.uint8)
+    changed = how == _STEPS  # every step the triage asks for changes the text
+    py_parts = []
+    non_ascii = np.flatnonzero(needs & _NON_ASCII) if unicode_form != "none" else []
+    texts = array.take(pa.array(non_ascii, pa.int64())).to_pylist() if len(non_ascii) else []
+    for i, text in zip(non_ascii, texts, strict=True):
+        if strip_control and needs[i] & _CONTROL:
+            # controls go before composition (dropping one can make a letter and its accent meet)
+            cleaned = clean_text(text, unicode_form, strip_control, strip_whitespace)
+            how[i], changed[i] = _FROM_PYTHON, cleaned != text
+            py_parts.append(cleaned.encode("utf-8"))
+        elif unicode_form != "none" and not unicodedata.is_normalized(unicode_form, text):
+            # composition can make new whitespace (NFKC turns U+00A0 into a space): every step runs
+            how[i] = _STEPS_ON_PYTHON if strip_whitespace else _FROM_PYTHON
+            needs[i] = _WHITESPACE_STEPS
+            changed[i] = True
+            py_parts.append(unicodedata.normalize(unicode_form, text).encode("utf-8"))
+    if not changed.any():
+        return array, changed
+    py = np.frombuffer(b"".join(py_parts), np.uint8) if py_parts else np.zeros(0, np.uint8)
+    py_offsets = np.zeros(len(py_parts) + 1, np.int64)
+    np.cumsum([len(p) for p in py_parts], out=py_offsets[1:])
+    out = np.empty(len(data) + len(py), np.uint8)
+    out_offsets = np.empty(len(array) + 1, np.int64)
+    _assemble(data, offsets, needs, how, py, py_offsets, strip_control, strip_whitespace, out, out_offsets)
+    validity = array.is_valid().buffers()[1] if array.null_count else None
+    cleaned = pa.Array.from_buffers(
+        pa.large_string(),
+        len(array),
+        [validity, pa.py_buffer(out_offsets), pa.py_buffer(out[: out_offsets[-1]])],
+        array.null_count,
+    )
+    return (cleaned if array.type == pa.large_string() else cleaned.cast(array.type)), changed
