@@ -169,22 +169,34 @@ class RecordColumns:
 
     def table(self) -> pa.Table:
         """The records as a table of RECORD_SCHEMA, ids included."""
-        turns = pa.StructArray.from_arrays(
-            [
-                pa.array(self.role, pa.string()),
-                pa.array(self.content, pa.string()),
-                pa.array(self.tool_calls, pa.string()),
-                pa.array(self.name, pa.string()),
-            ],
-            fields=list(MESSAGE_TYPE),
-        )
-        messages = pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), turns)
-        columns = {"id": record_ids(messages), "messages": messages}
-        for key, values in self.columns.items():
-            columns[key] = pa.array(values, RECORD_SCHEMA.field(key).type)
+        messages = messages_array(self.offsets, self.role, self.content, self.tool_calls, self.name)
+        columns = {
+            key: pa.array(values, RECORD_SCHEMA.field(key).type) for key, values in self.columns.items()
+        }
         columns["rejected"] = pa.array(self.rejected, MESSAGES_TYPE)
         columns["label"] = pa.array(self.label, pa.bool_())
-        return pa.table(columns, schema=RECORD_SCHEMA)
+        return records_table(messages, **columns)
+
+
+def messages_array(offsets: Any, role: Any, content: Any, tool_calls: Any, name: Any) -> pa.ListArray:
+    """A messages column from record offsets and one sequence (or Arrow array) per message field."""
+    fields = [
+        values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+        for values in (role, content, tool_calls, name)
+    ]
+    turns = pa.StructArray.from_arrays(fields, fields=list(MESSAGE_TYPE))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), turns)
+
+
+def records_table(messages: pa.Array, source: pa.Array, **columns: pa.Array) -> pa.Table:
+    """A RECORD_SCHEMA table from its columns, the ids computed from `messages`; columns left out are
+    null (origin: "real")."""
+    n = len(messages)
+    columns = {"id": record_ids(messages), "messages": messages, "source": source, **columns}
+    columns.setdefault("origin", pa.repeat("real", n))
+    return pa.table(
+        {f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in RECORD_SCHEMA}, schema=RECORD_SCHEMA
+    )
 
 
 def record_ids(messages: pa.Array | pa.ChunkedArray) -> pa.Array:

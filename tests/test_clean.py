@@ -6,7 +6,11 @@ import random
 import re
 import unicodedata
 
-from curate.text.clean import clean_text
+import pyarrow as pa
+import pytest
+
+from curate.formats import InputSpec, read_input
+from curate.text.clean import PYTHON_WHITESPACE, clean_column, clean_text
 
 ALPHABET = "ab \t\n\r\x00\x07\x1f\x7f\x85\x9f\u00a0e\u0301\u00e9\u2028\u3000\ufb01中"
 
@@ -38,3 +42,45 @@ def test_clean_text_is_returned_unchanged():
     assert clean_text("x\r\ny  \n\n\n\nz ") == "x\ny\n\nz"
     assert clean_text("keep\x07me", strip_control=False) == "keep\x07me"
     assert clean_text("  as is \n", strip_whitespace=False) == "  as is \n"
+
+
+OPTIONS = [
+    ("NFC", True, True),
+    ("NFKC", True, True),
+    ("none", True, True),
+    ("none", False, True),
+    ("NFC", True, False),
+    ("NFC", False, False),
+]
+
+
+def _texts(rng: random.Random, alphabet: str, longest: int, n: int) -> list[str | None]:
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest))) for _ in range(n)] + [None]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_clean_column_equals_clean_text_on_fuzzed_text(options):
+    rng = random.Random(1)
+    # short texts hit every character class; long mostly-plain ones hit the 8-bytes-at-a-time copy
+    texts = _texts(rng, ALPHABET, 12, 20_000) + _texts(rng, "abcdefgh" * 6 + "  \n\t\r\x07\u00e9", 300, 3_000)
+    column, changed = clean_column(pa.array(texts), *options)
+    expected = [None if t is None else clean_text(t, *options) for t in texts]
+    assert column.to_pylist() == expected
+    assert changed.tolist() == [t is not None and e != t for t, e in zip(texts, expected, strict=True)]
+
+
+def test_clean_column_equals_clean_text_on_raw(shared_data):
+    tables = [b.table for b in read_input(InputSpec(path="raw"), shared_data)]
+    contents = pa.concat_arrays([t["messages"].combine_chunks().flatten().field("content") for t in tables])
+    texts = contents.to_pylist()
+    for options in OPTIONS[:3]:
+        column, changed = clean_column(contents, *options)
+        expected = [clean_text(t, *options) for t in texts]
+        assert column.to_pylist() == expected
+        assert int(changed.sum()) == sum(e != t for t, e in zip(texts, expected, strict=True))
+
+
+def test_the_whitespace_table_is_complete():
+    """clean_column's trim knows str.isspace() only up to U+3000: nothing above may be whitespace."""
+    assert not [c for c in range(0x3001, 0x110000) if chr(c).isspace()]
+    assert PYTHON_WHITESPACE == [c for c in range(0x3001) if chr(c).isspace()]

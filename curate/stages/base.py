@@ -161,7 +161,7 @@ class RowStage(Stage):
                 if entry:
                     edits.append(entry)
         # untouched slices are cut from the input table: no trip through Python objects and back
-        kept = to_table([rows[i] for i in keep]) if rewritten else table.take(keep)
+        kept = to_table([rows[i] for i in keep]) if rewritten else table.take(pa.array(keep, pa.int64()))
         return RowsResult(kept, drops, pa.Table.from_pylist(edits, schema=EDITS_SCHEMA))
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -210,43 +211,55 @@ class NormalizeStage(RowStage):
                 drops[record] = (record, "unrenderable", evidence_json(evidence))
         return [drops[r] for r in sorted(drops)]
 
-    def _edits(
-        self, table: pa.Table, old: _Turns, new: _Turns, turn_changed, changed, dropped: set
-    ) -> pa.Table:
+    def _edits(self, table: pa.Table, old: _Turns, new: _Turns, turn_changed, changed, dropped) -> pa.Table:
         """What `describe_change` says of each rewritten record, from counts instead of dicts."""
         n = table.num_rows
-        old_system = old.role_is("system")
-        new_system = new.role_is("system")
-        old_sys = np.bincount(old.record, weights=old_system, minlength=n).astype(np.int64)
-        new_sys = np.bincount(new.record, weights=new_system, minlength=n).astype(np.int64)
-        old_turns = np.diff(old.offsets) - old_sys
+        old_system, new_system = old.role_is("system"), new.role_is("system")
+        new_sys = np.bincount(new.record, weights=new_system, minlength=n)
+        old_turns = np.diff(old.offsets) - np.bincount(old.record, weights=old_system, minlength=n)
         new_turns = np.diff(new.offsets) - new_sys
-        cleaned = np.bincount(old.record, weights=turn_changed & ~old_system, minlength=n).astype(np.int64)
-        sys_differ = _system_texts_differ(old, new)
-        rows = [i for i in np.flatnonzero(changed).tolist() if i not in dropped]
-        ids = table["id"].take(rows).to_pylist() if rows else []
-        sources = table["source"].take(rows).to_pylist() if rows else []
-        out = []
-        for i, record_id, src in zip(rows, ids, sources, strict=True):
-            notes = []
-            if sys_differ[i]:
-                notes.append("system prompt set" if new_sys[i] else "system prompt removed")
-            if old_turns[i] != new_turns[i]:
-                notes.append(f"turns {old_turns[i]} -> {new_turns[i]}")
-            elif cleaned[i]:
-                notes.append(f"text cleaned in {cleaned[i]} turn{'s' if cleaned[i] > 1 else ''}")
-            if notes:
-                src = src or {}
-                out.append(
-                    {
-                        "id": record_id,
-                        "path": src.get("path"),
-                        "row": src.get("row"),
-                        "stage": self.name,
-                        "change": "; ".join(notes),
-                    }
+        rows = changed.copy()
+        rows[list(dropped)] = False
+        source = table["source"].combine_chunks()
+        facts = pl.DataFrame(
+            {
+                "id": table["id"].combine_chunks(),
+                "path": source.field("path"),
+                "row": source.field("row"),
+                "system": _system_texts_differ(old, new),
+                "system_set": new_sys > 0,
+                "old": old_turns.astype(np.int64),
+                "new": new_turns.astype(np.int64),
+                "cleaned": np.bincount(old.record, weights=turn_changed & ~old_system, minlength=n).astype(
+                    np.int64
+                ),
+            }
+        ).filter(pl.Series(rows))
+        system = pl.when(pl.col("system")).then(
+            pl.when(pl.col("system_set"))
+            .then(pl.lit("system prompt set"))
+            .otherwise(pl.lit("system prompt removed"))
+        )
+        turns = (
+            pl.when(pl.col("old") != pl.col("new"))
+            .then(pl.format("turns {} -> {}", "old", "new"))
+            .when(pl.col("cleaned") > 0)
+            .then(
+                pl.format(
+                    "text cleaned in {} turn{}",
+                    "cleaned",
+                    pl.when(pl.col("cleaned") > 1).then(pl.lit("s")).otherwise(pl.lit("")),
                 )
-        return pa.Table.from_pylist(out, schema=EDITS_SCHEMA)
+            )
+        )
+        edits = facts.select(
+            "id",
+            "path",
+            "row",
+            pl.lit(self.name).alias("stage"),
+            pl.concat_str([system, turns], separator="; ", ignore_nulls=True).alias("change"),
+        ).filter(pl.col("change") != "")
+        return edits.to_arrow().cast(EDITS_SCHEMA)
 
     def _render_problem(self, turns: list[dict]) -> str | None:
         if not turns:

@@ -64,8 +64,10 @@ def clean_text(
 
 _IS_CONTROL = np.zeros(256, np.bool_)
 _IS_CONTROL[list(_ASCII_CONTROL)] = True
-# str.isspace() of every code point that has it: none lies above U+3000 (a test checks this)
-_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3001)], np.bool_)
+# the code points str.isspace() accepts: none lies above U+3000 (a test checks this)
+PYTHON_WHITESPACE = [c for c in range(0x3001) if chr(c).isspace()]
+_IS_SPACE = np.zeros(0x3001, np.bool_)
+_IS_SPACE[PYTHON_WHITESPACE] = True
 
 # what a string needs, as bits
 _CONTROL, _CR, _SPACE_NL, _BLANK_LINES, _EDGE, _NON_ASCII = 1, 2, 4, 8, 16, 32
@@ -90,14 +92,37 @@ def _last_start(data, start, end):
     return k
 
 
+_ONES = np.uint64(0x0101010101010101)
+_HIGH = np.uint64(0x8080808080808080)
+_BELOW_SPACE = np.uint64(0x2020202020202020)
+_DELETES = np.uint64(0x7F7F7F7F7F7F7F7F)
+
+
+@numba.njit(inline="always")
+def _plain_word(x):
+    """Whether all 8 bytes of x are printable ASCII (0x20..0x7E): nothing in them needs a look."""
+    below_space = (x - _BELOW_SPACE) & ~x & _HIGH
+    d = x ^ _DELETES
+    delete = (d - _ONES) & ~d & _HIGH
+    return (below_space | delete | (x & _HIGH)) == 0
+
+
 @numba.njit(cache=True)
-def _triage(data, offsets, needs):
-    """What each string needs, as bits: one pass over the bytes, nothing changed."""
+def _triage(data, words, offsets, needs):
+    """What each string needs, as bits: one pass over the bytes (8 at a time where they are plain)."""
     for i in range(len(offsets) - 1):
         start, end = offsets[i], offsets[i + 1]
         bits = 0
         prev = prev2 = 0
-        for j in range(start, end):
+        j = start
+        while j < end:
+            if (j & 7) == 0 and j + 8 <= end:
+                x = words[j >> 3]
+                if _plain_word(x):
+                    prev2 = (x >> np.uint64(48)) & np.uint64(0xFF)
+                    prev = x >> np.uint64(56)
+                    j += 8
+                    continue
             c = data[j]
             if c >= 0x80:
                 bits |= _NON_ASCII
@@ -114,124 +139,144 @@ def _triage(data, offsets, needs):
                     bits |= _BLANK_LINES
             prev2 = prev
             prev = c
+            j += 1
         if end > start and (_space_at(data, start)[0] or _space_at(data, _last_start(data, start, end))[0]):
             bits |= _EDGE
         needs[i] = bits
 
 
 @numba.njit(cache=True)
-def _steps(src, start, end, bits, strip_control, strip_whitespace, out, o):
+def _steps(src, words, start, end, bits, strip_control, strip_whitespace, out, o):
     """clean_text's byte-level steps on src[start:end], written at out[o:]; returns the new end.
 
-    Each step is its own pass, in clean_text's order, compacting in place (the write position never
-    passes the read position). Steps the string does not need are skipped; one step can make work
-    for the next (removing a control character can bring a space next to a newline), so after
-    those every later step runs.
+    One pass does what clean_text does in sequence: drop control characters; CRLF and CR -> LF;
+    drop spaces and tabs before a newline; at most two newlines in a row (counted in the text
+    those steps leave); then the trim. Text that only needs trimming is copied once, and runs of
+    printable ASCII are copied 8 bytes at a time (`words` is src seen as uint64).
     """
+    if not (bits & (_CONTROL | _CR | _SPACE_NL | _BLANK_LINES)):
+        if strip_whitespace:
+            start, end = _trimmed(src, start, end)
+        out[o : o + end - start] = src[start:end]
+        return o + end - start
     w = o
-    if strip_control and bits & _CONTROL:
-        j = start
-        while j < end:
-            c = src[j]
+    run = -1  # where the spaces and tabs just written start, or -1
+    newlines = 0  # newlines just written
+    after_cr = False
+    j = start
+    while j < end:
+        if (j & 7) == 0 and j + 8 <= end and _plain_word(words[j >> 3]):
+            for k in range(8):
+                out[w + k] = src[j + k]
+            if src[j + 7] == 32:  # the word ends in spaces: where do they start?
+                k = 7
+                while k >= 0 and src[j + k] == 32:
+                    k -= 1
+                if k >= 0:
+                    run = w + k + 1
+                    newlines = 0
+                elif run < 0:
+                    run = w
+            else:
+                run = -1
+                newlines = 0
+            after_cr = False
+            w += 8
+            j += 8
+            continue
+        c = src[j]
+        if strip_control:
             if c == 0xC2 and j + 1 < end and 0x80 <= src[j + 1] <= 0x9F:
                 j += 2
                 continue
-            if not _IS_CONTROL[c]:
-                out[w] = c
-                w += 1
-            j += 1
-        bits |= _WHITESPACE_STEPS
-    else:
-        out[o : o + end - start] = src[start:end]
-        w = o + end - start
-    if not strip_whitespace:
-        return w
-    end = w
-    if bits & _CR:
-        w = r = o
-        while r < end:
-            c = out[r]
-            r += 1
+            if _IS_CONTROL[c]:
+                j += 1
+                continue
+        j += 1
+        if strip_whitespace:
+            if after_cr:
+                after_cr = False
+                if c == 10:
+                    continue
             if c == 13:
                 c = 10
-                if r < end and out[r] == 10:
-                    r += 1
-            out[w] = c
-            w += 1
-        end = w
-        bits |= _SPACE_NL | _BLANK_LINES
-    if bits & _SPACE_NL:
-        w = r = o
-        while r < end:
-            c = out[r]
+                after_cr = True
             if c == 32 or c == 9:
-                k = r
-                while k < end and (out[k] == 32 or out[k] == 9):
-                    k += 1
-                if k < end and out[k] == 10:
-                    r = k
+                if run < 0:
+                    run = w
+            elif c == 10:
+                if run >= 0:
+                    w = run
+                    run = -1
+                if newlines >= 2:
                     continue
-                while r < k:
-                    out[w] = out[r]
-                    w += 1
-                    r += 1
-                continue
-            out[w] = c
-            w += 1
-            r += 1
-        end = w
-        bits |= _BLANK_LINES
-    if bits & _BLANK_LINES:
-        w = r = o
-        while r < end:
-            if out[r] == 10:
-                k = r
-                while k < end and out[k] == 10:
-                    k += 1
-                for _ in range(min(k - r, 2)):
-                    out[w] = 10
-                    w += 1
-                r = k
-                continue
-            out[w] = out[r]
-            w += 1
-            r += 1
-        end = w
-    first = o
-    while first < end:
-        space, size = _space_at(out, first)
-        if not space:
-            break
-        first += size
-    while end > first:
-        last = _last_start(out, first, end)
-        if not _space_at(out, last)[0]:
-            break
-        end = last
-    if first > o:
-        out[o : o + end - first] = out[first:end].copy()
+                newlines += 1
+            else:
+                run = -1
+                newlines = 0
+        out[w] = c
+        w += 1
+    if not strip_whitespace:
+        return w
+    first, end = _trimmed(out, o, w)
+    for k in range(first, end):  # moves left, so a forward copy is safe
+        out[o + k - first] = out[k]
     return o + end - first
 
 
+@numba.njit(inline="always")
+def _trimmed(data, start, end):
+    """data[start:end] without leading and trailing whitespace, as str.strip() sees it: (start, end)."""
+    while start < end:
+        space, size = _space_at(data, start)
+        if not space:
+            break
+        start += size
+    while end > start:
+        last = _last_start(data, start, end)
+        if not _space_at(data, last)[0]:
+            break
+        end = last
+    return start, end
+
+
 @numba.njit(cache=True)
-def _assemble(data, offsets, needs, how, py, py_offsets, strip_control, strip_whitespace, out, out_offsets):
+def _assemble(
+    data,
+    words,
+    offsets,
+    needs,
+    how,
+    py,
+    py_words,
+    py_offsets,
+    strip_control,
+    strip_whitespace,
+    out,
+    out_offsets,
+):
     """The cleaned column, string by string, from the source or from Python's result."""
     o = 0
     p = 0
     for i in range(len(offsets) - 1):
         out_offsets[i] = o
+        src, src_words = data, words
         start, end = offsets[i], offsets[i + 1]
-        src = data
         if how[i] == _FROM_PYTHON or how[i] == _STEPS_ON_PYTHON:
-            src = py
+            src, src_words = py, py_words
             start, end = py_offsets[p], py_offsets[p + 1]
             p += 1
         if how[i] == _STEPS or how[i] == _STEPS_ON_PYTHON:
-            o = _steps(src, start, end, needs[i], strip_control, strip_whitespace, out, o)
+            o = _steps(src, src_words, start, end, needs[i], strip_control, strip_whitespace, out, o)
         else:
             out[o : o + end - start] = src[start:end]
             o += end - start
     out_offsets[len(offsets) - 1] = o
+
+
+def _words(data: np.ndarray) -> np.ndarray:
+    """The bytes seen as little-endian uint64 words (a tail under 8 bytes left out)."""
+    return data[: len(data) // 8 * 8].view(np.uint64)
 
 
 def string_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +307,7 @@ def clean_column(
         array = array.combine_chunks()
     data, offsets = string_buffers(array)
     needs = np.empty(len(array), np.uint8)
-    _triage(data, offsets, needs)
+    _triage(data, _words(data), offsets, needs)
     work = _WHITESPACE_STEPS if strip_whitespace else 0
     if strip_control:
         work |= _CONTROL
@@ -275,7 +320,7 @@ def clean_column(
         if strip_control and needs[i] & _CONTROL:
             # controls go before composition (dropping one can make a letter and its accent meet)
             cleaned = clean_text(text, unicode_form, strip_control, strip_whitespace)
-            how[i], changed[i] = _FROM_PYTHON, cleaned != text
+            how[i], changed[i] = _FROM_PYTHON, True  # a control character was removed, at least
             py_parts.append(cleaned.encode("utf-8"))
         elif unicode_form != "none" and not unicodedata.is_normalized(unicode_form, text):
             # composition can make new whitespace (NFKC turns U+00A0 into a space): every step runs
@@ -290,7 +335,20 @@ def clean_column(
     np.cumsum([len(p) for p in py_parts], out=py_offsets[1:])
     out = np.empty(len(data) + len(py), np.uint8)
     out_offsets = np.empty(len(array) + 1, np.int64)
-    _assemble(data, offsets, needs, how, py, py_offsets, strip_control, strip_whitespace, out, out_offsets)
+    _assemble(
+        data,
+        _words(data),
+        offsets,
+        needs,
+        how,
+        py,
+        _words(py),
+        py_offsets,
+        strip_control,
+        strip_whitespace,
+        out,
+        out_offsets,
+    )
     validity = array.is_valid().buffers()[1] if array.null_count else None
     cleaned = pa.Array.from_buffers(
         pa.large_string(),
