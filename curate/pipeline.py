@@ -27,8 +27,6 @@ import curate
 from curate import stages as stage_registry
 from curate.edits import EDITS_SCHEMA, edit_entry
 from curate.engines.local import (
-    PARALLEL_MIN_BYTES,
-    PARALLEL_MIN_ROWS,
     ROW_CHUNK,
     LocalEngine,
     ingest_task,
@@ -309,9 +307,8 @@ class Runner:
         quarantine: list[dict] = []
         inputs: list[dict] = []
         task = self.progress.task("ingest", total=None, unit="records")
-        for (spec, _), result in zip(
-            tasks, self.engine.map(ingest_task, tasks, parallel=size >= PARALLEL_MIN_BYTES), strict=True
-        ):
+        results = self.engine.map(ingest_task, tasks, parallel=self.engine.worth_workers(size_bytes=size))
+        for (spec, _), result in zip(tasks, results, strict=True):
             tables.append(result.table)
             quarantine.extend(result.quarantined)
             for entry in result.files:
@@ -382,7 +379,8 @@ class Runner:
             for o in offsets
         ]
         kept_parts, edit_parts, drop_idx, reasons, evidence = [], [], [], [], []
-        results = self.engine.map(row_stage_task, tasks, parallel=table.height >= PARALLEL_MIN_ROWS)
+        parallel = self.engine.worth_workers(rows=table.height)
+        results = self.engine.map(row_stage_task, tasks, parallel=parallel)
         for offset, part in zip(offsets, results, strict=True):
             kept_parts.append(part.kept)
             edit_parts.append(part.edits)

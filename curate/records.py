@@ -128,16 +128,11 @@ class RecordColumns:
 
     def __init__(self) -> None:
         self.offsets = [0]
-        self.role: list[str] = []
-        self.content: list[str | None] = []
-        self.tool_calls: list[str | None] = []
-        self.name: list[str | None] = []
-        self.columns: dict[str, list] = {k: [] for k in ("source", "origin", "parent_id", "meta", "tools")}
-        self.rejected: list[list[dict] | None] = []
-        self.label: list[bool | None] = []
+        self.turns: list[dict] = []
+        self.rows: list[tuple] = []  # (source, origin, parent_id, meta, tools, rejected, label)
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.rows)
 
     def add(
         self,
@@ -152,29 +147,28 @@ class RecordColumns:
         label: bool | None = None,
     ) -> None:
         """Append one record; the arguments are those of `make_record`."""
-        for m in messages:
-            self.role.append(m["role"])
-            self.content.append(m["content"])
-            self.tool_calls.append(m.get("tool_calls"))
-            self.name.append(m.get("name"))
-        self.offsets.append(len(self.role))
-        columns = self.columns
-        columns["source"].append(source)
-        columns["origin"].append(origin)
-        columns["parent_id"].append(parent_id)
-        columns["meta"].append(_meta_text(meta))
-        columns["tools"].append(_tools_text(tools))
-        self.rejected.append(rejected)
-        self.label.append(label)
+        self.turns += messages
+        self.offsets.append(len(self.turns))
+        self.rows.append(
+            (source, origin, parent_id, meta and _meta_text(meta), _tools_text(tools), rejected, label)
+        )
 
     def table(self) -> pa.Table:
         """The records as a table of RECORD_SCHEMA, ids included."""
-        messages = messages_array(self.offsets, self.role, self.content, self.tool_calls, self.name)
+        turns = self.turns
+        messages = messages_array(
+            self.offsets,
+            [m["role"] for m in turns],
+            [m["content"] for m in turns],
+            [m["tool_calls"] for m in turns],
+            [m["name"] for m in turns],
+        )
+        names = ("source", "origin", "parent_id", "meta", "tools", "rejected", "label")
+        values = zip(*self.rows, strict=True) if self.rows else [[] for _ in names]
         columns = {
-            key: pa.array(values, RECORD_SCHEMA.field(key).type) for key, values in self.columns.items()
+            name: pa.array(list(column), RECORD_SCHEMA.field(name).type)
+            for name, column in zip(names, values, strict=True)
         }
-        columns["rejected"] = pa.array(self.rejected, MESSAGES_TYPE)
-        columns["label"] = pa.array(self.label, pa.bool_())
         return records_table(messages, **columns)
 
 

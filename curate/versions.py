@@ -82,12 +82,7 @@ def write_version(
         kept.write_parquet(tmp / "data.parquet", **PARQUET_OPTIONS)
         dropped.write_parquet(tmp / "dropped.parquet", **PARQUET_OPTIONS)
         edits.write_parquet(tmp / "edits.parquet", **PARQUET_OPTIONS)
-        with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
-            for row in kept.select("messages", "tools").iter_rows(named=True):
-                line = {"messages": train_messages(row["messages"])}
-                if row["tools"]:
-                    line["tools"] = json.loads(row["tools"])  # a list of definitions, as TRL expects
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        _write_train_jsonl(kept, tmp / "train.jsonl")
         with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as f:
             for entry in quarantine:
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -98,6 +93,50 @@ def write_version(
         raise
     _point_latest(out_dir, vid)
     return final
+
+
+def _write_train_jsonl(kept: pl.DataFrame, path: Path) -> None:
+    """One {"messages": [...], "tools": [...]} line per record, as TRL and Axolotl read them.
+
+    Records that are only role and text (nearly all) are encoded by polars in one go; those with
+    tool calls, tool names or tool definitions go through `train_messages`, which parses the JSON
+    text they carry back into lists. Either way a line decodes to what `train_messages` gives.
+    """
+    import polars as pl
+
+    turns = pl.col("messages").list
+    rich = (
+        turns.eval(
+            pl.element().struct.field("tool_calls").is_not_null()
+            | pl.element().struct.field("name").is_not_null()
+        )
+        .list.any()
+        .fill_null(False)
+        | pl.col("tools").is_not_null()
+    )
+    plain = pl.struct(
+        messages=turns.eval(
+            pl.struct(pl.element().struct.field("role"), pl.element().struct.field("content"))
+        )
+    ).struct.json_encode()
+    lines = kept.select(rich.alias("rich"), plain.alias("line"))
+    text = lines["line"].to_arrow()
+    rich_rows = lines["rich"].arg_true().to_list()
+    if rich_rows:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        rewritten = []
+        for row in kept[rich_rows].select("messages", "tools").iter_rows(named=True):
+            line = {"messages": train_messages(row["messages"])}
+            if row["tools"]:
+                line["tools"] = json.loads(row["tools"])  # a list of definitions, as TRL expects
+            rewritten.append(json.dumps(line, ensure_ascii=False))
+        text = pc.replace_with_mask(text, lines["rich"].to_arrow(), pa.array(rewritten, text.type))
+    with open(path, "wb") as f:
+        if len(text):
+            f.write(pl.Series(text).str.join("\n").to_arrow()[0].as_buffer())
+            f.write(b"\n")
 
 
 def _write_atomic(path: Path, text: str) -> None:

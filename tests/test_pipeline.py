@@ -123,7 +123,7 @@ def test_a_crash_while_writing_leaves_no_half_version(project: Path, monkeypatch
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(versions, "train_messages", boom)
+    monkeypatch.setattr(versions, "_write_train_jsonl", boom)  # data.parquet is written by then
     with pytest.raises(OSError, match="disk full"):
         run_recipe(changed, project / "out")
     entries = sorted(p.name for p in (project / "out").iterdir() if not p.name.startswith(".cache"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from curate.engines import local
 from curate.pipeline import recipe_from_dict, run_recipe
 
 
@@ -31,7 +32,11 @@ def raw_recipe(shared_data: Path):
 
 @pytest.fixture(scope="module")
 def raw_version(shared_data: Path, tmp_path_factory):
-    return run_recipe(raw_recipe(shared_data), tmp_path_factory.mktemp("raw") / "out", workers=2)
+    # raw/ is below the sizes where workers pay off: make it go through them anyway
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local, "PARALLEL_MIN_BYTES", 0)
+        patch.setattr(local, "PARALLEL_MIN_ROWS", 0)
+        return run_recipe(raw_recipe(shared_data), tmp_path_factory.mktemp("raw") / "out", workers=2)
 
 
 def test_every_raw_file_converts_with_exact_counts(raw_version, shared_data: Path):
