@@ -149,9 +149,7 @@ class RecordColumns:
         """Append one record; the arguments are those of `make_record`."""
         self.turns += messages
         self.offsets.append(len(self.turns))
-        self.rows.append(
-            (source, origin, parent_id, meta and _meta_text(meta), _tools_text(tools), rejected, label)
-        )
+        self.rows.append((source, origin, parent_id, _meta_text(meta), _tools_text(tools), rejected, label))
 
     def table(self) -> pa.Table:
         """The records as a table of RECORD_SCHEMA, ids included."""
