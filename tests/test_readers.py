@@ -479,6 +479,7 @@ def test_reading_streams_instead_of_loading_whole_files(tmp_path: Path, monkeypa
     original = readers.open_binary
     monkeypatch.setattr(readers, "open_binary", lambda path: io.BufferedReader(Counting(original(path))))
     monkeypatch.setattr(readers, "_CHUNK", 1 << 14)
+    monkeypatch.setattr(readers, "WHOLE_ARRAY_BYTES", 1 << 14)  # arrays above it stream
     for name in ("big.jsonl", "big.json"):
         read_sizes.clear()
         batches = read_input(InputSpec(path=name), tmp_path, batch_size=100)

@@ -23,11 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from curate.errors import FormatError
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".xz", ".bz2")
 RAW_LIMIT = 2000
+WHOLE_ARRAY_BYTES = 64 << 20  # JSON arrays up to this size (decompressed) are parsed in one call
 _CHUNK = 1 << 22  # characters read per step of the incremental JSON-array decoder
 _SPACE = re.compile(r"[ \t\n\r]*")
 HF_FILES = ("dataset_info.json", "state.json")  # what Dataset.save_to_disk writes
@@ -104,18 +107,19 @@ def _lines(stream: IO[bytes]) -> Iterator[bytes]:
 
 
 def iter_jsonl(stream: IO[bytes]) -> Iterator[Row]:
-    """One row per non-blank line; row number = 1-based line number."""
-    decode = json.JSONDecoder().raw_decode
+    """One row per non-blank line; row number = 1-based line number.
+
+    orjson parses the usual line (strict RFC 8259, 2-3x faster than the json module). A line it
+    refuses goes to `json.loads`, which also accepts NaN, Infinity, lone surrogates and huge
+    integers, and words the error of a line that is really broken; so what a line yields is
+    exactly what the json module makes of it.
+    """
     for number, line in enumerate(_lines(stream), 1):
-        # Fast path for the usual line: one object from the first byte, then only the line break.
         try:
-            text = line.decode("utf-8")
-            value, end = decode(text)
-            if end != len(text) and not text[end:].isspace():
-                raise ValueError
-        except ValueError:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
             try:
-                value = json.loads(line)  # the exact verdict and message for an unusual line
+                value = json.loads(line)
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 if not line.strip():
                     continue
@@ -182,7 +186,24 @@ def _json_array(text: IO[str], path: Path) -> Iterator[Row]:
 
 
 def iter_json(path: Path) -> Iterator[Row]:
-    """A .json file: an array of rows (streamed), JSON Lines under a .json name, or one document."""
+    """A .json file: an array of rows, JSON Lines under a .json name, or one document.
+
+    An array up to WHOLE_ARRAY_BYTES is parsed at once by orjson; a larger one (or one orjson
+    refuses) streams through the incremental decoder, so memory stays bounded.
+    """
+    with open_binary(path) as stream:
+        whole = _read_at_most(stream, WHOLE_ARRAY_BYTES)
+    if whole is not None and whole.lstrip()[:1] == b"[":
+        try:
+            rows = orjson.loads(whole)
+        except orjson.JSONDecodeError:
+            rows = None
+        if rows is not None:
+            del whole
+            for index, value in enumerate(rows):
+                yield index, value, None
+            return
+    del whole
     with open_text(path) as text:
         head = text.read(1 << 16)
         first = head.lstrip()[:1]
@@ -211,6 +232,18 @@ def iter_json(path: Path) -> Iterator[Row]:
         f"{path}: not a JSON array or object (starts with {head.lstrip()[:20]!r})",
         hint="JSON inputs hold an array of objects, or one object per line (JSONL)",
     )
+
+
+def _read_at_most(stream: IO[bytes], limit: int) -> bytes | None:
+    """All of a stream if it holds at most `limit` bytes, else None (read in blocks: a single
+    read(limit) would allocate `limit` bytes up front)."""
+    blocks, size = [], 0
+    while block := stream.read(1 << 20):
+        blocks.append(block)
+        size += len(block)
+        if size > limit:
+            return None
+    return b"".join(blocks)
 
 
 class _Prepend(io.TextIOBase):
