@@ -7,12 +7,12 @@ in tables and as a dict in Python (see `meta_of`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from itertools import pairwise
 from typing import Any
 
 import pyarrow as pa
+from xxhash import xxh3_64_hexdigest
 
 from curate.text.clean import clean_column, clean_text, string_buffers
 
@@ -79,7 +79,7 @@ def record_id(messages: list[dict]) -> str:
         f"{_FIELD}{m.get('name') or ''}"
         for m in messages
     )
-    return hashlib.blake2b(key.encode("utf-8"), digest_size=8).hexdigest()
+    return xxh3_64_hexdigest(key.encode("utf-8"))
 
 
 def make_record(
@@ -206,10 +206,7 @@ def record_ids(messages: pa.Array | pa.ChunkedArray) -> pa.Array:
     keys = pc.binary_join(pa.ListArray.from_arrays(offsets, turn_keys), _TURN)
     data, ends = string_buffers(keys)
     view = memoryview(data)
-    blake2b = hashlib.blake2b
-    return pa.array(
-        [blake2b(view[a:b], digest_size=8).hexdigest() for a, b in pairwise(ends.tolist())], pa.string()
-    )
+    return pa.array([xxh3_64_hexdigest(view[a:b]) for a, b in pairwise(ends.tolist())], pa.string())
 
 
 def meta_of(record: dict) -> dict:

@@ -125,6 +125,17 @@ def test_source_is_relative_and_ids_are_content_ids(raw):
     assert t0["name"] == "adversarial_qa_dbert_based_on" and t0["row"] == 1
 
 
+def test_column_ids_equal_the_row_by_row_reference_on_all_of_raw(raw):
+    """RecordColumns computes ids for whole columns; record_id (one dict at a time) is the reference."""
+    records = [r for item in raw.values() for r in item["records"]]
+    assert len(records) == 85_669
+    assert [r["id"] for r in records] == [record_id(r["messages"]) for r in records]
+    # a conversation whose text only differs in what normalize cleans has the same id
+    tidy = [{"role": "user", "content": "Caf\u00e9 au lait?", "tool_calls": None, "name": None}]
+    messy = [{"role": "user", "content": "  Cafe\u0301 au lait?\r\n", "tool_calls": None, "name": None}]
+    assert record_id(tidy) == record_id(messy) != record_id([{**tidy[0], "role": "assistant"}])
+
+
 def test_alpaca_with_input_and_output(raw):
     r = raw["raw/code_alpaca_2k.json.gz"]["records"][0]
     assert turns(r) == [
