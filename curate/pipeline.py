@@ -38,7 +38,8 @@ from curate.progress import Progress
 from curate.records import RECORD_SCHEMA, to_table
 from curate.stages.base import Drop, RowStage, Stage, StageContext, build_config, evidence_json, files_token
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# schemas/ at the top of the repository; curate/schemas links to it, so wheels carry the files too
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 # Extra words for the most common recipe mistakes, keyed by the schema keyword that failed.
 _SCHEMA_HINTS = {

@@ -23,12 +23,11 @@ _SCHEMA_NAME = "train.schema.json"
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
-    """The training-recipe JSON Schema (shipped in the package, or beside it in a checkout)."""
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here / "schemas" / _SCHEMA_NAME, here.parent / "schemas" / _SCHEMA_NAME):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise RecipeError(f"{_SCHEMA_NAME} not found beside the curate package", hint="reinstall curate")
+    """The training-recipe JSON Schema (curate/schemas links to the repository's schemas/)."""
+    path = Path(__file__).resolve().parents[1] / "schemas" / _SCHEMA_NAME
+    if not path.is_file():
+        raise RecipeError(f"{_SCHEMA_NAME} not found in the curate package", hint="reinstall curate")
+    return json.loads(path.read_text())
 
 
 @dataclass
