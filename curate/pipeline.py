@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import yaml
@@ -317,7 +318,7 @@ class Runner:
             task.advance(result.table.num_rows + len(result.quarantined))
         task.done()
         arrow = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
-        table = pl.from_arrow(arrow)
+        table = pl.from_arrow(arrow).rechunk()  # one chunk, not one per file: slices stay cheap
         self._store_cached(
             key,
             table,
@@ -375,12 +376,11 @@ class Runner:
     def _run_row_stage(self, step: StageStep, ctx: StageContext, table: pl.DataFrame, advance):
         """A row stage over slices of the table, on the engine's workers when the table is large."""
         offsets = range(0, table.height, ROW_CHUNK)
-        tasks = [
-            (step.name, step.config, ctx, table.slice(o, ROW_CHUNK).to_arrow().cast(RECORD_SCHEMA))
-            for o in offsets
-        ]
-        kept_parts, edit_parts, drop_idx, reasons, evidence = [], [], [], [], []
         parallel = self.engine.worth_workers(rows=table.height)
+        arrow = table.to_arrow().cast(RECORD_SCHEMA)  # once: a polars slice converts all it shares
+        compact = parallel and self.engine.workers > 1
+        tasks = [(step.name, step.config, ctx, _slice(arrow, o, ROW_CHUNK, compact)) for o in offsets]
+        kept_parts, edit_parts, drop_idx, reasons, evidence = [], [], [], [], []
         results = self.engine.map(row_stage_task, tasks, parallel=parallel)
         for offset, part in zip(offsets, results, strict=True):
             kept_parts.append(part.kept)
@@ -390,7 +390,7 @@ class Runner:
                 reasons.append(reason)
                 evidence.append(proof)
             advance(min(ROW_CHUNK, table.height - offset))
-        kept = pl.from_arrow(pa.concat_tables(kept_parts)) if kept_parts else table.clear()
+        kept = pl.from_arrow(pa.concat_tables(kept_parts)).rechunk() if kept_parts else table.clear()
         dropped = _dropped_rows(step.name, table, drop_idx, reasons, evidence)
         edits = pl.from_arrow(pa.concat_tables(edit_parts)) if edit_parts else _empty_edits()
         return kept, dropped, edits, Counter(reasons)
@@ -417,6 +417,13 @@ class Runner:
         edits.write_parquet(folder / "edits.parquet", compression="lz4")
         # done.json last: a crash mid-write leaves an entry that is ignored, never a half one that is used
         (folder / "done.json").write_text(json.dumps(dataclasses.asdict(result)))
+
+
+def _slice(table: pa.Table, offset: int, length: int, compact: bool) -> pa.Table:
+    """Rows [offset, offset + length). A slice shares its parent's buffers, and pickling it for a
+    worker would send them whole, so a slice bound for a worker is copied out (`compact`)."""
+    part = table.slice(offset, length)
+    return part.take(pa.array(np.arange(part.num_rows))) if compact else part
 
 
 def _empty_dropped() -> pl.DataFrame:

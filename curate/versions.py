@@ -98,45 +98,30 @@ def write_version(
 def _write_train_jsonl(kept: pl.DataFrame, path: Path) -> None:
     """One {"messages": [...], "tools": [...]} line per record, as TRL and Axolotl read them.
 
-    Records that are only role and text (nearly all) are encoded by polars in one go; those with
-    tool calls, tool names or tool definitions go through `train_messages`, which parses the JSON
-    text they carry back into lists. Either way a line decodes to what `train_messages` gives.
+    Records that are only roles and text (nearly all) are written by a compiled kernel that gives
+    json.dumps' bytes; those with tool calls, tool names or tool definitions go through
+    `train_messages`, which parses the JSON text they carry back into lists.
     """
     import polars as pl
 
-    turns = pl.col("messages").list
+    from curate.text.jsonl import chat_lines
+
+    turn = pl.element().struct
     rich = (
-        turns.eval(
-            pl.element().struct.field("tool_calls").is_not_null()
-            | pl.element().struct.field("name").is_not_null()
-        )
+        pl.col("messages")
+        .list.eval(turn.field("tool_calls").is_not_null() | turn.field("name").is_not_null())
         .list.any()
         .fill_null(False)
         | pl.col("tools").is_not_null()
     )
-    plain = pl.struct(
-        messages=turns.eval(
-            pl.struct(pl.element().struct.field("role"), pl.element().struct.field("content"))
-        )
-    ).struct.json_encode()
-    lines = kept.select(rich.alias("rich"), plain.alias("line"))
-    text = lines["line"].to_arrow()
-    rich_rows = lines["rich"].arg_true().to_list()
-    if rich_rows:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        rewritten = []
-        for row in kept[rich_rows].select("messages", "tools").iter_rows(named=True):
-            line = {"messages": train_messages(row["messages"])}
-            if row["tools"]:
-                line["tools"] = json.loads(row["tools"])  # a list of definitions, as TRL expects
-            rewritten.append(json.dumps(line, ensure_ascii=False))
-        text = pc.replace_with_mask(text, lines["rich"].to_arrow(), pa.array(rewritten, text.type))
-    with open(path, "wb") as f:
-        if len(text):
-            f.write(pl.Series(text).str.join("\n").to_arrow()[0].as_buffer())
-            f.write(b"\n")
+    rows = kept.with_row_index("row").filter(rich).select("row", "messages", "tools").iter_rows(named=True)
+    given = {}
+    for row in rows:
+        line = {"messages": train_messages(row["messages"])}
+        if row["tools"]:
+            line["tools"] = json.loads(row["tools"])  # a list of definitions, as TRL expects
+        given[row["row"]] = json.dumps(line, ensure_ascii=False)
+    path.write_bytes(chat_lines(kept["messages"].to_arrow(), given))
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -274,7 +274,7 @@ def _assemble(
     out_offsets[len(offsets) - 1] = o
 
 
-def _words(data: np.ndarray) -> np.ndarray:
+def as_words(data: np.ndarray) -> np.ndarray:
     """The bytes seen as little-endian uint64 words (a tail under 8 bytes left out)."""
     return data[: len(data) // 8 * 8].view(np.uint64)
 
@@ -307,7 +307,7 @@ def clean_column(
         array = array.combine_chunks()
     data, offsets = string_buffers(array)
     needs = np.empty(len(array), np.uint8)
-    _triage(data, _words(data), offsets, needs)
+    _triage(data, as_words(data), offsets, needs)
     work = _WHITESPACE_STEPS if strip_whitespace else 0
     if strip_control:
         work |= _CONTROL
@@ -337,12 +337,12 @@ def clean_column(
     out_offsets = np.empty(len(array) + 1, np.int64)
     _assemble(
         data,
-        _words(data),
+        as_words(data),
         offsets,
         needs,
         how,
         py,
-        _words(py),
+        as_words(py),
         py_offsets,
         strip_control,
         strip_whitespace,

@@ -1,0 +1,162 @@
+"""train.jsonl lines written by a compiled kernel, byte for byte what `json.dumps` writes.
+
+A version's train.jsonl holds one `{"messages": [{"role": ..., "content": ...}, ...]}` line per
+record. Encoding hundreds of thousands of them with `json.dumps` (or polars' JSON encoder) costs
+seconds; the kernel escapes and assembles them in one pass over the text. Records that carry tool
+calls, tool names or tool definitions are encoded by Python and handed in, to keep their parsed
+JSON exact. tests/test_versions.py holds the output equal to `json.dumps(..., ensure_ascii=False)`.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pyarrow as pa
+
+from curate.text.clean import as_words, string_buffers
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+# json.dumps' short escapes; other characters below 0x20 become \u00XX
+_SHORT = np.zeros(256, np.uint8)
+for _char, _letter in zip(b'"\\\b\f\n\r\t', b'"\\bfnrt', strict=True):
+    _SHORT[_char] = _letter
+_OPEN = np.frombuffer(b'{"messages": [', np.uint8)
+_ROLE = np.frombuffer(b'{"role": "', np.uint8)
+_CONTENT = np.frombuffer(b'", "content": ', np.uint8)
+_NULL = np.frombuffer(b"null", np.uint8)
+_CLOSE_TURN = np.frombuffer(b"}", np.uint8)
+_COMMA = np.frombuffer(b", ", np.uint8)
+_CLOSE = np.frombuffer(b"]}\n", np.uint8)
+
+
+@numba.njit(inline="always")
+def _put(out, o, piece):
+    out[o : o + len(piece)] = piece
+    return o + len(piece)
+
+
+_ONES = np.uint64(0x0101010101010101)
+_HIGH = np.uint64(0x8080808080808080)
+_BELOW_SPACE = np.uint64(0x2020202020202020)
+_QUOTES = np.uint64(0x2222222222222222)
+_BACKSLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
+_UNICODE_ESCAPE = np.frombuffer(b"\\u00", np.uint8)
+
+
+@numba.njit(inline="always")
+def _has_byte(x, pattern):
+    d = x ^ pattern
+    return (d - _ONES) & ~d & _HIGH
+
+
+@numba.njit(inline="always")
+def _verbatim_word(x):
+    """Whether none of the 8 bytes of x needs escaping (no control character, quote or backslash)."""
+    below_space = (x - _BELOW_SPACE) & ~x & _HIGH
+    return (below_space | _has_byte(x, _QUOTES) | _has_byte(x, _BACKSLASHES)) == 0
+
+
+@numba.njit(inline="always")
+def _escaped(data, words, start, end, out, o):
+    j = start
+    while j < end:
+        if (j & 7) == 0 and j + 8 <= end and _verbatim_word(words[j >> 3]):
+            for k in range(8):
+                out[o + k] = data[j + k]
+            o += 8
+            j += 8
+            continue
+        c = data[j]
+        j += 1
+        if c >= 0x20 and c != 0x22 and c != 0x5C:
+            out[o] = c
+            o += 1
+        elif _SHORT[c]:
+            out[o] = 0x5C
+            out[o + 1] = _SHORT[c]
+            o += 2
+        else:
+            for k in range(4):
+                out[o + k] = _UNICODE_ESCAPE[k]
+            out[o + 4] = _HEX[c >> 4]
+            out[o + 5] = _HEX[c & 15]
+            o += 6
+    return o
+
+
+@numba.njit(cache=True)
+def _lines(
+    turns,
+    role,
+    role_words,
+    role_off,
+    content,
+    content_words,
+    content_off,
+    content_null,
+    given,
+    given_off,
+    use_given,
+    out,
+):
+    o = 0
+    g = 0
+    for r in range(len(turns) - 1):
+        if use_given[r]:
+            o = _put(out, o, given[given_off[g] : given_off[g + 1]])
+            g += 1
+            continue
+        o = _put(out, o, _OPEN)
+        for t in range(turns[r], turns[r + 1]):
+            if t > turns[r]:
+                o = _put(out, o, _COMMA)
+            o = _put(out, o, _ROLE)
+            o = _escaped(role, role_words, role_off[t], role_off[t + 1], out, o)
+            o = _put(out, o, _CONTENT)
+            if content_null[t]:
+                o = _put(out, o, _NULL)
+            else:
+                out[o] = 0x22
+                o = _escaped(content, content_words, content_off[t], content_off[t + 1], out, o + 1)
+                out[o] = 0x22
+                o += 1
+            o = _put(out, o, _CLOSE_TURN)
+        o = _put(out, o, _CLOSE)
+    return o
+
+
+def chat_lines(messages: pa.Array, given: dict[int, str]) -> memoryview:
+    """One JSON line per conversation of a messages column, role and content only, as
+    `json.dumps({"messages": [...]}, ensure_ascii=False)` writes it; rows in `given` get that text."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    turns = messages.offsets.to_numpy().astype(np.int64)
+    turns -= turns[0]
+    role, content, _, _ = messages.flatten().flatten()
+    role_data, role_off = string_buffers(role)
+    content_data, content_off = string_buffers(content)
+    content_null = content.is_null().to_numpy(zero_copy_only=False)
+    use_given = np.zeros(len(messages), np.bool_)
+    use_given[list(given)] = True
+    texts = [(given[r] + "\n").encode("utf-8") for r in sorted(given)]
+    given_data = np.frombuffer(b"".join(texts), np.uint8) if texts else np.zeros(0, np.uint8)
+    given_off = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum([len(t) for t in texts], out=given_off[1:])
+    # worst case: every byte escaped as \u00XX, plus the fixed framing of each turn and record
+    size = 6 * (len(role_data) + len(content_data)) + 40 * len(content) + 20 * len(messages) + len(given_data)
+    out = np.empty(size, np.uint8)
+    n = _lines(
+        turns,
+        role_data,
+        as_words(role_data),
+        role_off,
+        content_data,
+        as_words(content_data),
+        content_off,
+        content_null,
+        given_data,
+        given_off,
+        use_given,
+        out,
+    )
+    return memoryview(out[:n])
