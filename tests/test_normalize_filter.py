@@ -223,3 +223,35 @@ def test_normalize_on_columns_equals_the_row_path_on_raw(shared_data, options):
         assert fast.drops == slow.drops
         assert fast.kept.equals(slow.kept)
         assert fast.edits.equals(slow.edits)
+
+
+FILTER_CONFIGS = [
+    {},
+    {"keep_prompt_only": True, "min_chars": 12, "max_chars": 60},
+    {"require_assistant": False, "require_final_assistant": False, "drop_empty_turns": False},
+    {"min_assistant_chars": 3, "min_user_chars": 2, "refusal_patterns": [r"\bok\b", "caf"]},
+]
+
+
+@pytest.mark.parametrize("options", FILTER_CONFIGS)
+def test_filter_on_columns_equals_the_row_path(options):
+    records = _random_records(3000, seed=7 + len(options))
+    for r in records[::5]:
+        r["meta"] = '{"needs_response": true}'
+    table = to_table(records)
+    s = stage("filter", **options)
+    fast, slow = s.process_table(table), RowStage.process_table(s, table)
+    assert fast.drops == slow.drops
+    assert fast.kept.equals(slow.kept)
+    assert fast.edits.num_rows == slow.edits.num_rows == 0
+    assert len({reason for _, reason, _ in slow.drops}) >= 3
+
+
+def test_filter_on_columns_equals_the_row_path_on_raw(shared_data):
+    table = pa.concat_tables(b.table for b in read_input(InputSpec(path="raw"), shared_data))
+    s = stage("filter", keep_prompt_only=True, min_chars=20)
+    for offset in range(0, table.num_rows, 20_000):
+        chunk = table.slice(offset, 20_000)
+        fast, slow = s.process_table(chunk), RowStage.process_table(s, chunk)
+        assert fast.drops == slow.drops
+        assert fast.kept.equals(slow.kept)

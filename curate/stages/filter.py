@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from curate.edits import EDITS_SCHEMA
 from curate.records import meta_of
-from curate.stages.base import Drop, RowStage, Verdict, option, register
+from curate.stages.base import Drop, RowsResult, RowStage, Verdict, evidence_json, option, register
+from curate.text.clean import PYTHON_WHITESPACE
 
 # Boilerplate that marks a refusal or a model talking about itself rather than answering.
 DEFAULT_REFUSAL_PATTERNS = [
@@ -25,6 +31,8 @@ DEFAULT_REFUSAL_PATTERNS = [
 ]
 
 _WORDISH = re.compile(r"\w+|[^\w\s]")
+# a text that is empty or all whitespace to str.strip() (an RE2 class of exactly those characters)
+_NO_TEXT = "^[" + "".join(f"\\x{{{c:x}}}" for c in PYTHON_WHITESPACE) + "]*$"
 
 
 @dataclass
@@ -86,6 +94,78 @@ class FilterStage(RowStage):
         self._count_tokens = _word_count
         if cfg.tokenizer and (cfg.min_tokens or cfg.max_tokens is not None):
             self._count_tokens = _hf_token_counter(cfg.tokenizer, self.context.base_dir)
+
+    def process_table(self, table: pa.Table) -> RowsResult:
+        """`process` on every row, screened on whole columns: only records that fail a check are
+        looked at one by one (to report the first failure, in `_judge`'s order, with its evidence).
+
+        Token bounds count tokens in Python (or with a tokenizer), so they take the row path.
+        """
+        cfg = self.config
+        if cfg.min_tokens or cfg.max_tokens is not None or table.num_rows == 0:
+            return super().process_table(table)
+        t = _TurnFacts.of(table["messages"].combine_chunks())
+        n = table.num_rows
+        suspects = ~t.has_assistant | (t.last_role != "assistant") | (t.text_chars < cfg.min_chars)
+        if cfg.max_chars is not None:
+            suspects |= t.text_chars > cfg.max_chars
+        empty = _first_per_record(t, t.speaks & t.empty & ~t.tool_call) if cfg.drop_empty_turns else {}
+        short_turn = (t.is_assistant & ~t.tool_call & (t.chars < cfg.min_assistant_chars)) | (
+            t.is_user & (t.chars < cfg.min_user_chars)
+        )
+        short = _first_per_record(t, short_turn)
+        refusals = self._column_refusals(t) if cfg.drop_refusals else {}
+        flagged = set(np.flatnonzero(suspects).tolist()) | set(empty) | set(short) | set(refusals)
+        drops = []
+        meta = table["meta"].combine_chunks()
+        for i in sorted(flagged):
+            verdict = self._decide(i, t, empty.get(i), short.get(i), refusals.get(i), meta[i].as_py())
+            if isinstance(verdict, Drop):
+                drops.append((i, verdict.reason, evidence_json(verdict.evidence)))
+        keep = np.ones(n, np.bool_)
+        keep[[i for i, _, _ in drops]] = False
+        kept = table if keep.all() else table.filter(pa.array(keep))
+        return RowsResult(kept, drops, EDITS_SCHEMA.empty_table())
+
+    def _decide(self, i: int, t: _TurnFacts, empty, short, refusal, meta: str | None) -> Verdict:
+        """`_judge` for one record, from the column facts."""
+        cfg = self.config
+        roles = t.roles_of(i)
+        if empty is not None:
+            return Drop("empty_turn", {"turn": empty, "role": roles[empty]})
+        if "assistant" not in roles:
+            if meta and json.loads(meta).get("needs_response"):
+                return None if cfg.keep_prompt_only else Drop("prompt_only", {})
+            if cfg.require_assistant:
+                return Drop("no_assistant_answer", {"roles": roles})
+        elif cfg.require_final_assistant and roles[-1] != "assistant":
+            return Drop("not_ending_on_assistant", {"last_role": roles[-1]})
+        if short is not None:
+            chars = t.chars_of(i, short)
+            if roles[short] == "assistant":
+                return Drop("assistant_too_short", {"chars": chars, "min": cfg.min_assistant_chars})
+            return Drop("user_too_short", {"chars": chars, "min": cfg.min_user_chars})
+        chars = int(t.text_chars[i])
+        if chars < cfg.min_chars:
+            return Drop("too_short", {"chars": chars, "min": cfg.min_chars})
+        if cfg.max_chars is not None and chars > cfg.max_chars:
+            return Drop("too_long", {"chars": chars, "max": cfg.max_chars})
+        if refusal is not None:
+            return Drop("refusal", {"turn": refusal[0], "match": refusal[1]})
+        return None
+
+    def _column_refusals(self, t: _TurnFacts) -> dict[int, tuple[int, str]]:
+        """First refusal match per record, as `_refusals` finds them, on the turns column."""
+        candidates = np.flatnonzero(t.is_assistant & (t.chars > 0))
+        texts = pl.Series(t.content.take(pa.array(t.turn[candidates])))
+        matches = texts.str.extract(self._refusal, 1)
+        hit = matches.is_not_null().to_numpy()
+        found: dict[int, tuple[int, str]] = {}
+        for k, match in zip(np.flatnonzero(hit).tolist(), matches.filter(hit).to_list(), strict=True):
+            record = int(t.record[candidates[k]])
+            if record not in found:
+                found[record] = (int(t.position[candidates[k]]), match)
+        return found
 
     def process_batch(self, records: list[dict]) -> list[Verdict]:
         refusals = self._refusals(records) if self.config.drop_refusals else {}
@@ -178,3 +258,83 @@ def _hf_token_counter(path: str, base_dir):
             f"filter.tokenizer: cannot load {path!r}: {exc}", hint="give a local tokenizer folder"
         ) from None
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class _TurnFacts:
+    """Per non-system turn of a messages column: what filter's checks look at, as numpy arrays."""
+
+    turn: np.ndarray  # index of the turn in the flattened messages
+    record: np.ndarray
+    position: np.ndarray  # index among the record's non-system turns (what evidence calls "turn")
+    role: np.ndarray  # object array of role names
+    content: pa.Array  # all turns' contents (index with `turn`)
+    chars: np.ndarray  # len(content or "")
+    empty: np.ndarray  # not (content or "").strip()
+    tool_call: np.ndarray  # bool(tool_calls)
+    starts: np.ndarray  # per record: its first non-system turn in these arrays
+    has_assistant: np.ndarray  # per record
+    last_role: np.ndarray  # per record: role of its last non-system turn ("" if none)
+    text_chars: np.ndarray  # per record: len("\n".join(contents of its non-system turns))
+
+    @classmethod
+    def of(cls, messages: pa.ListArray) -> _TurnFacts:
+        offsets = messages.offsets.to_numpy().astype(np.int64)
+        offsets -= offsets[0]
+        n = len(messages)
+        role, content, tool_calls, _ = messages.flatten().flatten()
+        roles = role.to_numpy(zero_copy_only=False)
+        turn = np.flatnonzero(roles != "system")
+        record = np.repeat(np.arange(n), np.diff(offsets))[turn]
+        starts = np.searchsorted(record, np.arange(n + 1))
+        roles = roles[turn]
+        take = pa.array(turn)
+        text = content.take(take)
+        chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        empty = pc.fill_null(pc.match_substring_regex(text, _NO_TEXT), True).to_numpy(zero_copy_only=False)
+        calls = tool_calls.take(take)
+        tool_call = pc.fill_null(pc.not_equal(calls, ""), False).to_numpy(zero_copy_only=False)
+        is_assistant = roles == "assistant"
+        counts = np.diff(starts)
+        last_role = np.full(n, "", dtype=object)
+        last_role[counts > 0] = roles[starts[1:][counts > 0] - 1]
+        return cls(
+            turn=turn,
+            record=record,
+            position=np.arange(len(turn)) - starts[record],
+            role=roles,
+            content=content,
+            chars=chars,
+            empty=empty,
+            tool_call=tool_call,
+            starts=starts,
+            has_assistant=np.bincount(record, weights=is_assistant, minlength=n) > 0,
+            last_role=last_role,
+            text_chars=np.bincount(record, weights=chars, minlength=n).astype(np.int64)
+            + np.maximum(counts - 1, 0),
+        )
+
+    @property
+    def is_assistant(self) -> np.ndarray:
+        return self.role == "assistant"
+
+    @property
+    def is_user(self) -> np.ndarray:
+        return self.role == "user"
+
+    @property
+    def speaks(self) -> np.ndarray:
+        return self.is_assistant | self.is_user
+
+    def roles_of(self, record: int) -> list[str]:
+        return self.role[self.starts[record] : self.starts[record + 1]].tolist()
+
+    def chars_of(self, record: int, position: int) -> int:
+        return int(self.chars[self.starts[record] + position])
+
+
+def _first_per_record(t: _TurnFacts, hits: np.ndarray) -> dict[int, int]:
+    """{record: position of its first turn where `hits`}."""
+    where = np.flatnonzero(hits)
+    records, first = np.unique(t.record[where], return_index=True)
+    return dict(zip(records.tolist(), t.position[where[first]].tolist(), strict=True))
