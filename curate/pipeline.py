@@ -376,7 +376,8 @@ class Runner:
     def _run_row_stage(self, step: StageStep, ctx: StageContext, table: pl.DataFrame, advance):
         """A row stage over slices of the table, on the engine's workers when the table is large."""
         offsets = range(0, table.height, ROW_CHUNK)
-        parallel = self.engine.worth_workers(rows=table.height)
+        on_columns = step.cls(step.config, ctx).on_columns()
+        parallel = not on_columns and self.engine.worth_workers(rows=table.height)
         arrow = table.to_arrow().cast(RECORD_SCHEMA)  # once: a polars slice converts all it shares
         compact = parallel and self.engine.workers > 1
         tasks = [(step.name, step.config, ctx, _slice(arrow, o, ROW_CHUNK, compact)) for o in offsets]

@@ -24,7 +24,8 @@ def raw_recipe(shared_data: Path):
         {
             "name": "all-raw",
             "inputs": [{"path": str(p)} for p in sorted(raw.iterdir())],
-            "stages": [{"normalize": {}}, {"filter": {"drop_refusals": False}}],
+            # token bounds keep filter on its row path, so row slices travel to workers too
+            "stages": [{"normalize": {}}, {"filter": {"drop_refusals": False, "max_tokens": 1_000_000}}],
         },
         base_dir=shared_data,
     )

@@ -134,8 +134,13 @@ class RowStage(Stage):
 
     A stage writes `process` (one record as a dict in, a verdict out). The engine calls
     `process_table` on slices of the table; its default runs `process` on every row, and a stage
-    whose work can be done on whole columns overrides it (normalize does) to skip the dicts.
+    whose work can be done on whole columns overrides it (normalize and filter do) to skip the dicts.
     """
+
+    def on_columns(self) -> bool:
+        """Whether `process_table` works on whole columns with this config. Such work stays in the
+        runner's process: sending slices to workers and back would cost more than it saves."""
+        return False
 
     def process(self, record: dict) -> Verdict:
         raise NotImplementedError

@@ -95,6 +95,9 @@ class FilterStage(RowStage):
         if cfg.tokenizer and (cfg.min_tokens or cfg.max_tokens is not None):
             self._count_tokens = _hf_token_counter(cfg.tokenizer, self.context.base_dir)
 
+    def on_columns(self) -> bool:
+        return not (self.config.min_tokens or self.config.max_tokens is not None)
+
     def process_table(self, table: pa.Table) -> RowsResult:
         """`process` on every row, screened on whole columns: only records that fail a check are
         looked at one by one (to report the first failure, in `_judge`'s order, with its evidence).
@@ -102,7 +105,7 @@ class FilterStage(RowStage):
         Token bounds count tokens in Python (or with a tokenizer), so they take the row path.
         """
         cfg = self.config
-        if cfg.min_tokens or cfg.max_tokens is not None or table.num_rows == 0:
+        if not self.on_columns() or table.num_rows == 0:
             return super().process_table(table)
         t = _TurnFacts.of(table["messages"].combine_chunks())
         n = table.num_rows

@@ -114,12 +114,17 @@ class NormalizeStage(RowStage):
             return Drop("unrenderable", {"template": cfg.template, "problem": problem})
         return {**record, "messages": turns} if changed else None
 
+    def on_columns(self) -> bool:
+        from curate.templates import TEMPLATE_NAMES
+
+        return self.config.template in TEMPLATE_NAMES  # a tokenizer's template renders each record
+
     def process_table(self, table: pa.Table) -> RowsResult:
         """`process` on every row, done on whole columns: the same rows, drops and edits, without dicts.
 
         A tokenizer's own template is tried on each record in Python, so that case takes the row path.
         """
-        if self._tokenizer_template is not None or table.num_rows == 0:
+        if not self.on_columns() or table.num_rows == 0:
             return super().process_table(table)
         cfg = self.config
         messages = table["messages"].combine_chunks()
