@@ -146,7 +146,8 @@ class RecordColumns:
         rejected: list[dict] | None = None,
         label: bool | None = None,
     ) -> None:
-        """Append one record; the arguments are those of `make_record`."""
+        """Append one record; the arguments are those of `make_record` (messages as `message` makes
+        them, with all four keys)."""
         self.turns += messages
         self.offsets.append(len(self.turns))
         self.rows.append((source, origin, parent_id, _meta_text(meta), _tools_text(tools), rejected, label))
@@ -154,41 +155,19 @@ class RecordColumns:
     def table(self) -> pa.Table:
         """The records as a table of RECORD_SCHEMA, ids included."""
         turns = self.turns
-        messages = messages_array(
-            self.offsets,
-            [m["role"] for m in turns],
-            [m["content"] for m in turns],
-            [m["tool_calls"] for m in turns],
-            [m["name"] for m in turns],
+        fields = [
+            pa.array([m[key] for m in turns], pa.string())
+            for key in ("role", "content", "tool_calls", "name")
+        ]
+        messages = pa.ListArray.from_arrays(
+            pa.array(self.offsets, pa.int32()), pa.StructArray.from_arrays(fields, fields=list(MESSAGE_TYPE))
         )
         names = ("source", "origin", "parent_id", "meta", "tools", "rejected", "label")
         values = zip(*self.rows, strict=True) if self.rows else [[] for _ in names]
-        columns = {
-            name: pa.array(list(column), RECORD_SCHEMA.field(name).type)
-            for name, column in zip(names, values, strict=True)
-        }
-        return records_table(messages, **columns)
-
-
-def messages_array(offsets: Any, role: Any, content: Any, tool_calls: Any, name: Any) -> pa.ListArray:
-    """A messages column from record offsets and one sequence (or Arrow array) per message field."""
-    fields = [
-        values if isinstance(values, pa.Array) else pa.array(values, pa.string())
-        for values in (role, content, tool_calls, name)
-    ]
-    turns = pa.StructArray.from_arrays(fields, fields=list(MESSAGE_TYPE))
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), turns)
-
-
-def records_table(messages: pa.Array, source: pa.Array, **columns: pa.Array) -> pa.Table:
-    """A RECORD_SCHEMA table from its columns, the ids computed from `messages`; columns left out are
-    null (origin: "real")."""
-    n = len(messages)
-    columns = {"id": record_ids(messages), "messages": messages, "source": source, **columns}
-    columns.setdefault("origin", pa.repeat("real", n))
-    return pa.table(
-        {f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in RECORD_SCHEMA}, schema=RECORD_SCHEMA
-    )
+        columns = {"id": record_ids(messages), "messages": messages}
+        for name, column in zip(names, values, strict=True):
+            columns[name] = pa.array(list(column), RECORD_SCHEMA.field(name).type)
+        return pa.table(columns, schema=RECORD_SCHEMA)
 
 
 def record_ids(messages: pa.Array | pa.ChunkedArray) -> pa.Array:

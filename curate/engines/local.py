@@ -15,12 +15,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from curate.errors import CurateError
 from curate.records import RECORD_SCHEMA
+
+if TYPE_CHECKING:
+    from curate.stages.base import RowsResult
 
 # Below these sizes one process is faster: a spawned worker takes 1-2 s to import polars, pyarrow
 # and numba and load the compiled kernels, and every slice travels to it and back. Measured on all
@@ -122,6 +125,6 @@ def _stage(name: str, config: Any, context: Any) -> Any:
     return stage
 
 
-def row_stage_task(name: str, config: Any, context: Any, chunk: pa.Table) -> Any:
+def row_stage_task(name: str, config: Any, context: Any, chunk: pa.Table) -> RowsResult:
     """A row stage on one slice of the table: its `RowsResult`."""
     return _stage(name, config, context).process_table(chunk)

@@ -146,8 +146,9 @@ class NormalizeStage(RowStage):
         old_counts, new_counts = np.diff(old.offsets), np.diff(new.offsets)
         changed = np.bincount(old.record, weights=turn_changed, minlength=table.num_rows) > 0
         changed |= old_counts != new_counts
-        changed |= _system_texts_differ(old, new)
-        edits = self._edits(table, old, new, turn_changed, changed, {i for i, _, _ in drops})
+        system_differs = _system_texts_differ(old, new)
+        changed |= system_differs
+        edits = self._edits(table, old, new, turn_changed, system_differs, changed, {i for i, _, _ in drops})
         column = table.schema.get_field_index("messages")
         kept = table.set_column(column, table.schema.field(column), new.array())
         if drops:
@@ -216,7 +217,9 @@ class NormalizeStage(RowStage):
                 drops[record] = (record, "unrenderable", evidence_json(evidence))
         return [drops[r] for r in sorted(drops)]
 
-    def _edits(self, table: pa.Table, old: _Turns, new: _Turns, turn_changed, changed, dropped) -> pa.Table:
+    def _edits(
+        self, table: pa.Table, old: _Turns, new: _Turns, turn_changed, system_differs, changed, dropped
+    ) -> pa.Table:
         """What `describe_change` says of each rewritten record, from counts instead of dicts."""
         n = table.num_rows
         old_system, new_system = old.role_is("system"), new.role_is("system")
@@ -231,7 +234,7 @@ class NormalizeStage(RowStage):
                 "id": table["id"].combine_chunks(),
                 "path": source.field("path"),
                 "row": source.field("row"),
-                "system": _system_texts_differ(old, new),
+                "system": system_differs,
                 "system_set": new_sys > 0,
                 "old": old_turns.astype(np.int64),
                 "new": new_turns.astype(np.int64),
