@@ -154,14 +154,8 @@ class RecordColumns:
 
     def table(self) -> pa.Table:
         """The records as a table of RECORD_SCHEMA, ids included."""
-        turns = self.turns
-        fields = [
-            pa.array([m[key] for m in turns], pa.string())
-            for key in ("role", "content", "tool_calls", "name")
-        ]
-        messages = pa.ListArray.from_arrays(
-            pa.array(self.offsets, pa.int32()), pa.StructArray.from_arrays(fields, fields=list(MESSAGE_TYPE))
-        )
+        turns = pa.array(self.turns, MESSAGE_TYPE)
+        messages = pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), turns)
         names = ("source", "origin", "parent_id", "meta", "tools", "rejected", "label")
         values = zip(*self.rows, strict=True) if self.rows else [[] for _ in names]
         columns = {"id": record_ids(messages), "messages": messages}
