@@ -14,7 +14,8 @@ from typing import Any
 import pyarrow as pa
 from xxhash import xxh3_64_hexdigest
 
-from curate.text.clean import clean_column, clean_text, string_buffers
+from curate.text.clean import clean_column, clean_text
+from curate.text.utf8 import string_buffers
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-from curate.text.shingles import decode_utf8
+from curate.text.utf8 import HIGH, as_words, decode_utf8, has_below, has_byte, repeated, string_buffers
 
 UnicodeForm = Literal["NFC", "NFKC", "none"]
 
@@ -92,19 +92,14 @@ def _last_start(data, start, end):
     return k
 
 
-_ONES = np.uint64(0x0101010101010101)
-_HIGH = np.uint64(0x8080808080808080)
-_BELOW_SPACE = np.uint64(0x2020202020202020)
-_DELETES = np.uint64(0x7F7F7F7F7F7F7F7F)
+_SPACES = repeated(0x20)
+_DELETES = repeated(0x7F)
 
 
 @numba.njit(inline="always")
 def _plain_word(x):
     """Whether all 8 bytes of x are printable ASCII (0x20..0x7E): nothing in them needs a look."""
-    below_space = (x - _BELOW_SPACE) & ~x & _HIGH
-    d = x ^ _DELETES
-    delete = (d - _ONES) & ~d & _HIGH
-    return (below_space | delete | (x & _HIGH)) == 0
+    return (has_below(x, _SPACES) | has_byte(x, _DELETES) | (x & HIGH)) == 0
 
 
 @numba.njit(cache=True)
@@ -272,25 +267,6 @@ def _assemble(
             out[o : o + end - start] = src[start:end]
             o += end - start
     out_offsets[len(offsets) - 1] = o
-
-
-def as_words(data: np.ndarray) -> np.ndarray:
-    """The bytes seen as little-endian uint64 words (a tail under 8 bytes left out)."""
-    return data[: len(data) // 8 * 8].view(np.uint64)
-
-
-def string_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(UTF-8 bytes, int64 offsets) of a string array, zero-copy where Arrow allows; nulls are empty."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    if array.null_count:
-        array = array.fill_null("")
-    if array.type != pa.large_string():
-        array = array.cast(pa.large_string())
-    _, off_buf, data_buf = array.buffers()
-    offsets = np.frombuffer(off_buf, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    return data, offsets
 
 
 def clean_column(

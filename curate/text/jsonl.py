@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-from curate.text.clean import as_words, string_buffers
+from curate.text.utf8 import as_words, has_below, has_byte, repeated, string_buffers
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 # json.dumps' short escapes; other characters below 0x20 become \u00XX
@@ -35,25 +35,16 @@ def _put(out, o, piece):
     return o + len(piece)
 
 
-_ONES = np.uint64(0x0101010101010101)
-_HIGH = np.uint64(0x8080808080808080)
-_BELOW_SPACE = np.uint64(0x2020202020202020)
-_QUOTES = np.uint64(0x2222222222222222)
-_BACKSLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
+_SPACES = repeated(0x20)
+_QUOTES = repeated(0x22)
+_BACKSLASHES = repeated(0x5C)
 _UNICODE_ESCAPE = np.frombuffer(b"\\u00", np.uint8)
-
-
-@numba.njit(inline="always")
-def _has_byte(x, pattern):
-    d = x ^ pattern
-    return (d - _ONES) & ~d & _HIGH
 
 
 @numba.njit(inline="always")
 def _verbatim_word(x):
     """Whether none of the 8 bytes of x needs escaping (no control character, quote or backslash)."""
-    below_space = (x - _BELOW_SPACE) & ~x & _HIGH
-    return (below_space | _has_byte(x, _QUOTES) | _has_byte(x, _BACKSLASHES)) == 0
+    return (has_below(x, _SPACES) | has_byte(x, _QUOTES) | has_byte(x, _BACKSLASHES)) == 0
 
 
 @numba.njit(inline="always")

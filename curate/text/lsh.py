@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import polars as pl
 
-from curate.text.minhash import fmix64
+from curate.text.utf8 import fmix64
 
 SCOPE_ALL = 0  # any two records may be duplicates
 SCOPE_WITHIN = 1  # only records of the same group (source)

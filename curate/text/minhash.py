@@ -32,6 +32,7 @@ from curate.text.shingles import (
     run_with_fallback,
     scratch_for,
 )
+from curate.text.utf8 import fmix64
 
 Scheme = Literal["affine32", "affine64", "legacy"]
 SCHEMES = ("affine32", "affine64", "legacy")
@@ -80,16 +81,6 @@ def _fmix32(h):
     h ^= h >> np.uint64(13)
     h = (h * np.uint64(0xC2B2AE35)) & _M32
     return h ^ (h >> np.uint64(16))
-
-
-@numba.njit(inline="always")
-def fmix64(h):
-    """MurmurHash3's 64-bit finalizer: spreads every input bit over the whole word."""
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xFF51AFD7ED558CCD)
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xC4CEB9FE1A85EC53)
-    return h ^ (h >> np.uint64(33))
 
 
 @numba.njit(cache=True)

@@ -20,7 +20,8 @@ import numba
 import numpy as np
 import polars as pl
 
-from curate.text.shingles import chunks_for, decode_utf8, utf8_buffers
+from curate.text.shingles import chunks_for, utf8_buffers
+from curate.text.utf8 import decode_utf8
 
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so it has an inverse mod 2^64
 _BASE_INV = np.uint64(pow(int(_BASE), -1, 1 << 64))

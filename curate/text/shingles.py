@@ -34,6 +34,7 @@ import polars as pl
 import pyarrow as pa
 
 from curate.text.sha1 import LANES, SHORT, big_endian_words, sha1_prefix64, sha1_short_lanes
+from curate.text.utf8 import decode_utf8, fmix64, string_buffers
 
 Unit = Literal["word", "char"]
 
@@ -90,37 +91,8 @@ def tables(lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
 def utf8_buffers(texts: list[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """(data, offsets) of the texts as UTF-8, zero-copy from Arrow; nulls are empty texts."""
     if isinstance(texts, pl.Series):
-        arr = texts.cast(pl.String).fill_null("").cast(pl.Binary).to_arrow()
-    else:
-        arr = pa.array(texts, type=pa.large_binary())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if arr.null_count:
-        arr = arr.fill_null(b"")
-    if arr.type != pa.large_binary():
-        arr = arr.cast(pa.large_binary())
-    _, off_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(off_buf, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(1, np.uint8)
-    return data, offsets
-
-
-@numba.njit(inline="always")
-def decode_utf8(data, i):
-    """The code point at byte i of UTF-8 `data`, and its length in bytes."""
-    b0 = np.int64(data[i])
-    if b0 < 0x80:
-        return b0, 1
-    if b0 < 0xE0:
-        return ((b0 & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F), 2
-    if b0 < 0xF0:
-        return ((b0 & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F), 3
-    return (
-        ((b0 & 0x07) << 18)
-        | ((np.int64(data[i + 1]) & 0x3F) << 12)
-        | ((np.int64(data[i + 2]) & 0x3F) << 6)
-        | (np.int64(data[i + 3]) & 0x3F)
-    ), 4
+        return string_buffers(texts.cast(pl.String).to_arrow())
+    return string_buffers(pa.array(texts, type=pa.large_string()))
 
 
 @numba.njit(inline="always")
@@ -428,15 +400,6 @@ def chunks_for(n: int) -> int:
     return max(1, min(n, 64 * numba.get_num_threads()))
 
 
-@numba.njit(inline="always")
-def _mix64(h):
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xFF51AFD7ED558CCD)
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xC4CEB9FE1A85EC53)
-    return h ^ (h >> np.uint64(33))
-
-
 @numba.njit(parallel=True, cache=True)
 def _content_kernel(chunks, data, offsets, rows, prenormalized, lower, flags, max_bytes, out, status):
     n = rows.size
@@ -463,8 +426,8 @@ def _content_kernel(chunks, data, offsets, rows, prenormalized, lower, flags, ma
                 h1 = (h1 << np.uint64(29)) | (h1 >> np.uint64(35))
                 h2 = (h2 + w) * np.uint64(0xC2B2AE3D27D4EB4F)
                 h2 = (h2 << np.uint64(31)) | (h2 >> np.uint64(33))
-            out[rows[k], 0] = _mix64(h1)
-            out[rows[k], 1] = _mix64(h2 ^ h1)
+            out[rows[k], 0] = fmix64(h1)
+            out[rows[k], 1] = fmix64(h2 ^ h1)
             status[k] = 0
 
 
