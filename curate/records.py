@@ -11,6 +11,7 @@ import json
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from xxhash import xxh3_64_hexdigest
 
@@ -165,19 +166,27 @@ class RecordColumns:
         return pa.table(columns, schema=RECORD_SCHEMA)
 
 
+def message_fields(
+    messages: pa.Array | pa.ChunkedArray,
+) -> tuple[np.ndarray, pa.Array, pa.Array, pa.Array, pa.Array]:
+    """A messages column taken apart for column-wise work: the records' turn offsets (int64, from 0)
+    and one array per message field (role, content, tool_calls, name) over all turns."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    offsets = messages.offsets.to_numpy().astype(np.int64)
+    role, content, tool_calls, name = messages.flatten().flatten()
+    return offsets - offsets[0], role, content, tool_calls, name
+
+
 def record_ids(messages: pa.Array | pa.ChunkedArray) -> pa.Array:
     """`record_id` of every conversation of a messages column, with the text cleaned column-wise."""
     import pyarrow.compute as pc
 
-    if isinstance(messages, pa.ChunkedArray):
-        messages = messages.combine_chunks()
-    role, content, tool_calls, name = messages.flatten().flatten()
+    offsets, role, content, tool_calls, name = message_fields(messages)
     turn_keys = pc.binary_join_element_wise(
         role, clean_column(content)[0].fill_null(""), tool_calls.fill_null(""), name.fill_null(""), _FIELD
     )
-    offsets = messages.offsets
-    offsets = pc.subtract(offsets, offsets[0])
-    keys = pc.binary_join(pa.ListArray.from_arrays(offsets, turn_keys), _TURN)
+    keys = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), turn_keys), _TURN)
     data, ends = string_buffers(keys)
     view = memoryview(data)
     return pa.array([xxh3_64_hexdigest(view[a:b]) for a, b in pairwise(ends.tolist())], pa.string())

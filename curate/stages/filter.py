@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.edits import EDITS_SCHEMA
-from curate.records import meta_of
+from curate.records import message_fields, meta_of
 from curate.stages.base import Drop, RowsResult, RowStage, Verdict, evidence_json, option, register
 from curate.text.clean import PYTHON_WHITESPACE
 
@@ -107,7 +107,7 @@ class FilterStage(RowStage):
         cfg = self.config
         if not self.on_columns() or table.num_rows == 0:
             return super().process_table(table)
-        t = _TurnFacts.of(table["messages"].combine_chunks())
+        t = _TurnFacts.of(table["messages"])
         n = table.num_rows
         suspects = ~t.has_assistant | (t.last_role != "assistant") | (t.text_chars < cfg.min_chars)
         if cfg.max_chars is not None:
@@ -281,11 +281,9 @@ class _TurnFacts:
     text_chars: np.ndarray  # per record: len("\n".join(contents of its non-system turns))
 
     @classmethod
-    def of(cls, messages: pa.ListArray) -> _TurnFacts:
-        offsets = messages.offsets.to_numpy().astype(np.int64)
-        offsets -= offsets[0]
-        n = len(messages)
-        role, content, tool_calls, _ = messages.flatten().flatten()
+    def of(cls, messages: pa.Array | pa.ChunkedArray) -> _TurnFacts:
+        offsets, role, content, tool_calls, _ = message_fields(messages)
+        n = len(offsets) - 1
         roles = role.to_numpy(zero_copy_only=False)
         turn = np.flatnonzero(roles != "system")
         record = np.repeat(np.arange(n), np.diff(offsets))[turn]

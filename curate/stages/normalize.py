@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from curate.edits import EDITS_SCHEMA
 from curate.errors import CurateError
-from curate.records import MESSAGE_TYPE, ROLES, message
+from curate.records import MESSAGE_TYPE, ROLES, message, message_fields
 from curate.stages.base import Drop, RowsResult, RowStage, Verdict, evidence_json, option, register
 from curate.text.clean import clean_column, clean_text
 
@@ -127,8 +127,7 @@ class NormalizeStage(RowStage):
         if not self.on_columns() or table.num_rows == 0:
             return super().process_table(table)
         cfg = self.config
-        messages = table["messages"].combine_chunks()
-        old = _Turns.of(messages)
+        old = _Turns.of(table["messages"])
         role, unknown = self._canonical_roles(old.role)
         content, content_changed = clean_column(
             old.content, cfg.unicode_form, cfg.strip_control_chars, cfg.strip_whitespace
@@ -314,10 +313,8 @@ class _Turns:
     name: pa.Array
 
     @classmethod
-    def of(cls, messages: pa.ListArray) -> _Turns:
-        offsets = messages.offsets.to_numpy().astype(np.int64)
-        role, content, tool_calls, name = messages.flatten().flatten()
-        return cls(offsets - offsets[0], role, content, tool_calls, name)
+    def of(cls, messages: pa.Array | pa.ChunkedArray) -> _Turns:
+        return cls(*message_fields(messages))
 
     @property
     def record(self) -> np.ndarray:

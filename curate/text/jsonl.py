@@ -13,6 +13,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from curate.records import message_fields
 from curate.text.utf8 import as_words, has_below, has_byte, repeated, string_buffers
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -119,11 +120,7 @@ def _lines(
 def chat_lines(messages: pa.Array, given: dict[int, str]) -> memoryview:
     """One JSON line per conversation of a messages column, role and content only, as
     `json.dumps({"messages": [...]}, ensure_ascii=False)` writes it; rows in `given` get that text."""
-    if isinstance(messages, pa.ChunkedArray):
-        messages = messages.combine_chunks()
-    turns = messages.offsets.to_numpy().astype(np.int64)
-    turns -= turns[0]
-    role, content, _, _ = messages.flatten().flatten()
+    turns, role, content, _, _ = message_fields(messages)
     role_data, role_off = string_buffers(role)
     content_data, content_off = string_buffers(content)
     content_null = content.is_null().to_numpy(zero_copy_only=False)
