@@ -131,28 +131,50 @@ class FilterStage(RowStage):
         return RowsResult(kept, drops, EDITS_SCHEMA.empty_table())
 
     def _decide(self, i: int, t: _TurnFacts, empty, short, refusal, meta: str | None) -> Verdict:
-        """`_judge` for one record, from the column facts."""
+        """`_verdict` for one record, from the column facts."""
+        return self._verdict(
+            t.roles_of(i),
+            empty,
+            lambda: bool(meta) and json.loads(meta).get("needs_response"),
+            None if short is None else (short, t.chars_of(i, short)),
+            int(t.text_chars[i]),
+            None,  # token bounds take the row path
+            refusal,
+        )
+
+    def _verdict(self, roles, empty, needs_response, short, chars, count_tokens, refusal) -> Verdict:
+        """The checks in their order, on one record's facts; the first that fails is the verdict.
+
+        roles: of the non-system turns; empty: the first empty user/assistant turn, or None;
+        needs_response: () -> whether meta marks a prompt-only record; short: (turn, chars) of the
+        first too-short turn, or None; chars: of the conversation; count_tokens: () -> tokens, or
+        None without token bounds; refusal: (turn, match), or None.
+        """
         cfg = self.config
-        roles = t.roles_of(i)
         if empty is not None:
             return Drop("empty_turn", {"turn": empty, "role": roles[empty]})
         if "assistant" not in roles:
-            if meta and json.loads(meta).get("needs_response"):
+            if needs_response():
                 return None if cfg.keep_prompt_only else Drop("prompt_only", {})
             if cfg.require_assistant:
                 return Drop("no_assistant_answer", {"roles": roles})
         elif cfg.require_final_assistant and roles[-1] != "assistant":
             return Drop("not_ending_on_assistant", {"last_role": roles[-1]})
         if short is not None:
-            chars = t.chars_of(i, short)
-            if roles[short] == "assistant":
-                return Drop("assistant_too_short", {"chars": chars, "min": cfg.min_assistant_chars})
-            return Drop("user_too_short", {"chars": chars, "min": cfg.min_user_chars})
-        chars = int(t.text_chars[i])
+            turn, turn_chars = short
+            if roles[turn] == "assistant":
+                return Drop("assistant_too_short", {"chars": turn_chars, "min": cfg.min_assistant_chars})
+            return Drop("user_too_short", {"chars": turn_chars, "min": cfg.min_user_chars})
         if chars < cfg.min_chars:
             return Drop("too_short", {"chars": chars, "min": cfg.min_chars})
         if cfg.max_chars is not None and chars > cfg.max_chars:
             return Drop("too_long", {"chars": chars, "max": cfg.max_chars})
+        if count_tokens is not None:
+            tokens = count_tokens()
+            if tokens < cfg.min_tokens:
+                return Drop("too_few_tokens", {"tokens": tokens, "min": cfg.min_tokens})
+            if cfg.max_tokens is not None and tokens > cfg.max_tokens:
+                return Drop("too_many_tokens", {"tokens": tokens, "max": cfg.max_tokens})
         if refusal is not None:
             return Drop("refusal", {"turn": refusal[0], "match": refusal[1]})
         return None
@@ -198,44 +220,42 @@ class FilterStage(RowStage):
         return found
 
     def _judge(self, record: dict, refusal: tuple[int, str] | None) -> Verdict:
+        """`_verdict` for one record dict."""
         cfg = self.config
         turns = [m for m in record["messages"] if m["role"] != "system"]
-        roles = [m["role"] for m in turns]
-        if cfg.drop_empty_turns:
-            for i, m in enumerate(turns):
+        empty = next(
+            (
+                i
+                for i, m in enumerate(turns)
+                if m["role"] in ("user", "assistant")
+                and not (m["content"] or "").strip()
+                and not m.get("tool_calls")
+            ),
+            None,
+        )
+        short = next(
+            (
+                (i, len(m["content"] or ""))
+                for i, m in enumerate(turns)
                 if (
-                    m["role"] in ("user", "assistant")
-                    and not (m["content"] or "").strip()
+                    m["role"] == "assistant"
                     and not m.get("tool_calls")
-                ):
-                    return Drop("empty_turn", {"turn": i, "role": m["role"]})
-        if "assistant" not in roles:
-            if meta_of(record).get("needs_response"):
-                return None if cfg.keep_prompt_only else Drop("prompt_only", {})
-            if cfg.require_assistant:
-                return Drop("no_assistant_answer", {"roles": roles})
-        elif cfg.require_final_assistant and roles[-1] != "assistant":
-            return Drop("not_ending_on_assistant", {"last_role": roles[-1]})
-        for m in turns:
-            chars = len(m["content"] or "")
-            if m["role"] == "assistant" and not m.get("tool_calls") and chars < cfg.min_assistant_chars:
-                return Drop("assistant_too_short", {"chars": chars, "min": cfg.min_assistant_chars})
-            if m["role"] == "user" and chars < cfg.min_user_chars:
-                return Drop("user_too_short", {"chars": chars, "min": cfg.min_user_chars})
+                    and len(m["content"] or "") < cfg.min_assistant_chars
+                )
+                or (m["role"] == "user" and len(m["content"] or "") < cfg.min_user_chars)
+            ),
+            None,
+        )
         text = "\n".join(m["content"] or "" for m in turns)
-        if len(text) < cfg.min_chars:
-            return Drop("too_short", {"chars": len(text), "min": cfg.min_chars})
-        if cfg.max_chars is not None and len(text) > cfg.max_chars:
-            return Drop("too_long", {"chars": len(text), "max": cfg.max_chars})
-        if cfg.min_tokens or cfg.max_tokens is not None:
-            tokens = self._count_tokens(text)
-            if tokens < cfg.min_tokens:
-                return Drop("too_few_tokens", {"tokens": tokens, "min": cfg.min_tokens})
-            if cfg.max_tokens is not None and tokens > cfg.max_tokens:
-                return Drop("too_many_tokens", {"tokens": tokens, "max": cfg.max_tokens})
-        if refusal is not None:
-            return Drop("refusal", {"turn": refusal[0], "match": refusal[1]})
-        return None
+        return self._verdict(
+            [m["role"] for m in turns],
+            empty if cfg.drop_empty_turns else None,
+            lambda: meta_of(record).get("needs_response"),
+            short,
+            len(text),
+            (lambda: self._count_tokens(text)) if cfg.min_tokens or cfg.max_tokens is not None else None,
+            refusal,
+        )
 
 
 def _word_count(text: str) -> int:
