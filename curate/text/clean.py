@@ -15,7 +15,16 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-from curate.text.utf8 import HIGH, as_words, decode_utf8, has_below, has_byte, repeated, string_buffers
+from curate.text.utf8 import (
+    HIGH,
+    as_words,
+    decode_utf8,
+    has_below,
+    has_byte,
+    packed,
+    repeated,
+    string_buffers,
+)
 
 UnicodeForm = Literal["NFC", "NFKC", "none"]
 
@@ -306,9 +315,7 @@ def clean_column(
             py_parts.append(unicodedata.normalize(unicode_form, text).encode("utf-8"))
     if not changed.any():
         return array, changed
-    py = np.frombuffer(b"".join(py_parts), np.uint8) if py_parts else np.zeros(0, np.uint8)
-    py_offsets = np.zeros(len(py_parts) + 1, np.int64)
-    np.cumsum([len(p) for p in py_parts], out=py_offsets[1:])
+    py, py_offsets = packed(py_parts)
     out = np.empty(len(data) + len(py), np.uint8)
     out_offsets = np.empty(len(array) + 1, np.int64)
     _assemble(

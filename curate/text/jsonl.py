@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.records import message_fields
-from curate.text.utf8 import as_words, has_below, has_byte, repeated, string_buffers
+from curate.text.utf8 import as_words, has_below, has_byte, packed, repeated, string_buffers
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 # json.dumps' short escapes; other characters below 0x20 become \u00XX
@@ -126,10 +126,7 @@ def chat_lines(messages: pa.Array, given: dict[int, str]) -> memoryview:
     content_null = content.is_null().to_numpy(zero_copy_only=False)
     use_given = np.zeros(len(messages), np.bool_)
     use_given[list(given)] = True
-    texts = [(given[r] + "\n").encode("utf-8") for r in sorted(given)]
-    given_data = np.frombuffer(b"".join(texts), np.uint8) if texts else np.zeros(0, np.uint8)
-    given_off = np.zeros(len(texts) + 1, np.int64)
-    np.cumsum([len(t) for t in texts], out=given_off[1:])
+    given_data, given_off = packed([(given[r] + "\n").encode("utf-8") for r in sorted(given)])
     # worst case: every byte escaped as \u00XX, plus the fixed framing of each turn and record
     size = 6 * (len(role_data) + len(content_data)) + 40 * len(content) + 20 * len(messages) + len(given_data)
     out = np.empty(size, np.uint8)

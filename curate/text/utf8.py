@@ -55,6 +55,13 @@ def string_buffers(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.nd
     return data, offsets
 
 
+def packed(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Byte strings made in Python as one buffer and int64 offsets, the shape the kernels read."""
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    return np.frombuffer(b"".join(parts), np.uint8) if parts else np.zeros(0, np.uint8), offsets
+
+
 @numba.njit(inline="always")
 def decode_utf8(data, i):
     """The code point at byte i of UTF-8 `data`, and its length in bytes."""
