@@ -10,9 +10,16 @@ import pyarrow as pa
 import pytest
 
 from curate.formats import InputSpec, read_input
-from curate.text.clean import PYTHON_WHITESPACE, clean_column, clean_text
+from curate.text.clean import PYTHON_WHITESPACE, clean_column, clean_text, stable_code_points
 
-ALPHABET = "ab \t\n\r\x00\x07\x1f\x7f\x85\x9f\u00a0e\u0301\u00e9\u2028\u3000\ufb01中"
+# Besides controls and whitespace: letters that compose with a following accent, Hangul jamo that
+# compose by rule, a vowel sign that composes although its combining class is 0 (U+0B3E), singletons
+# (U+2126), a non-starter decomposition (U+0344), a composition exclusion (U+0958), compatibility
+# characters (U+FB01, U+1E9B), an emoji and a code point above the quick-check table (U+20000).
+ALPHABET = (
+    "ab \t\n\r\x00\x07\x1f\x7f\x85\x9f\u00a0e\u0301\u00e9\u2028\u3000\ufb01中"
+    "\u1100\u1161\uac00\u11a8\u0b47\u0b3e\u2126\u0344\u0958\u1e9b\U0001f600\U00020000"
+)
 
 
 def reference(text: str, form: str = "NFC") -> str:
@@ -84,3 +91,25 @@ def test_the_whitespace_table_is_complete():
     """clean_column's trim knows str.isspace() only up to U+3000: nothing above may be whitespace."""
     assert not [c for c in range(0x3001, 0x110000) if chr(c).isspace()]
     assert len(PYTHON_WHITESPACE) == 29 and 0x85 in PYTHON_WHITESPACE and 0x1C in PYTHON_WHITESPACE
+
+
+@pytest.mark.parametrize(("form", "bit"), [("NFC", 1), ("NFKC", 2)])
+def test_text_of_stable_code_points_is_already_normalized(form, bit):
+    """The quick-check table vouches only for code points the form leaves alone in any company."""
+    table = stable_code_points()
+    stable = [chr(c) for c in range(len(table)) if table[c] & bit]
+    assert all(unicodedata.normalize(form, c) == c and not unicodedata.combining(c) for c in stable)
+    for unstable in ("\u0301", "\u1161", "\u11a8", "\u0b3e", "\u2126", "\u0958", "\u3099"):
+        assert not table[ord(unstable)] & bit
+    assert not table[0xFB01] & 2 and table[0xFB01] & 1  # a ligature: NFKC splits it, NFC does not
+    # every pair of stable code points next to each other stays as it is, around the composing ranges
+    near = [
+        c
+        for c in stable
+        if 0x0041 <= ord(c) <= 0x0500 or 0x0900 <= ord(c) <= 0x0D80 or 0x1100 <= ord(c) <= 0x1200
+    ]
+    near += [c for c in stable if 0xAC00 <= ord(c) <= 0xAC40 or 0x3040 <= ord(c) <= 0x30FF]
+    rng = random.Random(2)
+    for _ in range(50_000):
+        text = "".join(rng.choice(near) for _ in range(rng.randint(2, 4)))
+        assert unicodedata.is_normalized(form, text), (form, text)

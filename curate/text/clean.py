@@ -7,6 +7,7 @@ search) prove that, and only the rare text that needs work pays for the regular 
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from typing import Literal
@@ -18,6 +19,7 @@ import pyarrow as pa
 from curate.text.utf8 import (
     HIGH,
     as_words,
+    copy_bytes,
     decode_utf8,
     has_below,
     has_byte,
@@ -78,11 +80,47 @@ PYTHON_WHITESPACE = [c for c in range(0x3001) if chr(c).isspace()]
 _IS_SPACE = np.zeros(0x3001, np.bool_)
 _IS_SPACE[PYTHON_WHITESPACE] = True
 
-# what a string needs, as bits
-_CONTROL, _CR, _SPACE_NL, _BLANK_LINES, _EDGE, _NON_ASCII = 1, 2, 4, 8, 16, 32
+# what a string needs, as bits; _UNSTABLE: a code point the quick check below cannot vouch for,
+# so Python's unicodedata decides whether the text is already composed
+_CONTROL, _CR, _SPACE_NL, _BLANK_LINES, _EDGE, _UNSTABLE = 1, 2, 4, 8, 16, 32
+_FORM_BITS = {"NFC": 1, "NFKC": 2, "none": 0}
+_STABLE_LIMIT = 0x20000  # the table covers planes 0 and 1; code points above it are left to Python
 _WHITESPACE_STEPS = _CR | _SPACE_NL | _BLANK_LINES | _EDGE
 # how a string is produced
 _COPY, _STEPS, _FROM_PYTHON, _STEPS_ON_PYTHON = 0, 1, 2, 3
+
+
+@functools.cache
+def stable_code_points() -> np.ndarray:
+    """Per code point below _STABLE_LIMIT: bit 1 when NFC leaves any text made only of such code
+    points as it is, bit 2 likewise for NFKC.
+
+    That is UAX #15's quick check: a code point qualifies when its canonical combining class is 0,
+    its quick-check value is Yes (normalizing it alone gives it back, and it is not the second part
+    of any canonical composition, i.e. not "Maybe"). Built from this Python's unicodedata, so it
+    follows the same Unicode version as `clean_text`.
+    """
+    chars = [chr(c) for c in range(_STABLE_LIMIT)]
+    combining = np.fromiter(map(unicodedata.combining, chars), np.int64, _STABLE_LIMIT)
+    decompositions = list(map(unicodedata.decomposition, chars))
+    table = np.where(combining == 0, 3, 0).astype(np.uint8)
+    table[0xD800:0xE000] = 0  # surrogates never occur in UTF-8 text
+    # Hangul vowels and trailing consonants compose with a preceding syllable by rule, not by table
+    table[0x1161:0x1176] = table[0x11A8:0x11C3] = 0
+    for code, decomposition in enumerate(decompositions):
+        if not decomposition:
+            continue
+        parts = decomposition.split()
+        if parts[0].startswith("<"):
+            table[code] &= ~np.uint8(2)  # a compatibility decomposition: NFKC changes it
+            continue
+        if len(parts) == 2:
+            table[int(parts[1], 16)] = 0  # may compose with what precedes it ("Maybe")
+        char = chars[code]
+        for bit, form in ((1, "NFC"), (2, "NFKC")):
+            if unicodedata.normalize(form, char) != char:
+                table[code] &= ~np.uint8(bit)
+    return table
 
 
 @numba.njit(inline="always")
@@ -112,8 +150,11 @@ def _plain_word(x):
 
 
 @numba.njit(cache=True)
-def _triage(data, words, offsets, needs):
-    """What each string needs, as bits: one pass over the bytes (8 at a time where they are plain)."""
+def _triage(data, words, offsets, stable, form_bit, needs):
+    """What each string needs, as bits: one pass over the bytes (8 at a time where they are plain).
+
+    `stable` is `stable_code_points()`, read for the bit of the Unicode form (0: no form, no look).
+    """
     for i in range(len(offsets) - 1):
         start, end = offsets[i], offsets[i + 1]
         bits = 0
@@ -129,9 +170,16 @@ def _triage(data, words, offsets, needs):
                     continue
             c = data[j]
             if c >= 0x80:
-                bits |= _NON_ASCII
                 if c == 0xC2 and j + 1 < end and 0x80 <= data[j + 1] <= 0x9F:
                     bits |= _CONTROL  # C1 control characters, U+0080..U+009F
+                if form_bit:
+                    cp, size = decode_utf8(data, j)
+                    if cp >= _STABLE_LIMIT or not (stable[cp] & form_bit):
+                        bits |= _UNSTABLE
+                    prev2 = prev
+                    prev = c
+                    j += size
+                    continue
             elif _IS_CONTROL[c]:
                 bits |= _CONTROL
             elif c == 13:
@@ -161,8 +209,7 @@ def _steps(src, words, start, end, bits, strip_control, strip_whitespace, out, o
     if not (bits & (_CONTROL | _CR | _SPACE_NL | _BLANK_LINES)):
         if strip_whitespace:
             start, end = _trimmed(src, start, end)
-        out[o : o + end - start] = src[start:end]
-        return o + end - start
+        return copy_bytes(src, start, end, out, o)
     w = o
     run = -1  # where the spaces and tabs just written start, or -1
     newlines = 0  # newlines just written
@@ -170,8 +217,7 @@ def _steps(src, words, start, end, bits, strip_control, strip_whitespace, out, o
     j = start
     while j < end:
         if (j & 7) == 0 and j + 8 <= end and _plain_word(words[j >> 3]):
-            for k in range(8):
-                out[w + k] = src[j + k]
+            copy_bytes(src, j, j + 8, out, w)
             if src[j + 7] == 32:  # the word ends in spaces: where do they start?
                 k = 7
                 while k >= 0 and src[j + k] == 32:
@@ -223,9 +269,7 @@ def _steps(src, words, start, end, bits, strip_control, strip_whitespace, out, o
     if not strip_whitespace:
         return w
     first, end = _trimmed(out, o, w)
-    for k in range(first, end):  # moves left, so a forward copy is safe
-        out[o + k - first] = out[k]
-    return o + end - first
+    return copy_bytes(out, first, end, out, o)  # moves left: a forward copy is safe
 
 
 @numba.njit(inline="always")
@@ -273,9 +317,28 @@ def _assemble(
         if how[i] == _STEPS or how[i] == _STEPS_ON_PYTHON:
             o = _steps(src, src_words, start, end, needs[i], strip_control, strip_whitespace, out, o)
         else:
-            out[o : o + end - start] = src[start:end]
-            o += end - start
+            o = copy_bytes(src, start, end, out, o)
     out_offsets[len(offsets) - 1] = o
+
+
+@numba.njit(cache=True)
+def _blank(data, offsets, out):
+    for i in range(len(offsets) - 1):
+        start, end = offsets[i], offsets[i + 1]
+        while start < end:
+            space, size = _space_at(data, start)
+            if not space:
+                break
+            start += size
+        out[i] = start == end
+
+
+def blank_column(array: pa.Array) -> np.ndarray:
+    """Which strings hold no text: null, empty, or only what `str.isspace()` calls whitespace."""
+    data, offsets = string_buffers(array)
+    out = np.empty(len(array), np.bool_)
+    _blank(data, offsets, out)
+    return out
 
 
 def clean_column(
@@ -292,16 +355,16 @@ def clean_column(
         array = array.combine_chunks()
     data, offsets = string_buffers(array)
     needs = np.empty(len(array), np.uint8)
-    _triage(data, as_words(data), offsets, needs)
+    _triage(data, as_words(data), offsets, stable_code_points(), _FORM_BITS[unicode_form], needs)
     work = _WHITESPACE_STEPS if strip_whitespace else 0
     if strip_control:
         work |= _CONTROL
     how = np.where(needs & work, _STEPS, _COPY).astype(np.uint8)
     changed = how == _STEPS  # every step the triage asks for changes the text
     py_parts = []
-    non_ascii = np.flatnonzero(needs & _NON_ASCII) if unicode_form != "none" else []
-    texts = array.take(pa.array(non_ascii, pa.int64())).to_pylist() if len(non_ascii) else []
-    for i, text in zip(non_ascii, texts, strict=True):
+    unstable = np.flatnonzero(needs & _UNSTABLE)
+    texts = array.take(pa.array(unstable, pa.int64())).to_pylist() if len(unstable) else []
+    for i, text in zip(unstable, texts, strict=True):
         if strip_control and needs[i] & _CONTROL:
             # controls go before composition (dropping one can make a letter and its accent meet)
             cleaned = clean_text(text, unicode_form, strip_control, strip_whitespace)
