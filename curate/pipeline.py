@@ -199,6 +199,8 @@ class RunOutput:
         return sum(s.added for s in self.stages)
 
 
+INGEST_TASK_BYTES = 8 << 20  # files read by one ingest task (compressed size), unless workers need more
+
 DROPPED_EXTRA = pa.schema(
     [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("evidence", pa.string())]
 )
@@ -297,20 +299,25 @@ class Runner:
             self.progress.note(f"ingest: cached ({table.height:,} records)")
             meta = json.loads((self.cache_dir / key / "ingest.json").read_text())
             return table, meta["quarantine"], meta["inputs"], key
-        tasks, hashes, size = [], {}, 0
-        for spec, group in zip(self.recipe.inputs, files, strict=True):
+        hashes = {relative(p, base): h if p.is_file() else None for group in files for p, h in group}
+        sizes = [[p.stat().st_size for p, _ in group] for group in files]
+        size = sum(map(sum, sizes))
+        parallel = self.engine.worth_workers(size_bytes=size)
+        # tasks of many files each (a file costs little on its own), enough of them to keep the
+        # workers busy and the progress bar moving
+        part = max(INGEST_TASK_BYTES, size // (4 * self.engine.workers)) if parallel else INGEST_TASK_BYTES
+        tasks = []
+        for spec, group, group_sizes in zip(self.recipe.inputs, files, sizes, strict=True):
             if spec.path.startswith("hf:"):
-                tasks.append((spec, base))
-            for path, digest in group:
-                tasks.append((dataclasses.replace(spec, path=str(path)), base))
-                hashes[relative(path, base)] = digest if path.is_file() else None
-                size += path.stat().st_size
+                tasks.append((spec, base, None))
+            for paths in _by_size([p for p, _ in group], group_sizes, part):
+                tasks.append((spec, base, paths))
         tables: list[pa.Table] = []
         quarantine: list[dict] = []
         inputs: list[dict] = []
         task = self.progress.task("ingest", total=None, unit="records")
-        results = self.engine.map(ingest_task, tasks, parallel=self.engine.worth_workers(size_bytes=size))
-        for (spec, _), result in zip(tasks, results, strict=True):
+        results = self.engine.map(ingest_task, tasks, parallel=parallel)
+        for (spec, _, _), result in zip(tasks, results, strict=True):
             tables.append(result.table)
             quarantine.extend(result.quarantined)
             for entry in result.files:
@@ -418,6 +425,19 @@ class Runner:
         edits.write_parquet(folder / "edits.parquet", compression="lz4")
         # done.json last: a crash mid-write leaves an entry that is ignored, never a half one that is used
         (folder / "done.json").write_text(json.dumps(dataclasses.asdict(result)))
+
+
+def _by_size(paths: list[Path], sizes: list[int], part: int) -> list[list[Path]]:
+    """The paths in order, cut into runs of about `part` bytes each (a bigger file is a run alone)."""
+    runs: list[list[Path]] = []
+    total = part
+    for path, size in zip(paths, sizes, strict=True):
+        if total >= part:
+            runs.append([])
+            total = 0
+        runs[-1].append(path)
+        total += size
+    return runs
 
 
 def _slice(table: pa.Table, offset: int, length: int, compact: bool) -> pa.Table:

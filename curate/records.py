@@ -120,21 +120,28 @@ def _tools_text(tools: Any) -> str | None:
     return tools if tools is None or isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
 
 
+_BODY = pa.schema([f for f in RECORD_SCHEMA if f.name != "id"])
+
+
 class RecordColumns:
     """Records gathered column by column, then one Arrow table with every id computed at once.
 
     Readers add tens of thousands of records per file; building Python dicts and converting them
     with `pa.Table.from_pylist` cost more than parsing the JSON, so the values go straight into
-    one list per column instead. `table()` gives the same rows as `to_table` of `make_record`s.
+    one list per column instead (`add`), or arrive as whole Arrow columns from a batch converter
+    (`add_columns`). `table()` gives the same rows as `to_table` of `make_record`s, in the order
+    they were added.
     """
 
     def __init__(self) -> None:
+        self.pieces: list[pa.Table] = []  # finished runs of records, without ids
         self.offsets = [0]
         self.turns: list[dict] = []
         self.rows: list[tuple] = []  # (source, origin, parent_id, meta, tools, rejected, label)
+        self.count = 0
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.count
 
     def add(
         self,
@@ -153,17 +160,58 @@ class RecordColumns:
         self.turns += messages
         self.offsets.append(len(self.turns))
         self.rows.append((source, origin, parent_id, _meta_text(meta), _tools_text(tools), rejected, label))
+        self.count += 1
+
+    def add_columns(self, messages: pa.ListArray, sources: pa.StructArray, meta: list[dict | None]) -> None:
+        """Append real records whose conversations are already a column (one source, one meta each)."""
+        n = len(messages)
+        self._close_run()
+        columns = {
+            "messages": messages,
+            "source": sources,
+            "origin": pa.repeat(pa.scalar("real", pa.string()), n),
+            "meta": pa.array([_meta_text(m) for m in meta], pa.string()),
+        }
+        values = [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in _BODY]
+        self.pieces.append(pa.table(values, schema=_BODY))
+        self.count += n
+
+    def _close_run(self) -> None:
+        """The records added one by one so far become a piece."""
+        if not self.rows:
+            return
+        turns = pa.array(self.turns, MESSAGE_TYPE)
+        columns = [pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), turns)]
+        for field, column in zip(list(_BODY)[1:], zip(*self.rows, strict=True), strict=True):
+            columns.append(pa.array(list(column), field.type))
+        self.pieces.append(pa.table(columns, schema=_BODY))
+        self.offsets, self.turns, self.rows = [0], [], []
 
     def table(self) -> pa.Table:
         """The records as a table of RECORD_SCHEMA, ids included."""
-        turns = pa.array(self.turns, MESSAGE_TYPE)
-        messages = pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), turns)
-        names = ("source", "origin", "parent_id", "meta", "tools", "rejected", "label")
-        values = zip(*self.rows, strict=True) if self.rows else [[] for _ in names]
-        columns = {"id": record_ids(messages), "messages": messages}
-        for name, column in zip(names, values, strict=True):
-            columns[name] = pa.array(list(column), RECORD_SCHEMA.field(name).type)
-        return pa.table(columns, schema=RECORD_SCHEMA)
+        self._close_run()
+        body = pa.concat_tables(self.pieces) if self.pieces else _BODY.empty_table()
+        messages = body["messages"].combine_chunks()
+        return body.add_column(0, RECORD_SCHEMA.field("id"), record_ids(messages)).combine_chunks()
+
+
+def source_column(names: list[str], paths: list[str], rows: list[int], formats: list[str]) -> pa.StructArray:
+    """The source struct of many records, from one list per field."""
+    values = [pa.array(names, pa.string()), pa.array(paths, pa.string()), pa.array(rows, pa.int64())]
+    return pa.StructArray.from_arrays([*values, pa.array(formats, pa.string())], fields=list(SOURCE_TYPE))
+
+
+def user_assistant_column(users: pa.Array, answers: pa.Array) -> pa.ListArray:
+    """Conversations of one user turn and one assistant answer each, from the two text columns."""
+    n = len(users)
+    order = np.empty(2 * n, np.int64)
+    order[0::2] = np.arange(n)
+    order[1::2] = np.arange(n, 2 * n)
+    roles = pa.array(["user", "assistant"], pa.string()).take(pa.array(np.arange(2 * n) % 2))
+    content = pa.concat_arrays([users.cast(pa.string()), answers.cast(pa.string())]).take(pa.array(order))
+    nulls = pa.nulls(2 * n, pa.string())
+    turns = pa.StructArray.from_arrays([roles, content, nulls, nulls], fields=list(MESSAGE_TYPE))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), turns)
 
 
 def message_fields(

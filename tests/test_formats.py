@@ -19,9 +19,12 @@ def raw(shared_data: Path) -> dict[str, dict]:
     """All of raw/ read once: per file path, its format, records and quarantine entries."""
     out: dict[str, dict] = {}
     for batch in read_input(InputSpec(path="raw"), shared_data):
-        item = out.setdefault(batch.path, {"format": batch.format, "records": [], "quarantined": []})
-        item["records"] += batch.records
-        item["quarantined"] += batch.quarantined
+        for entry in batch.files:
+            out.setdefault(entry["path"], {"format": entry["format"], "records": [], "quarantined": []})
+        for record in batch.records:
+            out[record["source"]["path"]]["records"].append(record)
+        for entry in batch.quarantined:
+            out[entry["file"]]["quarantined"].append(entry)
     return out
 
 

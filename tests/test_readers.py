@@ -92,7 +92,9 @@ def test_json_array_streams_across_chunk_boundaries(tmp_path: Path, shared_data:
     assert [turns(r)[1][1] for r in records] == ["1234", "56"]
     (tmp_path / "empty.json").write_text("[]")
     batches = list(read_input(InputSpec(path="empty.json"), tmp_path))
-    assert [(b.format, b.records, b.quarantined) for b in batches] == [("empty", [], [])]
+    assert [(b.files, b.records, b.quarantined) for b in batches] == [
+        ([{"path": "empty.json", "format": "empty", "records": 0, "quarantined": 0}], [], [])
+    ]
 
 
 def test_broken_json_array_is_a_file_error(tmp_path: Path):
@@ -397,7 +399,10 @@ def test_recipe_entries_are_validated(tmp_path: Path):
 def test_batches_split_large_files(shared_data: Path):
     batches = list(read_input(InputSpec(path="raw/code_alpaca_2k.json.gz"), shared_data, batch_size=500))
     assert [len(b.records) for b in batches] == [500, 500, 500, 500, 17]
-    assert {b.path for b in batches} == {"raw/code_alpaca_2k.json.gz"}
+    assert [b.files for b in batches] == [
+        [{"path": "raw/code_alpaca_2k.json.gz", "format": "alpaca", "records": n, "quarantined": 0}]
+        for n in (500, 500, 500, 500, 17)
+    ]
 
 
 def test_oasst_best_path_prefers_rank_then_quality(tmp_path: Path):

@@ -89,16 +89,16 @@ class IngestResult:
     files: list[dict]
 
 
-def ingest_task(spec: Any, base_dir: Path) -> IngestResult:
+def ingest_task(spec: Any, base_dir: Path, paths: list[Path] | None) -> IngestResult:
+    """The records of `paths` (files of the input `spec`; None: all of it, e.g. an hf: dataset)."""
     from curate.formats import read_input
 
     tables, quarantined, files = [], [], {}
-    for batch in read_input(spec, base_dir):
-        entry = files.setdefault(
-            batch.path, {"path": batch.path, "format": batch.format, "records": 0, "quarantined": 0}
-        )
-        entry["records"] += batch.table.num_rows
-        entry["quarantined"] += len(batch.quarantined)
+    for batch in read_input(spec, base_dir, paths=paths):
+        for entry in batch.files:
+            total = files.setdefault(entry["path"], {**entry, "records": 0, "quarantined": 0})
+            total["records"] += entry["records"]
+            total["quarantined"] += entry["quarantined"]
         if batch.table.num_rows:
             tables.append(batch.table)
         quarantined.extend(batch.quarantined)

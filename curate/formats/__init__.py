@@ -19,6 +19,7 @@ from itertools import chain, islice
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.errors import FormatError, RecipeError
 from curate.formats import (  # noqa: F401 - each module registers its format on import
@@ -36,7 +37,7 @@ from curate.formats import (  # noqa: F401 - each module registers its format on
     self_instruct,
     sharegpt,
 )
-from curate.formats.base import FORMATS, Format, FormatOptions, RecordError
+from curate.formats.base import FORMATS, BatchConversion, Format, FormatOptions, RecordError
 from curate.formats.detect import HEAD_ROWS, detect_file, detect_row, format_names, unknown_shape
 from curate.formats.readers import (
     RAW_LIMIT,
@@ -49,7 +50,7 @@ from curate.formats.readers import (
     load_hf,
     stem,
 )
-from curate.records import RecordColumns
+from curate.records import RecordColumns, source_column
 
 SPEC_KEYS = ("path", "name", "format", "fields", "split", "config", "options")
 
@@ -148,12 +149,14 @@ def _check_fields(mapping: object, where: str) -> None:
 
 @dataclass
 class IngestBatch:
-    """Records read from one file, as a canonical Arrow table, with the quarantine met reading them."""
+    """Records read from one or more files, as one canonical Arrow table, with the quarantine met
+    reading them and what each file contributed (a large file's counts spread over several batches)."""
 
-    path: str  # the file these came from (relative to base_dir, posix)
-    format: str  # the format the converter used (the file's format; rows of mixed files say their own)
     table: pa.Table  # of curate.records.RECORD_SCHEMA
     quarantined: list[dict]  # {"file", "line", "error", "raw"}
+    # {"path", "format", "records", "quarantined"} for every file begun or read in this batch; the
+    # format is the file's (rows of mixed files name their own in source.format)
+    files: list[dict]
 
     @property
     def records(self) -> list[dict]:
@@ -173,8 +176,11 @@ def relative(path: Path, base_dir: Path) -> str:
     return Path(os.path.relpath(path, base_dir)).as_posix()
 
 
-def read_input(spec: InputSpec, base_dir: Path, batch_size: int = 5000) -> Iterator[IngestBatch]:
-    """Records of every file of the input, in batches of at most `batch_size` (at least one per file)."""
+def read_input(
+    spec: InputSpec, base_dir: Path, batch_size: int = 5000, paths: list[Path] | None = None
+) -> Iterator[IngestBatch]:
+    """Records of every file of the input (or of `paths`, some of its files), in batches of about
+    `batch_size`; small files share a batch, so thousands of them cost little more than one."""
     base_dir = Path(base_dir)
     if spec.format != "auto" and spec.format not in FORMATS:
         raise RecipeError(
@@ -185,42 +191,45 @@ def read_input(spec: InputSpec, base_dir: Path, batch_size: int = 5000) -> Itera
             f"{spec.path}: a `fields:` mapping goes with format 'fields' (and only with it)",
             hint="e.g. fields: {user: question, assistant: answer}",
         )
-    options = FormatOptions.from_dict(spec.options, spec.fields)
+    reader = _Reader(spec, FormatOptions.from_dict(spec.options, spec.fields), batch_size)
+    step = min(batch_size, CHUNK_ROWS)
     if spec.path.startswith("hf:"):
         name = spec.path[3:]
         dataset = load_hf(name, None, spec.split, spec.config)
         label = spec.path + "".join(f":{v}" for v in (spec.config, spec.split) if v)
-        source_name = spec.name or name.rsplit("/", 1)[-1]
-        rows = iter_hf(dataset, min(batch_size, 4096))
-        yield from _read_rows(rows, label, source_name, spec, options, batch_size)
-        return
-    for path in input_files(spec, base_dir):
-        rel = relative(path, base_dir)
-        if is_hf_folder(path):
-            rows = iter_hf(load_hf(None, path, spec.split, None), min(batch_size, 4096))
-        else:
-            rows = iter_file(path, min(batch_size, 4096))
-        yield from _read_rows(rows, rel, spec.name or stem(path), spec, options, batch_size)
+        yield from reader.read(label, spec.name or name.rsplit("/", 1)[-1], iter_hf(dataset, step))
+    else:
+        for path in input_files(spec, base_dir) if paths is None else paths:
+            if is_hf_folder(path):
+                rows = iter_hf(load_hf(None, path, spec.split, None), step)
+            else:
+                rows = iter_file(path, step)
+            yield from reader.read(relative(path, base_dir), spec.name or stem(path), rows)
+    yield from reader.flush()
 
 
 def inspect_input(spec: InputSpec, base_dir: Path) -> list[dict]:
     """Per file: its format, record and quarantine counts, whether it was detected (for `curate formats`)."""
     out: dict[str, dict] = {}
     for batch in read_input(spec, base_dir):
-        item = out.setdefault(
-            batch.path,
-            {
-                "path": batch.path,
-                "format": batch.format,
-                "records": 0,
-                "quarantined": 0,
-                "detected": spec.format == "auto",
-                "formats": Counter(),
-            },
-        )
-        item["records"] += batch.table.num_rows
-        item["quarantined"] += len(batch.quarantined)
-        item["formats"].update(batch.table["source"].combine_chunks().field("format").to_pylist())
+        for entry in batch.files:
+            item = out.setdefault(
+                entry["path"],
+                {
+                    **entry,
+                    "records": 0,
+                    "quarantined": 0,
+                    "detected": spec.format == "auto",
+                    "formats": Counter(),
+                },
+            )
+            item["records"] += entry["records"]
+            item["quarantined"] += entry["quarantined"]
+        source = batch.table["source"].combine_chunks()
+        for path, fmt in zip(
+            source.field("path").to_pylist(), source.field("format").to_pylist(), strict=True
+        ):
+            out[path]["formats"][fmt] += 1
     for item in out.values():
         item["formats"] = dict(sorted(item["formats"].items()))
     return list(out.values())
@@ -266,55 +275,162 @@ def _choose_format(head: list, path: str, spec: InputSpec) -> tuple[Format | Non
     return fmt, True
 
 
-def _read_rows(
-    rows: Iterator[Row], path: str, source_name: str, spec: InputSpec, options: FormatOptions, batch_size: int
-) -> Iterator[IngestBatch]:
-    """Convert one file's rows, detecting the format first; batches of records plus their quarantine."""
-    head = list(islice(rows, HEAD_ROWS))
-    file_format, check_rows = _choose_format(head, path, spec)
-    format_name = file_format.name if file_format else "empty"
-    detect = file_format.detect if file_format else None
-    records = RecordColumns()
-    quarantined: list[dict] = []
-    for number, value, raw in chain(head, rows):
+CHUNK_ROWS = 4096  # rows a batch converter takes at once
+
+
+@dataclass
+class _File:
+    """One file being read: where its rows come from and how they are converted."""
+
+    path: str  # as source.path and the quarantine name it
+    name: str  # source.name
+    format: Format | None  # the file's format; None for a file with no object rows to detect from
+    check_rows: bool  # auto-detection: rows that do not fit the file's format are detected one by one
+
+
+class _Reader:
+    """Rows of one file after another -> batches of records.
+
+    Files whose format has a batch converter queue their rows (across files, as long as the format
+    stays the same) and are converted CHUNK_ROWS at a time; the rows it leaves, and every row of
+    other formats, are converted one by one. Records keep file order and row order throughout.
+    """
+
+    def __init__(self, spec: InputSpec, options: FormatOptions, batch_size: int) -> None:
+        self.spec, self.options, self.batch_size = spec, options, batch_size
+        self.chunk_rows = min(batch_size, CHUNK_ROWS)
+        self.records = RecordColumns()
+        self.quarantined: list[dict] = []
+        self.formats: dict[str, str] = {}  # path -> the file's format name, for the batches' file lists
+        self.begun: list[str] = []  # files begun since the last batch
+        self.queue: list[Row] = []
+        self.queue_files: list[tuple[_File, int]] = []  # the queue's files, with their number of rows
+
+    def read(self, path: str, name: str, rows: Iterator[Row]) -> Iterator[IngestBatch]:
+        head = list(islice(rows, HEAD_ROWS))
+        fmt, check_rows = _choose_format(head, path, self.spec)
+        file = _File(path, name, fmt, check_rows)
+        self.formats[path] = fmt.name if fmt else "empty"
+        self.begun.append(path)
+        stream = chain(head, rows)
+        if fmt is None or fmt.convert_batch is None:
+            self._convert_queue()
+            for row in stream:
+                self._convert_row(file, row)
+                if len(self.records) >= self.batch_size:
+                    yield self._batch()
+            return
+        if self.queue and self.queue_files[-1][0].format is not fmt:
+            self._convert_queue()
+        while chunk := list(islice(stream, self.chunk_rows - len(self.queue))):
+            self.queue += chunk
+            self.queue_files.append((file, len(chunk)))
+            if len(self.queue) >= self.chunk_rows:
+                self._convert_queue()
+                if len(self.records) >= self.batch_size:
+                    yield self._batch()
+
+    def flush(self) -> Iterator[IngestBatch]:
+        """The last batch (there is always one, possibly empty)."""
+        self._convert_queue()
+        yield self._batch()
+
+    def _convert_queue(self) -> None:
+        if not self.queue:
+            return
+        fmt = self.queue_files[0][0].format
+        batch = fmt.convert_batch([value for _, value, _ in self.queue], self.options)
+        handled = batch.handled.tolist()
+        done = 0  # handled rows added so far
+        run: tuple[list, list, list] = ([], [], [])  # names, paths, rows of the current run of handled rows
+        i = 0
+        for file, count in self.queue_files:
+            rows = self.queue[i : i + count]
+            if all(handled[i : i + count]):
+                run[0].extend([file.name] * count)
+                run[1].extend([file.path] * count)
+                run[2].extend([number for number, _, _ in rows])
+            else:
+                for row, taken in zip(rows, handled[i : i + count], strict=True):
+                    if taken:
+                        run[0].append(file.name)
+                        run[1].append(file.path)
+                        run[2].append(row[0])
+                        continue
+                    done = self._add_run(batch, done, run, fmt.name)
+                    self._convert_row(file, row)
+            i += count
+        self._add_run(batch, done, run, fmt.name)
+        self.queue, self.queue_files = [], []
+
+    def _add_run(
+        self, batch: BatchConversion, done: int, run: tuple[list, list, list], format_name: str
+    ) -> int:
+        """The run of handled rows as records (emptying it); returns how many handled rows are added."""
+        names, paths, rows = run
+        n = len(rows)
+        if n:
+            sources = source_column(names, paths, rows, [format_name] * n)
+            self.records.add_columns(batch.messages.slice(done, n), sources, batch.meta[done : done + n])
+            names.clear()
+            paths.clear()
+            rows.clear()
+        return done + n
+
+    def _convert_row(self, file: _File, row: Row) -> None:
+        """One row: detection where the file mixes shapes, conversion, or the quarantine."""
+        number, value, raw = row
         if type(value) is not dict:
             if isinstance(value, Unreadable):
-                quarantined.append(_quarantine(path, number, value.error, value.raw))
+                self.quarantined.append(_quarantine(file.path, number, value.error, value.raw))
             else:
-                quarantined.append(
-                    _quarantine(
-                        path,
-                        number,
-                        f"row is {type(value).__name__}, expected an object",
-                        raw if raw is not None else value,
-                    )
+                error = f"row is {type(value).__name__}, expected an object"
+                self.quarantined.append(
+                    _quarantine(file.path, number, error, raw if raw is not None else value)
                 )
-            continue
-        fmt = file_format
-        if check_rows and (detect is None or not detect(value)):
+            return
+        fmt = file.format
+        if file.check_rows and (fmt is None or not fmt.detect(value)):
             fmt = detect_row(value)
             if fmt is None:
                 error = f"unknown record shape; keys: {', '.join(value)}"
-                quarantined.append(_quarantine(path, number, error, raw if raw is not None else value))
-                continue
+                self.quarantined.append(
+                    _quarantine(file.path, number, error, raw if raw is not None else value)
+                )
+                return
         try:
-            converted = fmt.convert(value, options)
+            converted = fmt.convert(value, self.options)
         except RecordError as exc:
-            quarantined.append(
-                _quarantine(path, number, f"{fmt.name}: {exc}", raw if raw is not None else value)
-            )
-            continue
+            error = f"{fmt.name}: {exc}"
+            self.quarantined.append(_quarantine(file.path, number, error, raw if raw is not None else value))
+            return
         except (KeyError, TypeError, AttributeError, IndexError) as exc:
             error = f"{fmt.name}: missing or malformed field ({type(exc).__name__}: {exc})"
-            quarantined.append(_quarantine(path, number, error, raw if raw is not None else value))
-            continue
-        source = {"name": source_name, "path": path, "row": number, "format": fmt.name}
+            self.quarantined.append(_quarantine(file.path, number, error, raw if raw is not None else value))
+            return
+        source = {"name": file.name, "path": file.path, "row": number, "format": fmt.name}
         for item in converted:
-            records.add(source=source, **item)
-        if len(records) >= batch_size:
-            yield IngestBatch(path, format_name, records.table(), quarantined)
-            records, quarantined = RecordColumns(), []
-    yield IngestBatch(path, format_name, records.table(), quarantined)
+            self.records.add(source=source, **item)
+
+    def _batch(self) -> IngestBatch:
+        table = self.records.table()
+        counts = Counter(
+            dict(zip(*_value_counts(table["source"].combine_chunks().field("path")), strict=True))
+        )
+        held = Counter(q["file"] for q in self.quarantined)
+        paths = dict.fromkeys([*self.begun, *counts, *held])
+        files = [
+            {"path": p, "format": self.formats[p], "records": counts[p], "quarantined": held[p]}
+            for p in paths
+        ]
+        batch = IngestBatch(table, self.quarantined, files)
+        self.records, self.quarantined, self.begun = RecordColumns(), [], []
+        return batch
+
+
+def _value_counts(values: pa.Array) -> tuple[list, list]:
+    counted = pc.value_counts(values)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 __all__ = [
