@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.engines.local import ROW_CHUNK
-from curate.formats import InputSpec, input_files, read_input
+from curate.engines.local import ROW_CHUNK, ingest_task
+from curate.formats import InputSpec, input_files
 from curate.formats.readers import iter_file
 from curate.records import record_ids
 
@@ -46,8 +46,9 @@ def reference(files: list[Path]) -> int:
 
 
 def ingest(spec: InputSpec, normalize=None) -> int:
-    """Canonical records (Arrow tables, ids included) of every file, then normalized."""
-    table = pa.concat_tables(batch.table for batch in read_input(spec, DATA))
+    """Canonical records (one Arrow table, ids included) of every file as the runner reads them,
+    then normalized."""
+    table = ingest_task(spec, DATA, None).table
     return table.num_rows if normalize is None else normalized(table, normalize)
 
 
@@ -103,7 +104,7 @@ def main() -> None:
     files = input_files(spec, DATA)
     stage = normalize_stage()
     # The content id and the stage, timed alone on records already read, show what each costs.
-    records = pa.concat_tables(b.table for b in read_input(spec, DATA))
+    records = ingest_task(spec, DATA, None).table
     messages = records["messages"].combine_chunks()
     runs = {
         "reference": (reference, files),

@@ -67,6 +67,27 @@ def test_compressed_jsonl_reads_the_same(tmp_path: Path, suffix: str, compress):
     assert meta_of(records[2]) == {"category": "math"}
 
 
+def test_gzip_members_padding_and_damage(tmp_path: Path, monkeypatch):
+    """Every member of a multi-member gzip is read (as `gzip.decompress` does), across read steps;
+    damaged or cut gzip data is a FormatError naming the file, never a silent short read."""
+    monkeypatch.setattr(readers, "_BLOCK", 64)  # members and outputs straddle many read steps
+    rows = [{"prompt": f"question {i} " + "x" * (i % 50), "completion": f"answer {i}"} for i in range(300)]
+    whole = jsonl(rows)
+    members = gzip.compress(whole[:5000]) + b"\x00" * 10 + gzip.compress(whole[5000:])
+    (tmp_path / "multi.jsonl.gz").write_bytes(members)
+    assert b"".join(readers.read_blocks(tmp_path / "multi.jsonl.gz")) == gzip.decompress(members) == whole
+    records, quarantined = read("multi.jsonl.gz", tmp_path)
+    assert len(records) == 300 and quarantined == []
+    (tmp_path / "cut.jsonl.gz").write_bytes(members[: len(members) - 40])
+    with pytest.raises(FormatError, match=r"cut.jsonl.gz: the gzip data ends early"):
+        read("cut.jsonl.gz", tmp_path)
+    damaged = bytearray(gzip.compress(whole))
+    damaged[len(damaged) // 2] ^= 0xFF
+    (tmp_path / "bad.jsonl.gz").write_bytes(bytes(damaged))
+    with pytest.raises(FormatError, match=r"bad.jsonl.gz: damaged gzip data"):
+        read("bad.jsonl.gz", tmp_path)
+
+
 def test_blank_lines_count_as_lines_but_not_rows(tmp_path: Path):
     text = jsonl(ALPACA[:1]) + b"\n   \n" + jsonl(ALPACA[1:2]) + b"[1,  2]\n" + b'{"instruction": \n'
     (tmp_path / "a.jsonl").write_bytes(text)

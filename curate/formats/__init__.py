@@ -313,22 +313,23 @@ class _Reader:
         self.formats[path] = fmt.name if fmt else "empty"
         self.begun.append(path)
         stream = chain(head, rows)
-        if fmt is None or fmt.convert_batch is None:
+        batched = fmt is not None and fmt.convert_batch is not None
+        if not batched or (self.queue and self.queue_files[-1][0].format is not fmt):
             self._convert_queue()
-            for row in stream:
-                self._convert_row(file, row)
-                if len(self.records) >= self.batch_size:
-                    yield self._batch()
-            return
-        if self.queue and self.queue_files[-1][0].format is not fmt:
-            self._convert_queue()
-        while chunk := list(islice(stream, self.chunk_rows - len(self.queue))):
-            self.queue += chunk
-            self.queue_files.append((file, len(chunk)))
-            if len(self.queue) >= self.chunk_rows:
-                self._convert_queue()
-                if len(self.records) >= self.batch_size:
-                    yield self._batch()
+        while True:
+            chunk = list(islice(stream, self.chunk_rows - len(self.queue)))
+            if not chunk:
+                break
+            if not batched:
+                for row in chunk:
+                    self._convert_row(file, row)
+            else:
+                self.queue += chunk
+                self.queue_files.append((file, len(chunk)))
+                if len(self.queue) >= self.chunk_rows:
+                    self._convert_queue()
+            if len(self.records) >= self.batch_size:
+                yield self._batch()
 
     def flush(self) -> Iterator[IngestBatch]:
         """The last batch (there is always one, possibly empty)."""

@@ -27,6 +27,7 @@ from curate.records import message
 from curate.text.clean import blank_column
 
 USED = ("instruction", "input", "output", "response", "system", "history")
+_USED = frozenset(USED)
 
 
 def is_alpaca(row: dict) -> bool:
@@ -55,6 +56,8 @@ def _meta(row: dict, answer_key: str, answer: str) -> dict | None:
     extra = None
     if answer_key == "output" and "response" in row and row["response"] != answer:
         extra = {"response": row["response"]}
+    elif _USED.issuperset(row):
+        return None  # nothing left over: the common case, without building a dict
     return rest(row, USED, extra)
 
 
