@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import lzma
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -67,9 +68,15 @@ def test_compressed_jsonl_reads_the_same(tmp_path: Path, suffix: str, compress):
     assert meta_of(records[2]) == {"category": "math"}
 
 
-def test_gzip_members_padding_and_damage(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("library", ["isal", "zlib"])
+def test_gzip_members_padding_and_damage(tmp_path: Path, monkeypatch, library):
     """Every member of a multi-member gzip is read (as `gzip.decompress` does), across read steps;
-    damaged or cut gzip data is a FormatError naming the file, never a silent short read."""
+    damaged or cut gzip data is a FormatError naming the file, never a silent short read. Both
+    inflaters: ISA-L, and zlib where isal has no wheel."""
+    if library == "zlib":
+        monkeypatch.setattr(readers, "inflate_lib", zlib)
+    else:
+        assert readers.inflate_lib.__name__ == "isal.isal_zlib"  # a core dependency: never the fallback
     monkeypatch.setattr(readers, "_BLOCK", 64)  # members and outputs straddle many read steps
     rows = [{"prompt": f"question {i} " + "x" * (i % 50), "completion": f"answer {i}"} for i in range(300)]
     whole = jsonl(rows)
