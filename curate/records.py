@@ -15,8 +15,7 @@ import numpy as np
 import pyarrow as pa
 from xxhash import xxh3_64_hexdigest
 
-from curate.text.clean import clean_column, clean_text
-from curate.text.utf8 import string_buffers
+from curate.text.clean import clean_text, id_keys
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -227,16 +226,11 @@ def message_fields(
 
 
 def record_ids(messages: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """`record_id` of every conversation of a messages column, with the text cleaned column-wise."""
-    import pyarrow.compute as pc
-
+    """`record_id` of every conversation of a messages column: the keys are written by one compiled
+    pass (text cleaned on the way, see curate.text.clean.id_keys), then hashed."""
     offsets, role, content, tool_calls, name = message_fields(messages)
-    turn_keys = pc.binary_join_element_wise(
-        role, clean_column(content)[0].fill_null(""), tool_calls.fill_null(""), name.fill_null(""), _FIELD
-    )
-    keys = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), turn_keys), _TURN)
-    data, ends = string_buffers(keys)
-    view = memoryview(data)
+    keys, ends = id_keys(offsets, role, content, tool_calls, name)
+    view = memoryview(keys)
     return pa.array([xxh3_64_hexdigest(view[a:b]) for a, b in pairwise(ends.tolist())], pa.string())
 
 

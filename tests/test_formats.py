@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from curate.formats import InputSpec, format_names, inspect_input, read_input
-from curate.records import meta_of, record_id, train_messages
+from curate.records import MESSAGES_TYPE, message, meta_of, record_id, record_ids, train_messages
+from curate.text.clean import clean_text
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +140,36 @@ def test_column_ids_equal_the_row_by_row_reference_on_all_of_raw(raw):
     tidy = [{"role": "user", "content": "Caf\u00e9 au lait?", "tool_calls": None, "name": None}]
     messy = [{"role": "user", "content": "  Cafe\u0301 au lait?\r\n", "tool_calls": None, "name": None}]
     assert record_id(tidy) == record_id(messy) != record_id([{**tidy[0], "role": "assistant"}])
+
+
+def test_column_ids_equal_the_reference_on_fuzzed_conversations():
+    """Text that needs every kind of cleanup, nulls, tool calls, names and empty conversations."""
+    rng = random.Random(3)
+    alphabet = "ab \t\n\r\x07\x85e\u0301\u00e9\u3000\ufb01\u1100\u1161\U0001f600\U00020000"
+    conversations = []
+    for _ in range(3000):
+        turns = []
+        for _ in range(rng.randint(0, 4)):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+            turns.append(
+                message(
+                    rng.choice(["user", "assistant", "system", "tool"]),
+                    None if rng.random() < 0.05 else text,
+                    tool_calls=[{"type": "function", "function": {"name": "f"}}]
+                    if rng.random() < 0.1
+                    else None,
+                    name=rng.choice([None, "search", "t\u00e9"]),
+                )
+            )
+        conversations.append(turns)
+    ids = record_ids(pa.array(conversations, MESSAGES_TYPE)).to_pylist()
+    assert ids == [record_id(c) for c in conversations]
+    # as many ids as conversations that differ once cleaned (the empty ones and the like coincide)
+    cleaned = {
+        tuple((m["role"], clean_text(m["content"] or ""), m["tool_calls"], m["name"]) for m in c)
+        for c in conversations
+    }
+    assert len(set(ids)) == len(cleaned) > 2000
 
 
 def test_alpaca_with_input_and_output(raw):

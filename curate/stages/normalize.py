@@ -348,9 +348,11 @@ def _ne(values: pa.Array, other, nulls: bool = False) -> np.ndarray:
 def _merged(turns: _Turns) -> _Turns:
     """`_merge_consecutive` on every record: runs of user, assistant or system turns without tool calls."""
     record = turns.record
-    role = turns.role.to_numpy(zero_copy_only=False)
+    encoded = pc.dictionary_encode(turns.role, null_encoding="encode")  # small codes, not str objects
+    role = encoded.indices.to_numpy(zero_copy_only=False)
+    names = encoded.dictionary.to_pylist()
     plain = pc.fill_null(pc.equal(turns.tool_calls, ""), True).to_numpy(zero_copy_only=False)
-    mergeable = np.isin(role, ("user", "assistant", "system")) & plain
+    mergeable = np.array([n in ("user", "assistant", "system") for n in names] + [False])[role] & plain
     follows = np.zeros(len(role), np.bool_)
     follows[1:] = (record[1:] == record[:-1]) & (role[1:] == role[:-1]) & mergeable[1:] & mergeable[:-1]
     if not follows.any():

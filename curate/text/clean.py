@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import Literal
 
 import numba
@@ -288,36 +289,33 @@ def _trimmed(data, start, end):
     return start, end
 
 
+@numba.njit(inline="always")
+def _cleaned_into(i, p, data, words, offsets, needs, how, py, py_words, py_offsets, control, space, out, o):
+    """String i of a planned cleanup, written at out[o:]: (its end, the next Python string's index).
+
+    Strings are taken in order; `p` counts the strings Python produced (see `CleanupPlan`).
+    """
+    src, src_words = data, words
+    start, end = offsets[i], offsets[i + 1]
+    if how[i] == _FROM_PYTHON or how[i] == _STEPS_ON_PYTHON:
+        src, src_words = py, py_words
+        start, end = py_offsets[p], py_offsets[p + 1]
+        p += 1
+    if how[i] == _STEPS or how[i] == _STEPS_ON_PYTHON:
+        return _steps(src, src_words, start, end, needs[i], control, space, out, o), p
+    return copy_bytes(src, start, end, out, o), p
+
+
 @numba.njit(cache=True)
-def _assemble(
-    data,
-    words,
-    offsets,
-    needs,
-    how,
-    py,
-    py_words,
-    py_offsets,
-    strip_control,
-    strip_whitespace,
-    out,
-    out_offsets,
-):
+def _assemble(data, words, offsets, needs, how, py, py_words, py_offsets, control, space, out, out_offsets):
     """The cleaned column, string by string, from the source or from Python's result."""
     o = 0
     p = 0
     for i in range(len(offsets) - 1):
         out_offsets[i] = o
-        src, src_words = data, words
-        start, end = offsets[i], offsets[i + 1]
-        if how[i] == _FROM_PYTHON or how[i] == _STEPS_ON_PYTHON:
-            src, src_words = py, py_words
-            start, end = py_offsets[p], py_offsets[p + 1]
-            p += 1
-        if how[i] == _STEPS or how[i] == _STEPS_ON_PYTHON:
-            o = _steps(src, src_words, start, end, needs[i], strip_control, strip_whitespace, out, o)
-        else:
-            o = copy_bytes(src, start, end, out, o)
+        o, p = _cleaned_into(
+            i, p, data, words, offsets, needs, how, py, py_words, py_offsets, control, space, out, o
+        )
     out_offsets[len(offsets) - 1] = o
 
 
@@ -341,20 +339,49 @@ def blank_column(array: pa.Array) -> np.ndarray:
     return out
 
 
-def clean_column(
+@dataclass
+class CleanupPlan:
+    """What `clean_text` would do to each string of a column, worked out without doing it.
+
+    The compiled kernels read it: `_assemble` builds the cleaned column from it, and the content
+    id writes its keys straight from it (curate.records.record_ids).
+    """
+
+    data: np.ndarray  # the column's UTF-8 bytes and int64 offsets
+    offsets: np.ndarray
+    needs: np.ndarray  # what each string needs, as bits
+    how: np.ndarray  # how each string is produced: copied, stepped, or from Python's result
+    py: np.ndarray  # the strings Python produced, in column order, as bytes and offsets
+    py_offsets: np.ndarray
+    changed: np.ndarray  # which strings the cleanup changes
+    strip_control: bool
+    strip_whitespace: bool
+
+    def kernel_args(self) -> tuple:
+        """The arguments `_cleaned_into` takes after the string and Python indices."""
+        return (
+            self.data,
+            as_words(self.data),
+            self.offsets,
+            self.needs,
+            self.how,
+            self.py,
+            as_words(self.py),
+            self.py_offsets,
+            self.strip_control,
+            self.strip_whitespace,
+        )
+
+
+def plan_cleanup(
     array: pa.Array,
     unicode_form: UnicodeForm = "NFC",
     strip_control: bool = True,
     strip_whitespace: bool = True,
-) -> tuple[pa.Array, np.ndarray]:
-    """`clean_text` on every string of an Arrow string array: (cleaned array, which strings changed).
-
-    Nulls stay null; the result has the input's type (string or large_string).
-    """
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
+) -> CleanupPlan:
+    """The `CleanupPlan` of an Arrow string array (nulls read as empty text)."""
     data, offsets = string_buffers(array)
-    needs = np.empty(len(array), np.uint8)
+    needs = np.empty(len(offsets) - 1, np.uint8)
     _triage(data, as_words(data), offsets, stable_code_points(), _FORM_BITS[unicode_form], needs)
     work = _WHITESPACE_STEPS if strip_whitespace else 0
     if strip_control:
@@ -376,25 +403,28 @@ def clean_column(
             needs[i] = _WHITESPACE_STEPS
             changed[i] = True
             py_parts.append(unicodedata.normalize(unicode_form, text).encode("utf-8"))
-    if not changed.any():
-        return array, changed
     py, py_offsets = packed(py_parts)
-    out = np.empty(len(data) + len(py), np.uint8)
+    return CleanupPlan(data, offsets, needs, how, py, py_offsets, changed, strip_control, strip_whitespace)
+
+
+def clean_column(
+    array: pa.Array,
+    unicode_form: UnicodeForm = "NFC",
+    strip_control: bool = True,
+    strip_whitespace: bool = True,
+) -> tuple[pa.Array, np.ndarray]:
+    """`clean_text` on every string of an Arrow string array: (cleaned array, which strings changed).
+
+    Nulls stay null; the result has the input's type (string or large_string).
+    """
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    plan = plan_cleanup(array, unicode_form, strip_control, strip_whitespace)
+    if not plan.changed.any():
+        return array, plan.changed
+    out = np.empty(len(plan.data) + len(plan.py), np.uint8)
     out_offsets = np.empty(len(array) + 1, np.int64)
-    _assemble(
-        data,
-        as_words(data),
-        offsets,
-        needs,
-        how,
-        py,
-        as_words(py),
-        py_offsets,
-        strip_control,
-        strip_whitespace,
-        out,
-        out_offsets,
-    )
+    _assemble(*plan.kernel_args(), out, out_offsets)
     validity = array.is_valid().buffers()[1] if array.null_count else None
     cleaned = pa.Array.from_buffers(
         pa.large_string(),
@@ -402,4 +432,55 @@ def clean_column(
         [validity, pa.py_buffer(out_offsets), pa.py_buffer(out[: out_offsets[-1]])],
         array.null_count,
     )
-    return (cleaned if array.type == pa.large_string() else cleaned.cast(array.type)), changed
+    return (cleaned if array.type == pa.large_string() else cleaned.cast(array.type)), plan.changed
+
+
+@numba.njit(cache=True)
+def _id_keys(
+    turns, role, role_offsets, tool_calls, tool_offsets, name, name_offsets, cleanup, out, key_offsets
+):
+    """Each record's id key: per turn role, cleaned content, tool calls and name joined by 0x1F,
+    turns joined by 0x1E (the key `curate.records.record_id` hashes), written in one pass."""
+    data, words, offsets, needs, how, py, py_words, py_offsets, control, space = cleanup
+    o = 0
+    p = 0
+    for r in range(len(turns) - 1):
+        key_offsets[r] = o
+        for t in range(turns[r], turns[r + 1]):
+            if t > turns[r]:
+                out[o] = 0x1E
+                o += 1
+            o = copy_bytes(role, role_offsets[t], role_offsets[t + 1], out, o)
+            out[o] = 0x1F
+            o, p = _cleaned_into(
+                t, p, data, words, offsets, needs, how, py, py_words, py_offsets, control, space, out, o + 1
+            )
+            out[o] = 0x1F
+            o = copy_bytes(tool_calls, tool_offsets[t], tool_offsets[t + 1], out, o + 1)
+            out[o] = 0x1F
+            o = copy_bytes(name, name_offsets[t], name_offsets[t + 1], out, o + 1)
+    key_offsets[len(turns) - 1] = o
+
+
+def id_keys(turns: np.ndarray, role: pa.Array, content: pa.Array, tool_calls: pa.Array, name: pa.Array):
+    """The id key of every record (see `_id_keys`) as one buffer and int64 offsets; `turns` are the
+    records' turn offsets, the arrays hold all turns (nulls read as empty text)."""
+    plan = plan_cleanup(content)
+    fields = [string_buffers(a) for a in (role, tool_calls, name)]
+    size = sum(len(d) for d, _ in fields) + len(plan.data) + len(plan.py) + 4 * (len(plan.offsets) - 1)
+    out = np.empty(size, np.uint8)
+    key_offsets = np.empty(len(turns), np.int64)
+    (role_data, role_offsets), (tool_data, tool_offsets), (name_data, name_offsets) = fields
+    _id_keys(
+        turns,
+        role_data,
+        role_offsets,
+        tool_data,
+        tool_offsets,
+        name_data,
+        name_offsets,
+        plan.kernel_args(),
+        out,
+        key_offsets,
+    )
+    return out, key_offsets
