@@ -15,11 +15,11 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import chain, islice, pairwise
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curate.errors import FormatError, RecipeError
 from curate.formats import (  # noqa: F401 - each module registers its format on import
@@ -37,7 +37,7 @@ from curate.formats import (  # noqa: F401 - each module registers its format on
     self_instruct,
     sharegpt,
 )
-from curate.formats.base import FORMATS, BatchConversion, Format, FormatOptions, RecordError
+from curate.formats.base import FORMATS, Format, FormatOptions, RecordError
 from curate.formats.detect import HEAD_ROWS, detect_file, detect_row, format_names, unknown_shape
 from curate.formats.readers import (
     RAW_LIMIT,
@@ -337,46 +337,31 @@ class _Reader:
         yield self._batch()
 
     def _convert_queue(self) -> None:
+        """The queued rows through their format's batch converter; the rows it leaves one by one."""
         if not self.queue:
             return
         fmt = self.queue_files[0][0].format
         batch = fmt.convert_batch([value for _, value, _ in self.queue], self.options)
-        handled = batch.handled.tolist()
-        done = 0  # handled rows added so far
-        run: tuple[list, list, list] = ([], [], [])  # names, paths, rows of the current run of handled rows
-        i = 0
-        for file, count in self.queue_files:
-            rows = self.queue[i : i + count]
-            if all(handled[i : i + count]):
-                run[0].extend([file.name] * count)
-                run[1].extend([file.path] * count)
-                run[2].extend([number for number, _, _ in rows])
-            else:
-                for row, taken in zip(rows, handled[i : i + count], strict=True):
-                    if taken:
-                        run[0].append(file.name)
-                        run[1].append(file.path)
-                        run[2].append(row[0])
-                        continue
-                    done = self._add_run(batch, done, run, fmt.name)
+        files = [file for file, count in self.queue_files for _ in range(count)]
+        handled = batch.handled
+        # runs of rows the batch converter took or left, in queue order
+        edges = [0, *(np.flatnonzero(np.diff(handled.astype(np.int8))) + 1).tolist(), len(handled)]
+        done = 0  # converted rows of the batch used so far
+        for start, end in pairwise(edges):
+            if not handled[start]:
+                for file, row in zip(files[start:end], self.queue[start:end], strict=True):
                     self._convert_row(file, row)
-            i += count
-        self._add_run(batch, done, run, fmt.name)
-        self.queue, self.queue_files = [], []
-
-    def _add_run(
-        self, batch: BatchConversion, done: int, run: tuple[list, list, list], format_name: str
-    ) -> int:
-        """The run of handled rows as records (emptying it); returns how many handled rows are added."""
-        names, paths, rows = run
-        n = len(rows)
-        if n:
-            sources = source_column(names, paths, rows, [format_name] * n)
+                continue
+            n = end - start
+            sources = source_column(
+                [file.name for file in files[start:end]],
+                [file.path for file in files[start:end]],
+                [number for number, _, _ in self.queue[start:end]],
+                [fmt.name] * n,
+            )
             self.records.add_columns(batch.messages.slice(done, n), sources, batch.meta[done : done + n])
-            names.clear()
-            paths.clear()
-            rows.clear()
-        return done + n
+            done += n
+        self.queue, self.queue_files = [], []
 
     def _convert_row(self, file: _File, row: Row) -> None:
         """One row: detection where the file mixes shapes, conversion, or the quarantine."""
@@ -415,9 +400,7 @@ class _Reader:
 
     def _batch(self) -> IngestBatch:
         table = self.records.table()
-        counts = Counter(
-            dict(zip(*_value_counts(table["source"].combine_chunks().field("path")), strict=True))
-        )
+        counts = Counter(table["source"].combine_chunks().field("path").to_pylist())
         held = Counter(q["file"] for q in self.quarantined)
         paths = dict.fromkeys([*self.begun, *counts, *held])
         files = [
@@ -427,11 +410,6 @@ class _Reader:
         batch = IngestBatch(table, self.quarantined, files)
         self.records, self.quarantined, self.begun = RecordColumns(), [], []
         return batch
-
-
-def _value_counts(values: pa.Array) -> tuple[list, list]:
-    counted = pc.value_counts(values)
-    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 __all__ = [
