@@ -187,11 +187,12 @@ class RecordColumns:
         self.offsets, self.turns, self.rows = [0], [], []
 
     def table(self) -> pa.Table:
-        """The records as a table of RECORD_SCHEMA, ids included."""
+        """The records as a table of RECORD_SCHEMA, ids included: one chunk per piece, not copied
+        into one (whoever gathers the batches makes one chunk of them all, once)."""
         self._close_run()
         body = pa.concat_tables(self.pieces) if self.pieces else _BODY.empty_table()
-        messages = body["messages"].combine_chunks()
-        return body.add_column(0, RECORD_SCHEMA.field("id"), record_ids(messages)).combine_chunks()
+        ids = pa.chunked_array([record_ids(chunk) for chunk in body["messages"].chunks], pa.string())
+        return body.add_column(0, RECORD_SCHEMA.field("id"), ids)
 
 
 def source_column(names: list[str], paths: list[str], rows: list[int], formats: list[str]) -> pa.StructArray:

@@ -3,6 +3,8 @@
 A format is a pair of plain functions. `detect(row)` is a cheap test on one parsed row; `convert(row,
 options)` returns the conversations the row holds (one for every shape but OASST trees with
 `oasst_paths: all`). The reader adds `source` and builds the record, so converters stay pure.
+A common shape may add a third, `convert_batch(rows, options)`, which converts the plain rows of a
+chunk in Arrow columns and leaves the rest to `convert`; both must give the same records.
 """
 
 from __future__ import annotations
