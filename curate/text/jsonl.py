@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.records import message_fields
-from curate.text.utf8 import as_words, has_below, has_byte, packed, repeated, string_buffers
+from curate.text.utf8 import as_words, copy_bytes, has_below, has_byte, packed, repeated, string_buffers
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 # json.dumps' short escapes; other characters below 0x20 become \u00XX
@@ -32,8 +32,7 @@ _CLOSE = np.frombuffer(b"]}\n", np.uint8)
 
 @numba.njit(inline="always")
 def _put(out, o, piece):
-    out[o : o + len(piece)] = piece
-    return o + len(piece)
+    return copy_bytes(piece, 0, len(piece), out, o)
 
 
 _SPACES = repeated(0x20)
@@ -53,9 +52,7 @@ def _escaped(data, words, start, end, out, o):
     j = start
     while j < end:
         if (j & 7) == 0 and j + 8 <= end and _verbatim_word(words[j >> 3]):
-            for k in range(8):
-                out[o + k] = data[j + k]
-            o += 8
+            o = copy_bytes(data, j, j + 8, out, o)
             j += 8
             continue
         c = data[j]
