@@ -83,9 +83,7 @@ def record_id(messages: list[dict]) -> str:
     return xxh3_64_hexdigest(key.encode("utf-8"))
 
 
-def make_record(
-    messages: list[dict],
-    source: dict,
+def stored_fields(
     *,
     origin: str = "real",
     parent_id: str | None = None,
@@ -93,22 +91,10 @@ def make_record(
     tools: Any = None,
     rejected: list[dict] | None = None,
     label: bool | None = None,
-) -> dict:
-    """One canonical record dict with its id; messages must already be canonical dicts.
-
-    For many records at once, `RecordColumns` is several times faster and gives the same rows.
-    """
-    return {
-        "id": record_id(messages),
-        "messages": messages,
-        "source": source,
-        "origin": origin,
-        "parent_id": parent_id,
-        "meta": _meta_text(meta),
-        "tools": _tools_text(tools),
-        "rejected": rejected,
-        "label": label,
-    }
+) -> tuple:
+    """A record's fields after messages and source, in schema order, as they are stored (meta and
+    tool definitions as JSON text). The one list of them that `make_record` and `RecordColumns` share."""
+    return origin, parent_id, _meta_text(meta), _tools_text(tools), rejected, label
 
 
 def _meta_text(meta: dict | None) -> str | None:
@@ -117,6 +103,19 @@ def _meta_text(meta: dict | None) -> str | None:
 
 def _tools_text(tools: Any) -> str | None:
     return tools if tools is None or isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+
+
+_STORED = RECORD_SCHEMA.names[3:]  # the fields `stored_fields` returns: all after id, messages, source
+
+
+def make_record(messages: list[dict], source: dict, **fields: Any) -> dict:
+    """One canonical record dict with its id; messages must already be canonical dicts, `fields` are
+    the keywords of `stored_fields`.
+
+    For many records at once, `RecordColumns` is several times faster and gives the same rows.
+    """
+    record = {"id": record_id(messages), "messages": messages, "source": source}
+    return record | dict(zip(_STORED, stored_fields(**fields), strict=True))
 
 
 _BODY = pa.schema([f for f in RECORD_SCHEMA if f.name != "id"])
@@ -136,30 +135,17 @@ class RecordColumns:
         self.pieces: list[pa.Table] = []  # finished runs of records, without ids
         self.offsets = [0]
         self.turns: list[dict] = []
-        self.rows: list[tuple] = []  # (source, origin, parent_id, meta, tools, rejected, label)
-        self.count = 0
+        self.rows: list[tuple] = []  # (source, *stored_fields)
 
     def __len__(self) -> int:
-        return self.count
+        return sum(p.num_rows for p in self.pieces) + len(self.rows)
 
-    def add(
-        self,
-        messages: list[dict],
-        source: dict,
-        *,
-        origin: str = "real",
-        parent_id: str | None = None,
-        meta: dict | None = None,
-        tools: Any = None,
-        rejected: list[dict] | None = None,
-        label: bool | None = None,
-    ) -> None:
+    def add(self, messages: list[dict], source: dict, **fields: Any) -> None:
         """Append one record; the arguments are those of `make_record` (messages as `message` makes
         them, with all four keys)."""
         self.turns += messages
         self.offsets.append(len(self.turns))
-        self.rows.append((source, origin, parent_id, _meta_text(meta), _tools_text(tools), rejected, label))
-        self.count += 1
+        self.rows.append((source, *stored_fields(**fields)))
 
     def add_columns(self, messages: pa.ListArray, sources: pa.StructArray, meta: list[dict | None]) -> None:
         """Append real records whose conversations are already a column (one source, one meta each)."""
@@ -173,7 +159,6 @@ class RecordColumns:
         }
         values = [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in _BODY]
         self.pieces.append(pa.table(values, schema=_BODY))
-        self.count += n
 
     def _close_run(self) -> None:
         """The records added one by one so far become a piece."""
