@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from curate.formats import InputSpec, read_input
-from curate.text.clean import PYTHON_WHITESPACE, clean_column, clean_text, stable_code_points
+from curate.text.clean import PYTHON_WHITESPACE, blank_column, clean_column, clean_text, stable_code_points
 
 # Besides controls and whitespace: letters that compose with a following accent, Hangul jamo that
 # compose by rule, a vowel sign that composes although its combining class is 0 (U+0B3E), singletons
@@ -113,3 +113,11 @@ def test_text_of_stable_code_points_is_already_normalized(form, bit):
     for _ in range(50_000):
         text = "".join(rng.choice(near) for _ in range(rng.randint(2, 4)))
         assert unicodedata.is_normalized(form, text), (form, text)
+
+
+def test_blank_column_is_str_strip_on_every_string():
+    rng = random.Random(4)
+    texts = _texts(rng, ALPHABET, 6, 20_000) + ["", " \x1c\u3000\x85", "\u200b"]  # U+200B is not space
+    expected = [t is None or not t.strip() for t in texts]
+    assert blank_column(pa.array(texts)).tolist() == expected
+    assert 1000 < sum(expected) < 19_000

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -168,6 +169,15 @@ class RowStage(Stage):
         # untouched slices are cut from the input table: no trip through Python objects and back
         kept = to_table([rows[i] for i in keep]) if rewritten else table.take(pa.array(keep, pa.int64()))
         return RowsResult(kept, drops, pa.Table.from_pylist(edits, schema=EDITS_SCHEMA))
+
+
+def without_drops(table: pa.Table, drops: list[tuple[int, str, str]]) -> pa.Table:
+    """The table without the rows `drops` names (as `RowsResult.drops` lists them)."""
+    if not drops:
+        return table
+    keep = np.ones(table.num_rows, np.bool_)
+    keep[[i for i, _, _ in drops]] = False
+    return table.filter(pa.array(keep))
 
 
 def evidence_json(evidence: dict) -> str:

@@ -13,8 +13,17 @@ import pyarrow.compute as pc
 
 from curate.edits import EDITS_SCHEMA
 from curate.records import message_fields, meta_of
-from curate.stages.base import Drop, RowsResult, RowStage, Verdict, evidence_json, option, register
-from curate.text.clean import PYTHON_WHITESPACE
+from curate.stages.base import (
+    Drop,
+    RowsResult,
+    RowStage,
+    Verdict,
+    evidence_json,
+    option,
+    register,
+    without_drops,
+)
+from curate.text.clean import blank_column
 
 # Boilerplate that marks a refusal or a model talking about itself rather than answering.
 DEFAULT_REFUSAL_PATTERNS = [
@@ -31,8 +40,6 @@ DEFAULT_REFUSAL_PATTERNS = [
 ]
 
 _WORDISH = re.compile(r"\w+|[^\w\s]")
-# a text that is empty or all whitespace to str.strip() (an RE2 class of exactly those characters)
-_NO_TEXT = "^[" + "".join(f"\\x{{{c:x}}}" for c in PYTHON_WHITESPACE) + "]*$"
 
 
 @dataclass
@@ -108,7 +115,6 @@ class FilterStage(RowStage):
         if not self.on_columns() or table.num_rows == 0:
             return super().process_table(table)
         t = _TurnFacts.of(table["messages"])
-        n = table.num_rows
         suspects = ~t.has_assistant | (t.last_role != "assistant") | (t.text_chars < cfg.min_chars)
         if cfg.max_chars is not None:
             suspects |= t.text_chars > cfg.max_chars
@@ -125,10 +131,7 @@ class FilterStage(RowStage):
             verdict = self._decide(i, t, empty.get(i), short.get(i), refusals.get(i), meta[i].as_py())
             if isinstance(verdict, Drop):
                 drops.append((i, verdict.reason, evidence_json(verdict.evidence)))
-        keep = np.ones(n, np.bool_)
-        keep[[i for i, _, _ in drops]] = False
-        kept = table if keep.all() else table.filter(pa.array(keep))
-        return RowsResult(kept, drops, EDITS_SCHEMA.empty_table())
+        return RowsResult(without_drops(table, drops), drops, EDITS_SCHEMA.empty_table())
 
     def _decide(self, i: int, t: _TurnFacts, empty, short, refusal, meta: str | None) -> Verdict:
         """`_verdict` for one record, from the column facts."""
@@ -312,7 +315,7 @@ class _TurnFacts:
         take = pa.array(turn)
         text = content.take(take)
         chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        empty = pc.fill_null(pc.match_substring_regex(text, _NO_TEXT), True).to_numpy(zero_copy_only=False)
+        empty = blank_column(text)
         calls = tool_calls.take(take)
         tool_call = pc.fill_null(pc.not_equal(calls, ""), False).to_numpy(zero_copy_only=False)
         is_assistant = roles == "assistant"

@@ -13,7 +13,16 @@ import pyarrow.compute as pc
 from curate.edits import EDITS_SCHEMA
 from curate.errors import CurateError
 from curate.records import MESSAGE_TYPE, ROLES, message, message_fields
-from curate.stages.base import Drop, RowsResult, RowStage, Verdict, evidence_json, option, register
+from curate.stages.base import (
+    Drop,
+    RowsResult,
+    RowStage,
+    Verdict,
+    evidence_json,
+    option,
+    register,
+    without_drops,
+)
 from curate.text.clean import clean_column, clean_text
 
 
@@ -150,11 +159,7 @@ class NormalizeStage(RowStage):
         edits = self._edits(table, old, new, turn_changed, system_differs, changed, {i for i, _, _ in drops})
         column = table.schema.get_field_index("messages")
         kept = table.set_column(column, table.schema.field(column), new.array())
-        if drops:
-            keep = np.ones(table.num_rows, np.bool_)
-            keep[[i for i, _, _ in drops]] = False
-            kept = kept.filter(pa.array(keep))
-        return RowsResult(kept, drops, edits)
+        return RowsResult(without_drops(kept, drops), drops, edits)
 
     def _canonical_roles(self, role: pa.Array) -> tuple[pa.Array, np.ndarray]:
         """Roles with aliases mapped, and which turns have a role nothing maps."""
