@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from curate.formats import CHUNK_ROWS, FORMATS, InputSpec, read_input
+from curate.formats import CHUNK_ROWS, FORMATS, FormatOptions, InputSpec, read_input
 
 
 def read(spec: InputSpec, base: Path, batch_size: int = 5000) -> tuple[list[dict], list[dict], dict]:
@@ -95,6 +96,9 @@ def test_batch_equals_row_by_row_on_fuzzed_rows(tmp_path, row_by_row, shape, opt
     (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
     specs = [InputSpec(path="rows.jsonl", format=fmt, options=options) for fmt in ("auto", shape)]
     batched = [read(spec, tmp_path, batch_size=3000) for spec in specs]
+    # both paths take part: the batch converter takes the plain rows and leaves the odd ones
+    taken = int(FORMATS[shape].convert_batch(rows, FormatOptions.from_dict(options, None)).handled.sum())
+    assert len(rows) * 0.2 < taken < len(rows) - 1000
     row_by_row()
     assert batched == [read(spec, tmp_path, batch_size=3000) for spec in specs]
     for records, quarantined, files in batched:
@@ -102,9 +106,21 @@ def test_batch_equals_row_by_row_on_fuzzed_rows(tmp_path, row_by_row, shape, opt
         assert files["rows.jsonl"]["records"] == len(records)
 
 
-def test_batch_equals_row_by_row_on_all_of_raw(shared_data, row_by_row):
+def test_batch_equals_row_by_row_on_all_of_raw(shared_data, row_by_row, monkeypatch):
+    taken = Counter()
+    for name, fmt in list(FORMATS.items()):
+        if fmt.convert_batch is not None:
+
+            def counted(rows, options, convert=fmt.convert_batch, name=name):
+                batch = convert(rows, options)
+                taken[name] += int(batch.handled.sum())
+                return batch
+
+            monkeypatch.setitem(FORMATS, name, dataclasses.replace(fmt, convert_batch=counted))
     spec = InputSpec(path="raw")
     batched = read(spec, shared_data)
+    # every prompt/completion, prompt/response and alpaca row of raw/ goes the batch path
+    assert taken == {"prompt_completion": 55_185, "alpaca": 23_025, "prompt_response": 1_000}
     row_by_row()
     assert batched == read(spec, shared_data)
     assert len(batched[0]) == 85_669 and len(batched[1]) == 5
