@@ -45,10 +45,10 @@ def eval_entries() -> list[dict]:
 
 def run_stage(table: pl.DataFrame, entries: list[dict], cache: Path, **options) -> tuple[float, int]:
     config = build_config(DecontaminateStage.Config, options, "bench")
-    stage = DecontaminateStage(config, StageContext(base_dir=DATA, cache_dir=cache, eval_sets=entries))
+    stage = DecontaminateStage(config, StageContext(base_dir=DATA, shared_cache=cache, eval_sets=entries))
     started = time.perf_counter()
     stage.setup()
-    verdicts = stage.apply(table).verdicts
+    verdicts = stage.apply(table.to_arrow()).verdicts()
     return time.perf_counter() - started, sum(v is not None for v in verdicts)
 
 

@@ -103,12 +103,13 @@ def worker_stage(table: pl.DataFrame, exact: bool) -> tuple[float, np.ndarray]:
 
     options = {"exact": exact, "minhash": {"threshold": THRESHOLD, "num_perm": NUM_PERM, "ngram": NGRAM}}
     config = build_config(DedupStage.Config, options, "dedup")
-    context = StageContext(base_dir=REPO, cache_dir=REPO / ".curate-cache")
-    DedupStage(config, context).apply(table.head(2000))  # load the compiled kernels from numba's cache
+    context = StageContext(base_dir=REPO)
+    arrow = table.to_arrow()
+    DedupStage(config, context).apply(arrow.slice(0, 2000))  # load the compiled kernels from numba's cache
     _reset_peak()
     _CPU["start"] = time.process_time()
     start = time.perf_counter()
-    verdicts = DedupStage(config, context).apply(table).verdicts
+    verdicts = DedupStage(config, context).apply(arrow).verdicts()
     seconds = time.perf_counter() - start
     _CPU["seconds"] = time.process_time() - _CPU["start"]
     where = {

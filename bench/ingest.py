@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.engines.local import ROW_CHUNK, ingest_task
-from curate.formats import InputSpec, input_files
+from curate.dataset import BATCH_ROWS
+from curate.formats import InputSpec, input_files, read_input
 from curate.formats.readers import iter_file
 from curate.records import record_ids
 
@@ -45,19 +45,26 @@ def reference(files: list[Path]) -> int:
     return n
 
 
+def read_all(spec: InputSpec) -> pa.Table:
+    """Canonical records (one Arrow table, ids included) of every file, as an ingest task reads them."""
+    return pa.concat_tables(batch.table for batch in read_input(spec, DATA))
+
+
 def ingest(spec: InputSpec, normalize=None) -> int:
-    """Canonical records (one Arrow table, ids included) of every file as the runner reads them,
-    then normalized."""
-    table = ingest_task(spec, DATA, None).table
+    """Canonical records of every file as the runner reads them, then normalized."""
+    table = read_all(spec)
     return table.num_rows if normalize is None else normalized(table, normalize)
 
 
 def normalized(table: pa.Table, normalize) -> int:
-    """The normalize stage as the runner applies it: on slices of ROW_CHUNK rows."""
-    return sum(
-        normalize.process_table(table.slice(o, ROW_CHUNK)).kept.num_rows
-        for o in range(0, table.num_rows, ROW_CHUNK)
-    )
+    """The normalize stage as an engine runs it: on batches of BATCH_ROWS rows, decisions applied."""
+    from curate.decisions import apply_decisions
+
+    kept = 0
+    for o in range(0, table.num_rows, BATCH_ROWS):
+        batch = table.slice(o, BATCH_ROWS)
+        kept += apply_decisions("normalize", batch, normalize.process(batch)).kept.num_rows
+    return kept
 
 
 def normalize_stage():
@@ -65,7 +72,7 @@ def normalize_stage():
     from curate.stages.base import build_config
 
     cls = STAGES["normalize"]
-    ctx = StageContext(base_dir=DATA, cache_dir=Path(tempfile.mkdtemp()))
+    ctx = StageContext(base_dir=DATA)
     stage = cls(build_config(cls.Config, {}, "normalize"), ctx)
     stage.setup()
     return stage
@@ -73,12 +80,12 @@ def normalize_stage():
 
 def run_path() -> int:
     """`curate run` itself with one normalize stage: hashing, ingest, the stage, the version files."""
-    from curate.pipeline import recipe_from_dict, run_recipe
+    from curate.pipeline import run_recipe
+    from curate.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"inputs": [{"path": "raw"}], "stages": [{"normalize": {}}]}, base_dir=DATA)
     with tempfile.TemporaryDirectory() as out:
-        _, manifest = run_recipe(recipe, Path(out))
-    return manifest["counts"]["kept"]
+        return run_recipe(recipe, Path(out)).manifest["counts"]["kept"]
 
 
 def parse(files: list[Path]) -> int:
@@ -104,7 +111,7 @@ def main() -> None:
     files = input_files(spec, DATA)
     stage = normalize_stage()
     # The content id and the stage, timed alone on records already read, show what each costs.
-    records = ingest_task(spec, DATA, None).table
+    records = read_all(spec)
     messages = records["messages"].combine_chunks()
     runs = {
         "reference": (reference, files),

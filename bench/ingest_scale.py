@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from curate.pipeline import recipe_from_dict, run_recipe
+from curate.pipeline import run_recipe
+from curate.recipe import recipe_from_dict
 
 RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
 
@@ -37,7 +38,7 @@ def main() -> None:
         for workers in sorted({1, os.cpu_count() or 1}):
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                _, manifest = run_recipe(recipe, Path(out), workers=workers)
+                manifest = run_recipe(recipe, Path(out), workers=workers).manifest
                 secs = time.perf_counter() - start
             counts = manifest["counts"]
             print(

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from curate.errors import CurateError
+from curate.errors import CurateError, RecipeError
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -24,10 +25,22 @@ def _friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except RecipeError as exc:
+            if len(exc.issues) > 1:
+                err.print(
+                    f"[bold red]error:[/bold red] {len(exc.issues)} problems in the recipe", highlight=False
+                )
+            for issue in exc.issues:
+                prefix = "[bold red]error:[/bold red] " if len(exc.issues) == 1 else "  [red]-[/red] "
+                err.print(f"{prefix}{escape(str(issue))}", highlight=False)
+                if issue.hint:
+                    indent = "" if len(exc.issues) == 1 else "    "
+                    err.print(f"{indent}[yellow]hint:[/yellow] {escape(issue.hint)}", highlight=False)
+            sys.exit(1)
         except CurateError as exc:
-            err.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+            err.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
             if exc.hint:
-                err.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+                err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
             sys.exit(1)
 
     return wrapper
@@ -71,50 +84,57 @@ def main() -> None:
     "The result does not depend on it.",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["local", "serial"]),
+    default="local",
+    show_default=True,
+    help="local: every core for large work; serial: one process, one batch at a time (for debugging). "
+    "Both write the same version.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout; no progress bars."
 )
 @_friendly_errors
-def run(recipe: Path, out_dir: Path | None, workers: int | None, as_json: bool) -> None:
+def run(recipe: Path, out_dir: Path | None, workers: int | None, engine: str, as_json: bool) -> None:
     """Run RECIPE and write a new dataset version.
 
     Stages whose inputs, options and code did not change since an earlier run are taken from
     the cache (the manifest marks them cached). The version id is derived from the recipe, the
     input bytes and the result, so the same run gives the same id and byte-identical data.
     """
-    from curate.pipeline import load_recipe, run_recipe
+    from curate.pipeline import run_recipe
     from curate.progress import Progress
+    from curate.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     with Progress(enabled=not as_json) as progress:
-        folder, manifest = run_recipe(loaded, out_dir, progress, workers)
+        result = run_recipe(loaded, out_dir, progress, workers, engine)
     if as_json:
-        _print_json({**manifest, "path": str(folder)})
+        _print_json({**result.manifest, "path": str(result.folder), "this_run": result.run})
         return
-    _print_summary(manifest, folder)
+    _print_summary(result.manifest, result.folder, result.run)
 
 
-def _print_summary(manifest: dict, folder: Path) -> None:
+def _print_summary(manifest: dict, folder: Path, run: dict | None = None) -> None:
+    """The version's counts and stage table; for a run, which stages it computed and which it reused."""
     c = manifest["counts"]
     out.print(f"\n[bold]version[/bold] {manifest['version']}  ->  {folder}")
+    if run is not None and not run["new"]:
+        out.print("[dim]this version existed already: its files are untouched[/dim]")
     out.print(
         f"input {c['input']:,} = kept {c['kept']:,} + dropped {c['dropped']:,} + quarantined "
         f"{c['quarantined']:,} - synthetic {c['synthetic']:,}"
     )
+    stages = run["stages"] if run is not None else manifest["stages"]
     table = Table(show_edge=False, header_style="bold")
-    for col in ("stage", "in", "out", "dropped (reason: n)", "seconds", "cached"):
-        table.add_column(col, justify="right" if col in ("in", "out", "seconds") else "left")
-    for s in manifest["stages"]:
+    for col in ("stage", "in", "out", "dropped (reason: n)", "seconds", "computed by"):
+        table.add_column(col, justify="right" if col in ("in", "out", "seconds") else "left", overflow="fold")
+    for s, this in zip(manifest["stages"], stages, strict=True):
         reasons = ", ".join(f"{k}: {v:,}" for k, v in s["dropped"].items()) or "-"
         if s.get("added"):
             reasons += f"  (+{s['added']:,} added)"
-        table.add_row(
-            s["name"],
-            f"{s['in']:,}",
-            f"{s['out']:,}",
-            reasons,
-            f"{s['seconds']:.2f}",
-            "yes" if s["cached"] else "",
-        )
+        by = "this run" if not this["cached"] else f"cache: {this['run']}"
+        table.add_row(s["name"], f"{s['in']:,}", f"{s['out']:,}", reasons, f"{this['seconds']:.2f}", by)
     out.print(table)
     if c["quarantined"]:
         out.print(
@@ -124,16 +144,23 @@ def _print_summary(manifest: dict, folder: Path) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the checked recipe as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (problems included).")
 @_friendly_errors
 def validate(recipe: Path, as_json: bool) -> None:
-    """Check RECIPE without running it: shape, stage names, every option, inputs that exist."""
-    from curate.formats import input_files
-    from curate.pipeline import load_recipe
+    """Check RECIPE without running it: every key and option, stage names, eval sets, input files.
 
-    loaded = load_recipe(recipe)
-    for spec in loaded.inputs:
-        input_files(spec, loaded.base_dir)  # raises, naming the input, when nothing matches
+    It makes exactly the checks `curate run` makes before the first record moves, and reports
+    every problem at once, each with the key it is at and a hint. Exit status 1 if any.
+    """
+    from curate.recipe import load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as exc:
+        if not as_json:
+            raise
+        _print_json({"valid": False, "problems": [vars(i) for i in exc.issues]})
+        sys.exit(1)
     if as_json:
         _print_json({"name": loaded.name, "valid": True, "stages": [s.name for s in loaded.stages]})
         return
@@ -149,8 +176,8 @@ def validate(recipe: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print every stage and option as JSON.")
 def stages(name: str | None, as_json: bool) -> None:
     """List every stage with its options, defaults and what they do (or one stage: NAME)."""
+    from curate.configs import describe_config
     from curate.stages import STAGES
-    from curate.stages.base import describe_config
 
     chosen = {k: v for k, v in STAGES.items() if name in (None, k)}
     if name and not chosen:
@@ -214,7 +241,7 @@ def formats(target: Path, fmt: str, as_json: bool) -> None:
     TARGET is a recipe (its inputs are inspected) or a data file or folder.
     """
     from curate.formats import InputSpec, inspect_input
-    from curate.pipeline import load_recipe
+    from curate.recipe import load_recipe
 
     if target.suffix in (".yaml", ".yml"):
         recipe = load_recipe(target)
@@ -254,6 +281,95 @@ def decontam_report(version: Path, as_json: bool) -> None:
         _print_json(report)
     else:
         render(report, out)
+
+
+@main.group()
+def cache() -> None:
+    """The stage cache of an output folder, and the shared cache of LLM answers and embeddings.
+
+    \b
+    Each stage's output is kept under OUT/.cache, keyed by everything it depends on, so a re-run
+    recomputes only what changed. Past a size limit (the recipe's cache.max_size, 20GB unless
+    set) the least recently used outputs are removed after each run. Paid LLM answers and
+    embeddings live in a shared cache per user, which prune never touches.
+    """
+
+
+def _stage_cache(folder: Path, max_size: str | None):
+    from curate.cache import DEFAULT_MAX_BYTES, StageCache, parse_size
+
+    return StageCache(folder / ".cache", parse_size(max_size) if max_size else DEFAULT_MAX_BYTES)
+
+
+@cache.command("info")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_friendly_errors
+def cache_info(folder: Path, as_json: bool) -> None:
+    """Entries and size of the stage cache of FOLDER (an output folder), by stage; where the
+    shared cache is, and its size."""
+    import datetime as dt
+
+    from curate.cache import folder_bytes, human_size, shared_cache_dir
+
+    info = _stage_cache(folder, None).info()
+    shared = shared_cache_dir()
+    info["shared"] = {
+        "path": str(shared),
+        "llm_bytes": folder_bytes(shared / "llm"),
+        "embedding_bytes": folder_bytes(shared / "embeddings"),
+    }
+    if as_json:
+        _print_json(info)
+        return
+
+    def when(t: float | None) -> str:
+        return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
+
+    out.print(f"[bold]stage cache[/bold] {info['path']}")
+    out.print(
+        f"{info['entries']} entries, {human_size(info['bytes'])} of {human_size(info['max_bytes'])}; "
+        f"last used {when(info['newest'])}, least recently {when(info['oldest'])}"
+    )
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("stage")
+    table.add_column("entries", justify="right")
+    table.add_column("size", justify="right")
+    for name, item in sorted(info["stages"].items()):
+        table.add_row(name, str(item["entries"]), human_size(item["bytes"]))
+    if info["stages"]:
+        out.print(table)
+    sh = info["shared"]
+    out.print(
+        f"[bold]shared cache[/bold] {sh['path']}: LLM answers {human_size(sh['llm_bytes'])}, "
+        f"embeddings {human_size(sh['embedding_bytes'])} (never pruned with a stage cache)"
+    )
+
+
+@cache.command("prune")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--max-size", help="Keep at most this much (e.g. 5GB); default: 20GB.")
+@click.option("--all", "everything", is_flag=True, help="Remove every stage output (as --max-size 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_friendly_errors
+def cache_prune(folder: Path, max_size: str | None, everything: bool, as_json: bool) -> None:
+    """Remove the least recently used stage outputs of FOLDER (an output folder) until the rest
+    fit in --max-size.
+
+    Versions are self-contained and never touched; the shared cache of LLM answers and
+    embeddings is never touched either.
+    """
+    from curate.cache import human_size
+
+    store = _stage_cache(folder, "0" if everything else max_size)
+    done = store.prune()
+    if as_json:
+        _print_json(done)
+        return
+    out.print(
+        f"removed {done['removed']} entries ({human_size(done['freed_bytes'])}); "
+        f"{human_size(done['bytes'])} left, limit {human_size(done['max_bytes'])}"
+    )
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict:

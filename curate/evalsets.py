@@ -17,13 +17,13 @@ import json
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from curate.errors import CurateError, RecipeError
+from curate.configs import config_schema, make_config, option, schema_issues
+from curate.errors import CurateError, Issue, RecipeError
 
 FORMATS = ("auto", "jsonl", "json", "csv", "mmlu", "hf")
 _FIELD_ROLES = ("question", "answer", "id")
-_ENTRY_KEYS = ("name", "path", "format", "fields", "config", "split")
 
 # Known shapes, tried in order: (shape name, keys that identify it, question key, answer key, id key).
 # A question key naming a list (MT-Bench turns) joins the turns; an answer key naming a list index
@@ -66,9 +66,44 @@ class EvalSet:
         return len(self.items)
 
 
+@dataclass
+class EvalSetEntry:
+    """One entry of the recipe's `eval_sets:` list, as written."""
+
+    name: str = option(help="The eval set's name, as stages and reports refer to it.", minLength=1)
+    path: str = option(help="A file (jsonl, json, csv; .gz, .zst, .xz) or hf:NAME.", minLength=1)
+    format: Literal[FORMATS] = option(
+        "auto", help="auto (detect), jsonl, json, csv, mmlu (header-less CSV) or hf."
+    )
+    fields: dict | None = option(
+        None,
+        help="Keys of each item's question, answer and id, e.g. {question: question, answer: answer}; "
+        "without it the common benchmark shapes are recognised.",
+    )
+    split: str | None = option(None, help="hf: split (default test).")
+    config: str | None = option(None, help="hf: config name.")
+
+    def check(self) -> None:
+        if self.fields is not None and "question" not in self.fields:
+            raise ValueError("fields: 'question' is required when fields are given")
+
+
+def eval_set_schema() -> dict:
+    schema = config_schema(EvalSetEntry)
+    key = {"type": "string", "minLength": 1}
+    schema["properties"]["fields"].update(
+        {
+            "propertyNames": {"title": "role", "enum": list(_FIELD_ROLES)},
+            "properties": dict.fromkeys(_FIELD_ROLES, key),
+        }
+    )
+    schema["properties"]["format"]["title"] = "format"
+    return schema
+
+
 @dataclass(frozen=True)
 class EvalSetSpec:
-    """One `eval_sets:` entry of a recipe, checked."""
+    """One `eval_sets:` entry of a recipe, checked, with its field mapping taken apart."""
 
     name: str
     path: str
@@ -80,52 +115,33 @@ class EvalSetSpec:
     split: str = "test"
 
     @classmethod
-    def from_recipe(cls, entry: Any, where: str) -> EvalSetSpec:
-        if not isinstance(entry, dict):
-            raise RecipeError(
-                f"{where}: an eval set is a mapping", hint="e.g. {name: gsm8k, path: gsm8k_test.jsonl}"
-            )
-        unknown = sorted(set(entry) - set(_ENTRY_KEYS))
-        if unknown:
-            raise RecipeError(
-                f"{where}: unknown key '{unknown[0]}'", hint=f"known keys: {', '.join(_ENTRY_KEYS)}"
-            )
-        for key in ("name", "path"):
-            if not isinstance(entry.get(key), str) or not entry[key].strip():
-                raise RecipeError(
-                    f"{where}.{key}: required text", hint="e.g. {name: gsm8k, path: gsm8k_test.jsonl}"
-                )
-        fmt = entry.get("format", "auto")
-        if fmt not in FORMATS:
-            raise RecipeError(f"{where}.format: unknown format {fmt!r}", hint=f"one of {', '.join(FORMATS)}")
-        if entry["path"].startswith("hf:"):
-            fmt = "hf"
-        fields = entry.get("fields") or {}
-        if not isinstance(fields, dict):
-            raise RecipeError(
-                f"{where}.fields: expected a mapping", hint="e.g. {question: question, answer: answer}"
-            )
-        bad = sorted(set(fields) - set(_FIELD_ROLES))
-        if bad:
-            raise RecipeError(f"{where}.fields: unknown role '{bad[0]}'", hint="roles: question, answer, id")
-        for role, key in fields.items():
-            if not isinstance(key, str) or not key:
-                raise RecipeError(f"{where}.fields.{role}: expected a column name, got {key!r}")
-        if fields and "question" not in fields:
-            raise RecipeError(f"{where}.fields: 'question' is required when fields are given")
-        for key in ("config", "split"):
-            if key in entry and not isinstance(entry[key], str):
-                raise RecipeError(f"{where}.{key}: expected text, got {entry[key]!r}")
-        return cls(
-            name=entry["name"],
-            path=entry["path"],
-            format=fmt,
+    def parse(cls, entry: Any, where: str) -> tuple[EvalSetSpec | None, list[Issue]]:
+        """The spec of a recipe entry, or the issues that keep it from being one."""
+        issues = schema_issues(eval_set_schema(), entry, where)
+        if issues:
+            return None, issues
+        checked, issues = make_config(EvalSetEntry, entry, where)
+        if issues:
+            return None, issues
+        fields = checked.fields or {}
+        spec = cls(
+            name=checked.name,
+            path=checked.path,
+            format="hf" if checked.path.startswith("hf:") else checked.format,
             question=fields.get("question"),
             answer=fields.get("answer"),
             id=fields.get("id"),
-            config=entry.get("config"),
-            split=entry.get("split", "test"),
+            config=checked.config,
+            split=checked.split or "test",
         )
+        return spec, []
+
+    @classmethod
+    def from_recipe(cls, entry: Any, where: str) -> EvalSetSpec:
+        spec, issues = cls.parse(entry, where)
+        if issues:
+            raise RecipeError(issues)
+        return spec
 
 
 def load_eval_set(spec: EvalSetSpec, base_dir: Path) -> EvalSet:

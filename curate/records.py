@@ -16,6 +16,7 @@ import pyarrow as pa
 from xxhash import xxh3_64_hexdigest
 
 from curate.text.clean import clean_text, id_keys
+from curate.text.utf8 import list_of_struct
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -204,11 +205,8 @@ def message_fields(
 ) -> tuple[np.ndarray, pa.Array, pa.Array, pa.Array, pa.Array]:
     """A messages column taken apart for column-wise work: the records' turn offsets (int64, from 0)
     and one array per message field (role, content, tool_calls, name) over all turns."""
-    if isinstance(messages, pa.ChunkedArray):
-        messages = messages.combine_chunks()
-    offsets = messages.offsets.to_numpy().astype(np.int64)
-    role, content, tool_calls, name = messages.flatten().flatten()
-    return offsets - offsets[0], role, content, tool_calls, name
+    offsets, (role, content, tool_calls, name) = list_of_struct(messages)
+    return offsets, role, content, tool_calls, name
 
 
 def record_ids(messages: pa.Array | pa.ChunkedArray) -> pa.Array:

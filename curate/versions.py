@@ -20,22 +20,45 @@ from curate.errors import CurateError
 from curate.records import train_messages
 
 if TYPE_CHECKING:  # the trainer reads versions on machines without polars
-    import polars as pl
+    import pyarrow as pa
+
+    from curate.dataset import RecordFiles
 
 LATEST = "latest"
 # Written with fixed settings so the same records give byte-identical files.
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "statistics": True}
+IN_MEMORY_BYTES = 256 << 20  # tables up to this size (uncompressed) are written in one piece
+ROW_GROUP_ROWS = 1 << 17  # larger ones are streamed in row groups of this many records
 
 
-def version_id(recipe_raw: dict, input_hashes: list[str], kept_ids: list[str], dropped: list[tuple]) -> str:
-    """Content-derived id: the recipe as run, the input bytes, and what was kept and dropped, in order."""
-    recipe = {k: v for k, v in recipe_raw.items() if k != "output"}
-    h = hashlib.blake2b(digest_size=6)
-    h.update(json.dumps(recipe, sort_keys=True, default=str).encode())
-    h.update(json.dumps(input_hashes).encode())
-    h.update("\n".join(kept_ids).encode())
-    h.update(json.dumps(dropped).encode())
-    return "v" + h.hexdigest()
+class VersionId:
+    """The content-derived id of a version, fed as the run goes: the recipe as run, the input bytes,
+    then the ids of the kept records and (id, stage, reason) of the dropped ones, in order. Streamed,
+    so it never needs every id at once; the digest is that of one pass over all of it."""
+
+    def __init__(self, recipe_raw: dict, input_hashes: list[str]) -> None:
+        recipe = {k: v for k, v in recipe_raw.items() if k != "output"}
+        self._h = hashlib.blake2b(digest_size=6)
+        self._h.update(json.dumps(recipe, sort_keys=True, default=str).encode())
+        self._h.update(json.dumps(input_hashes).encode())
+        self._kept = self._dropped = 0
+
+    def kept(self, ids: list[str]) -> None:
+        if ids:
+            self._h.update((("\n" if self._kept else "") + "\n".join(ids)).encode())
+            self._kept += len(ids)
+
+    def dropped(self, rows: list[tuple[str, str, str]]) -> None:
+        if rows:
+            self._h.update(
+                ((", " if self._dropped else "[") + ", ".join(json.dumps(list(r)) for r in rows)).encode()
+            )
+            self._dropped += len(rows)
+
+    def hexdigest(self) -> str:
+        h = self._h.copy()
+        h.update(b"]" if self._dropped else b"[]")
+        return "v" + h.hexdigest()
 
 
 def code_version() -> str:
@@ -57,45 +80,87 @@ def write_version(
     out_dir: Path,
     vid: str,
     manifest: dict,
-    kept: pl.DataFrame,
-    dropped: pl.DataFrame,
-    edits: pl.DataFrame,
-    quarantine: list[dict],
-) -> Path:
-    """Write all files of a version atomically and point `latest` at it. Returns the version folder."""
+    records: RecordFiles,
+    dropped: list[list[str]],
+    edits: list[list[str]],
+    quarantine: Path | None,
+) -> tuple[Path, bool]:
+    """Write all files of a version atomically and point `latest` at it: the version folder, and
+    whether it was written now (a version that exists already is left untouched, byte for byte:
+    the same id means the same recipe, inputs and result)."""
+    from curate.decisions import DROPPED_SCHEMA
+    from curate.edits import EDITS_SCHEMA
+    from curate.records import RECORD_SCHEMA
+
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / vid
-    if final.exists():
-        # Same id means same recipe, inputs and results: the data files are already there, byte for
-        # byte. Only the manifest is renewed, so it tells how this run got there (which stages were
-        # cached); the version keeps its first creation time and parent.
-        first = read_manifest(final)
-        manifest = {**manifest, "created": first["created"], "parent": first["parent"], "rerun": now_iso()}
-        _write_atomic(final / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if (final / "manifest.json").is_file():
         _point_latest(out_dir, vid)
-        return final
+        return final, False
     tmp = out_dir / f".tmp-{vid}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        kept.write_parquet(tmp / "data.parquet", **PARQUET_OPTIONS)
-        dropped.write_parquet(tmp / "dropped.parquet", **PARQUET_OPTIONS)
-        edits.write_parquet(tmp / "edits.parquet", **PARQUET_OPTIONS)
-        _write_train_jsonl(kept, tmp / "train.jsonl")
-        with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as f:
-            for entry in quarantine:
-                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        _write_table([records.paths], tmp / "data.parquet", RECORD_SCHEMA)
+        _write_table(dropped, tmp / "dropped.parquet", DROPPED_SCHEMA)
+        _write_table(edits, tmp / "edits.parquet", EDITS_SCHEMA)
+        _write_train_jsonl(records, tmp / "train.jsonl")
+        if quarantine is not None and quarantine.is_file():
+            shutil.copyfile(quarantine, tmp / "quarantine.jsonl")
+        else:
+            (tmp / "quarantine.jsonl").write_bytes(b"")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _point_latest(out_dir, vid)
-    return final
+    return final, True
 
 
-def _write_train_jsonl(kept: pl.DataFrame, path: Path) -> None:
+def _write_table(stages: list[list[str]], path: Path, schema) -> None:
+    """Parts of a table (grouped by the stage that wrote them), in order, as one Parquet file.
+
+    A table that fits in memory comfortably (IN_MEMORY_BYTES) is gathered, one chunk per stage, and
+    written by polars in one go, as versions always were; a larger one is streamed in row groups
+    of ROW_GROUP_ROWS, cut at fixed row numbers. Either way the bytes depend on the rows alone, not
+    on how an engine cut them into parts, so every engine writes the same file.
+    """
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.dataset import Part, RecordFiles
+
+    parts = [p for stage in stages for p in stage]
+    metas = {p: pq.read_metadata(p) for p in parts}
+    size = sum(m.row_group(i).total_byte_size for m in metas.values() for i in range(m.num_row_groups))
+    if size <= IN_MEMORY_BYTES:
+        frames = [
+            pl.from_arrow(pa.concat_tables([pq.read_table(p) for p in stage])).rechunk()
+            for stage in stages
+            if stage
+        ]
+        table = pl.concat(frames, rechunk=False) if frames else pl.from_arrow(schema.empty_table())
+        table.write_parquet(path, **PARQUET_OPTIONS)
+        return
+    files = RecordFiles([Part(p, metas[p].num_rows) for p in parts], schema)
+    with pq.ParquetWriter(
+        path, schema, compression="zstd", compression_level=3, write_statistics=True
+    ) as out:
+        for batch in files.batches(ROW_GROUP_ROWS):
+            out.write_table(batch.cast(schema).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+
+
+def _write_train_jsonl(records: RecordFiles, path: Path) -> None:
+    """train.jsonl, batch by batch (see `train_lines`)."""
+    with open(path, "wb") as f:
+        for batch in records.batches():
+            f.write(train_lines(batch))
+
+
+def train_lines(batch: pa.Table) -> memoryview | bytes:
     """One {"messages": [...], "tools": [...]} line per record, as TRL and Axolotl read them.
 
     Records that are only roles and text (nearly all) are written by a compiled kernel that gives
@@ -106,6 +171,7 @@ def _write_train_jsonl(kept: pl.DataFrame, path: Path) -> None:
 
     from curate.text.jsonl import chat_lines
 
+    kept = pl.from_arrow(batch.select(["messages", "tools"]))
     turn = pl.element().struct
     rich = (
         pl.col("messages")
@@ -121,7 +187,7 @@ def _write_train_jsonl(kept: pl.DataFrame, path: Path) -> None:
         if row["tools"]:
             line["tools"] = json.loads(row["tools"])  # a list of definitions, as TRL expects
         given[row["row"]] = json.dumps(line, ensure_ascii=False)
-    path.write_bytes(chat_lines(kept["messages"].to_arrow(), given))
+    return chat_lines(batch["messages"], given)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -18,3 +18,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real test data is missing: expected {SHARED_DATA} (../shared beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_shared_cache(tmp_path_factory):
+    """Tests write LLM answers and embeddings to a cache of their own, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CURATE_CACHE_DIR", str(tmp_path_factory.mktemp("shared-cache")))
+    yield
+    mp.undo()

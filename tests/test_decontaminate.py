@@ -13,13 +13,15 @@ import numpy as np
 import polars as pl
 import pytest
 
+from curate.contamination import EvalCopies, RecordTokens
 from curate.evalsets import EvalSetSpec, load_eval_set
 from curate.formats import InputSpec, read_input
-from curate.pipeline import recipe_from_dict, run_recipe
+from curate.pipeline import run_recipe
+from curate.recipe import recipe_from_dict
 from curate.records import make_record, message, to_table
 from curate.report.decontam import decontam_report, render
 from curate.stages.base import StageContext, build_config
-from curate.stages.decontaminate import DecontaminateStage, RecordTokens, exact_eval_copies
+from curate.stages.decontaminate import DecontaminateStage
 from curate.text.conversation import conversation_text
 from curate.text.ngrams import SpanIndex, normalize, tokenize
 
@@ -51,9 +53,9 @@ def prompts(texts: list[str], answers: list[str] | None = None) -> pl.DataFrame:
 
 def run(table: pl.DataFrame, eval_sets: list[dict], base: Path, cache: Path, **options) -> list:
     config = build_config(DecontaminateStage.Config, options, "stages[0].decontaminate")
-    stage = DecontaminateStage(config, StageContext(base_dir=base, cache_dir=cache, eval_sets=eval_sets))
+    stage = DecontaminateStage(config, StageContext(base_dir=base, shared_cache=cache, eval_sets=eval_sets))
     stage.setup()
-    verdicts = stage.apply(table).verdicts
+    verdicts = stage.apply(table.to_arrow()).verdicts()
     assert len(verdicts) == table.height
     return verdicts
 
@@ -375,15 +377,14 @@ def test_exact_eval_copies_finds_a_planted_copy(shared_data):
         {"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"},
         {"name": "humaneval", "path": "eval/HumanEval.jsonl.gz"},
     ]
-    assert exact_eval_copies(table, sets, shared_data) == []
+    copies = EvalCopies(sets, shared_data)
+    assert copies.find(table.to_arrow()) == []
     gsm8k = load_eval_set(EvalSetSpec.from_recipe(sets[0], "e"), shared_data)
     question = gsm8k.items[1].question
     assert question.startswith("A robe takes 2 bolts of blue fiber")
     planted = prompts([f"Please help with my homework.\n\n{question.upper()}\n\nThanks!"], ["3"])
     both = pl.concat([table, planted])
-    assert exact_eval_copies(both, sets, shared_data) == [
-        {"id": planted["id"][0], "eval_set": "gsm8k", "eval_id": "1"}
-    ]
+    assert copies.find(both.to_arrow()) == [{"id": planted["id"][0], "eval_set": "gsm8k", "eval_id": "1"}]
 
 
 def test_version_report_counts_items_per_eval_set_and_method(shared_data, tmp_path):
@@ -399,7 +400,8 @@ def test_version_report_counts_items_per_eval_set_and_method(shared_data, tmp_pa
         },
         base_dir=shared_data,
     )
-    folder, manifest = run_recipe(recipe, tmp_path / "runs")
+    result = run_recipe(recipe, tmp_path / "runs")
+    folder, manifest = result.folder, result.manifest
     assert manifest["counts"]["dropped"] == 258
     assert manifest["eval_overlap"]["exact_copies"] == 0
     report = decontam_report(folder, base_dir=shared_data)
@@ -432,9 +434,9 @@ def test_runner_refuses_a_version_with_an_eval_copy(shared_data, tmp_path):
     }
     with pytest.raises(CurateError, match="refusing to write a version: 252 kept record"):
         run_recipe(recipe_from_dict(raw, base_dir=shared_data), tmp_path / "runs")
-    _, manifest = run_recipe(
+    manifest = run_recipe(
         recipe_from_dict({**raw, "allow_eval_overlap": True}, base_dir=shared_data), tmp_path / "ok"
-    )
+    ).manifest
     assert manifest["eval_overlap"] == {"checked": True, "exact_copies": 252, "allowed": True}
 
 
@@ -445,9 +447,10 @@ def test_config_errors_name_the_option(shared_data, cache):
         build_config(DecontaminateStage.Config, {"methods": ["exact", "fuzzy"]}, "stages[1].decontaminate")
     with pytest.raises(RecipeError, match="minhash_threshold must be in"):
         build_config(DecontaminateStage.Config, {"minhash_threshold": 1.5}, "stages[1].decontaminate")
+    raw = {
+        "inputs": [{"path": "raw/selfinstruct_user_oriented_instructions.jsonl.gz"}],
+        "eval_sets": ALPACA_EVAL,
+        "stages": [{"decontaminate": {"eval_sets": ["gsm8k"]}}],
+    }
     with pytest.raises(RecipeError, match="'gsm8k' is not a declared eval set"):
-        stage = DecontaminateStage(
-            build_config(DecontaminateStage.Config, {"eval_sets": ["gsm8k"]}, "stages[1].decontaminate"),
-            StageContext(base_dir=shared_data, cache_dir=cache, eval_sets=ALPACA_EVAL),
-        )
-        stage.setup()
+        recipe_from_dict(raw, base_dir=shared_data)

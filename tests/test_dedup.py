@@ -39,8 +39,8 @@ def _table(records: list[dict]) -> pl.DataFrame:
 
 def _run(records: list[dict], base_dir: Path, **options) -> list[Drop | None]:
     config = build_config(DedupStage.Config, options, "stages[0].dedup")
-    stage = DedupStage(config, StageContext(base_dir=base_dir, cache_dir=base_dir / ".cache"))
-    verdicts = stage.apply(_table(records)).verdicts
+    stage = DedupStage(config, StageContext(base_dir=base_dir))
+    verdicts = stage.apply(to_table(records)).verdicts()
     assert len(verdicts) == len(records)
     return verdicts
 

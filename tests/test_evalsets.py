@@ -195,7 +195,7 @@ def test_plain_files_and_unknown_shapes(tmp_path):
         ),
         ({"name": "a", "path": "a.jsonl", "fields": {"answer": "a"}}, r"'question' is required"),
         ({"name": "a", "path": "a.jsonl", "colour": 1}, r"eval_sets\[3\]: unknown key 'colour'"),
-        ("gsm8k.jsonl", r"eval_sets\[3\]: an eval set is a mapping"),
+        ("gsm8k.jsonl", r"eval_sets\[3\]: expected object, got 'gsm8k.jsonl'"),
     ],
 )
 def test_recipe_errors_name_the_entry(entry, message):

@@ -11,7 +11,8 @@ import yaml
 
 from curate import versions
 from curate.errors import CurateError, RecipeError
-from curate.pipeline import load_recipe, recipe_from_dict, run_recipe
+from curate.pipeline import run_recipe
+from curate.recipe import load_recipe, recipe_from_dict
 
 GOOD = [
     {"instruction": "Name a primary colour.", "input": "", "output": "Red is a primary colour."},
@@ -24,6 +25,11 @@ GOOD = [
     {"instruction": "Say something.", "input": "", "output": "As an AI language model, I cannot."},  # refusal
     {"instruction": "Empty answer here.", "input": "", "output": "   "},  # empty turn
 ]
+
+
+def _run(recipe, out: Path, **kwargs) -> tuple[Path, dict]:
+    result = run_recipe(recipe, out, **kwargs)
+    return result.folder, result.manifest
 
 
 def write_inputs(folder: Path) -> None:
@@ -58,7 +64,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_run_writes_a_version_that_adds_up(project: Path):
-    folder, manifest = run_recipe(load_recipe(write_recipe(project)), project / "out")
+    folder, manifest = _run(load_recipe(write_recipe(project)), project / "out")
     assert folder.parent == project / "out" and (project / "out" / "latest").resolve() == folder
     c = manifest["counts"]
     assert c == {"input": 7, "kept": 4, "dropped": 2, "quarantined": 1, "synthetic": 0}
@@ -81,7 +87,7 @@ def test_run_writes_a_version_that_adds_up(project: Path):
 def test_train_jsonl_loads_with_datasets(project: Path):
     from datasets import load_dataset
 
-    folder, _ = run_recipe(load_recipe(write_recipe(project)), project / "out")
+    folder, _ = _run(load_recipe(write_recipe(project)), project / "out")
     rows = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
     assert len(rows) == 4
     for row in rows:
@@ -93,15 +99,27 @@ def test_train_jsonl_loads_with_datasets(project: Path):
 
 def test_same_recipe_same_version_and_bytes_and_cache(project: Path):
     recipe = write_recipe(project)
-    first, m1 = run_recipe(load_recipe(recipe), project / "a")
-    again, m2 = run_recipe(load_recipe(recipe), project / "a")
-    cold, m3 = run_recipe(load_recipe(recipe), project / "b")
-    assert m1["version"] == m2["version"] == m3["version"]
-    assert [s["cached"] for s in m1["stages"]] == [False, False]
-    assert [s["cached"] for s in m2["stages"]] == [True, True]
-    assert (first / "data.parquet").read_bytes() == (cold / "data.parquet").read_bytes()
-    assert (first / "train.jsonl").read_bytes() == (cold / "train.jsonl").read_bytes()
-    assert (first / "dropped.parquet").read_bytes() == (cold / "dropped.parquet").read_bytes()
+    first = run_recipe(load_recipe(recipe), project / "a")
+    again = run_recipe(load_recipe(recipe), project / "a")
+    cold = run_recipe(load_recipe(recipe), project / "b")
+    assert first.manifest["version"] == again.manifest["version"] == cold.manifest["version"]
+    assert [s["cached"] for s in first.run["stages"]] == [False, False]
+    assert [s["cached"] for s in again.run["stages"]] == [True, True]
+    # the re-run names the run that computed each stage: the first one
+    assert [s["run"] for s in again.run["stages"]] == [first.run["id"]] * 2 != [again.run["id"]] * 2
+    assert (first.run["new"], again.run["new"], cold.run["new"]) == (True, False, True)
+    for name in ("data.parquet", "train.jsonl", "dropped.parquet", "edits.parquet", "quarantine.jsonl"):
+        assert (first.folder / name).read_bytes() == (cold.folder / name).read_bytes(), name
+
+
+def test_a_cached_rerun_leaves_the_version_untouched(project: Path):
+    recipe = load_recipe(write_recipe(project))
+    first = run_recipe(recipe, project / "out")
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.folder.iterdir()}
+    again = run_recipe(recipe, project / "out")
+    assert again.folder == first.folder and not again.run["new"]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in again.folder.iterdir()} == files
+    assert again.manifest == first.manifest  # the manifest too: it tells how the version was made
 
 
 def test_changing_a_late_stage_reuses_the_early_ones(project: Path):
@@ -109,7 +127,7 @@ def test_changing_a_late_stage_reuses_the_early_ones(project: Path):
     changed = write_recipe(
         project, [{"normalize": {"system_prompt": "Be brief."}}, {"filter": {"min_chars": 25}}]
     )
-    folder, manifest = run_recipe(load_recipe(changed), project / "out")
+    folder, manifest = _run(load_recipe(changed), project / "out")
     assert [s["cached"] for s in manifest["stages"]] == [True, False]
     assert manifest["stages"][1]["dropped"]["too_short"] == 1
     assert manifest["parent"] is not None and manifest["parent"] != manifest["version"]
@@ -117,7 +135,7 @@ def test_changing_a_late_stage_reuses_the_early_ones(project: Path):
 
 def test_a_crash_while_writing_leaves_no_half_version(project: Path, monkeypatch):
     recipe = load_recipe(write_recipe(project))
-    good, _ = run_recipe(recipe, project / "out")
+    good, _ = _run(recipe, project / "out")
     changed = load_recipe(write_recipe(project, [{"normalize": {}}]))
 
     def boom(*args, **kwargs):
@@ -136,10 +154,10 @@ def test_a_crash_while_writing_leaves_no_half_version(project: Path, monkeypatch
     [
         (
             {"inputs": [{"path": "x"}], "stages": [], "stagse": []},
-            "recipe: Additional properties",
-            "top-level",
+            "recipe: unknown key 'stagse'",
+            "did you mean 'stages'?",
         ),
-        ({"stages": []}, "recipe: 'inputs' is a required property", "demo.yaml"),
+        ({"stages": []}, "inputs: required", "Input files, globs"),
         (
             {"inputs": [{"path": "x"}], "stages": [{"filtre": {}}]},
             "stages[0]: unknown stage 'filtre'",
@@ -147,8 +165,8 @@ def test_a_crash_while_writing_leaves_no_half_version(project: Path, monkeypatch
         ),
         (
             {"inputs": [{"path": "x"}], "stages": [{"normalize": {}, "filter": {}}]},
-            "stages[0]",
-            "own list item",
+            "stages[0]: one key per item, got normalize, filter",
+            "a list item of its own",
         ),
         (
             {"inputs": [{"path": "x"}], "stages": [{"filter": {"min_chars": -1.5}}]},
@@ -165,18 +183,18 @@ def test_recipe_errors_point_at_the_key(raw, message, hint, tmp_path):
     assert hint in exc.value.hint
 
 
-def test_missing_input_is_a_clear_error(tmp_path: Path):
-    recipe = recipe_from_dict({"inputs": [{"path": "nope/*.jsonl"}], "stages": []}, base_dir=tmp_path)
-    with pytest.raises(CurateError, match="no data files found"):
-        run_recipe(recipe, tmp_path / "out")
+def test_missing_input_is_a_clear_error_before_any_run(tmp_path: Path):
+    with pytest.raises(CurateError, match="no data files found") as exc:
+        recipe_from_dict({"inputs": [{"path": "nope/*.jsonl"}], "stages": []}, base_dir=tmp_path)
+    assert exc.value.issues[0].where == "inputs[0].path"
 
 
 def test_manifest_and_records_match_their_schemas(project: Path):
     import jsonschema
 
-    from curate.pipeline import load_schema
+    from curate.recipe import load_schema
 
-    folder, manifest = run_recipe(load_recipe(write_recipe(project)), project / "out")
+    folder, manifest = _run(load_recipe(write_recipe(project)), project / "out")
     jsonschema.validate(manifest, load_schema("manifest.schema.json"))
     record_schema = load_schema("record.schema.json")
     for record in pl.read_parquet(folder / "data.parquet").to_dicts():
@@ -190,10 +208,10 @@ def test_a_changed_eval_file_invalidates_the_cached_decontamination(project: Pat
     )
     stages = [{"normalize": {}}, {"decontaminate": {"methods": ["exact"]}}]
     recipe = write_recipe(project, stages, eval_sets=[{"name": "ev", "path": "eval.jsonl"}])
-    _, first = run_recipe(load_recipe(recipe), project / "out")
+    _, first = _run(load_recipe(recipe), project / "out")
     assert first["stages"][1]["dropped"] == {}
     evals.write_text(json.dumps({"id": "e1", "question": "Name a primary colour.", "answer": "Red"}) + "\n")
-    _, second = run_recipe(load_recipe(recipe), project / "out")
+    _, second = _run(load_recipe(recipe), project / "out")
     assert [s["cached"] for s in second["stages"]] == [True, False]
     assert second["stages"][1]["dropped"] == {"eval_overlap": 2}  # the record and its exact copy
 
@@ -204,11 +222,11 @@ def test_a_saved_hugging_face_dataset_folder_is_an_input(tmp_path: Path):
     rows = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe")]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     recipe = recipe_from_dict({"inputs": [{"path": "saved"}], "stages": [{"filter": {}}]}, base_dir=tmp_path)
-    folder, manifest = run_recipe(recipe, tmp_path / "out")
+    folder, manifest = _run(recipe, tmp_path / "out")
     assert manifest["counts"]["kept"] == 3
     assert [(i["path"], i["records"], i["sha256"]) for i in manifest["inputs"]] == [("saved", 3, None)]
-    again = run_recipe(recipe, tmp_path / "out")[1]
-    assert again["version"] == manifest["version"] and again["stages"][0]["cached"]
+    again = run_recipe(recipe, tmp_path / "out")
+    assert again.manifest["version"] == manifest["version"] and again.run["stages"][0]["cached"]
 
 
 def test_tool_calls_and_definitions_reach_train_jsonl(shared_data: Path, tmp_path: Path):
@@ -221,7 +239,7 @@ def test_tool_calls_and_definitions_reach_train_jsonl(shared_data: Path, tmp_pat
         },
         base_dir=shared_data,
     )
-    folder, manifest = run_recipe(recipe, tmp_path / "out")
+    folder, manifest = _run(recipe, tmp_path / "out")
     rows = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
     assert len(rows) == manifest["counts"]["kept"] == 300
     first = rows[0]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from curate.engines import local
-from curate.pipeline import recipe_from_dict, run_recipe
+from curate.engines import LocalEngine
+from curate.pipeline import run_recipe
+from curate.recipe import recipe_from_dict
 
 
 def manifest_counts(shared_data: Path) -> dict[str, int]:
@@ -24,7 +25,6 @@ def raw_recipe(shared_data: Path):
         {
             "name": "all-raw",
             "inputs": [{"path": str(p)} for p in sorted(raw.iterdir())],
-            # token bounds keep filter on its row path, so row slices travel to workers too
             "stages": [{"normalize": {}}, {"filter": {"drop_refusals": False, "max_tokens": 1_000_000}}],
         },
         base_dir=shared_data,
@@ -34,10 +34,9 @@ def raw_recipe(shared_data: Path):
 @pytest.fixture(scope="module")
 def raw_version(shared_data: Path, tmp_path_factory):
     # raw/ is below the sizes where workers pay off: make it go through them anyway
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(local, "PARALLEL_MIN_BYTES", 0)
-        patch.setattr(local, "PARALLEL_MIN_ROWS", 0)
-        return run_recipe(raw_recipe(shared_data), tmp_path_factory.mktemp("raw") / "out", workers=2)
+    engine = LocalEngine(workers=2, min_rows=0, min_bytes=0)
+    result = run_recipe(raw_recipe(shared_data), tmp_path_factory.mktemp("raw") / "out", engine=engine)
+    return result.folder, result.manifest
 
 
 def test_every_raw_file_converts_with_exact_counts(raw_version, shared_data: Path):
@@ -69,7 +68,8 @@ def test_only_the_invalid_json_lines_are_quarantined(raw_version):
 
 def test_one_worker_gives_byte_identical_output(raw_version, shared_data: Path, tmp_path):
     parallel_folder, parallel = raw_version
-    serial_folder, serial = run_recipe(raw_recipe(shared_data), tmp_path / "out", workers=1)
+    one = run_recipe(raw_recipe(shared_data), tmp_path / "out", workers=1)
+    serial_folder, serial = one.folder, one.manifest
     assert serial["version"] == parallel["version"]
     for name in ("data.parquet", "dropped.parquet", "edits.parquet", "train.jsonl", "quarantine.jsonl"):
         assert (serial_folder / name).read_bytes() == (parallel_folder / name).read_bytes(), name

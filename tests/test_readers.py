@@ -408,9 +408,14 @@ def test_recipe_entries_are_validated(tmp_path: Path):
             "cannot be combined",
             "leave `format:` out",
         ),
-        ({"path": "x", "fields": {"assistant": "a"}}, "a mapping needs at least `user:`", ""),
-        ({"path": "x", "fields": {"usr": "a"}}, "inputs[0].fields: unknown part 'usr'", "map any of"),
-        ({"path": "x", "options": {"oasst_paths": "some"}}, "expected 'best' or 'all'", ""),
+        ({"path": "x", "fields": {"assistant": "a"}}, "inputs[0].fields.user: required", ""),
+        (
+            {"path": "x", "fields": {"user": "q", "usr": "a"}},
+            "inputs[0].fields: unknown part 'usr'",
+            "did you mean",
+        ),
+        ({"path": "x", "fields": {"user": 3}}, "inputs[0].fields.user: expected string or array, got 3", ""),
+        ({"path": "x", "options": {"oasst_paths": "some"}}, "'some' is not one of best, all", ""),
         ({"path": "x", "options": {"paths": "all"}}, "unknown option 'paths'", "oasst_paths"),
         ({"name": "x"}, "inputs[0].path: required", ""),
     ]

@@ -6,13 +6,12 @@ import json
 import random
 from pathlib import Path
 
-import polars as pl
 import pyarrow as pa
 
 from curate.formats import InputSpec, read_input
 from curate.records import MESSAGES_TYPE, train_messages
 from curate.text.jsonl import chat_lines
-from curate.versions import _write_train_jsonl
+from curate.versions import train_lines
 
 
 def expected_line(messages: list[dict], tools: str | None = None) -> str:
@@ -51,7 +50,7 @@ def test_chat_lines_equal_json_dumps_on_fuzzed_text():
 
 def test_train_jsonl_equals_json_dumps_on_raw(shared_data: Path, tmp_path: Path):
     table = pa.concat_tables(b.table for b in read_input(InputSpec(path="raw"), shared_data))
-    _write_train_jsonl(pl.from_arrow(table), tmp_path / "train.jsonl")
+    (tmp_path / "train.jsonl").write_bytes(train_lines(table))
     rows = table.select(["messages", "tools"]).to_pylist()
     assert sum(1 for r in rows if r["tools"]) > 100  # the tool-calling sets take the Python path
     want = "".join(expected_line(r["messages"], r["tools"]) for r in rows)

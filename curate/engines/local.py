@@ -1,38 +1,44 @@
-"""The local engine: reads input files and runs row stages on every core, with the result of one process.
+"""The local engine: every core of one machine, with the result of one process.
 
-Work is cut into ordered tasks (an input file, or a slice of rows) and results come back in task
-order, so the output never depends on the number of workers. Workers are spawned processes (polars
-and numba keep thread pools that must not be forked); small work stays in this process, where
-starting workers would cost more than it saves.
+Tasks (a run of input files, a batch of records) go to spawned worker processes when the work is
+large enough to repay them, and their receipts come back in task order, a bounded number ahead,
+so memory does not grow with the number of tasks. Workers are spawned, not forked: polars and
+numba keep thread pools that must not be forked.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import pyarrow as pa
-
+from curate.dataset import BATCH_ROWS, RecordFiles
+from curate.engines.base import (
+    BatchReceipt,
+    Engine,
+    IngestReceipt,
+    InputFiles,
+    StageCall,
+    added_receipt,
+    decide,
+    decided_task,
+    features_task,
+    ingest_task,
+    stage_task,
+)
 from curate.errors import CurateError
-from curate.records import RECORD_SCHEMA
-
-if TYPE_CHECKING:
-    from curate.stages.base import RowsResult
 
 # Below these sizes one process is faster: a spawned worker takes 1-2 s to import polars, pyarrow
-# and numba and load the compiled kernels, and every slice travels to it and back. Measured on all
-# of ../shared/data/raw (21 MB gzipped, 86k records, 2 cores), two workers were slower than one.
+# and numba and load the compiled kernels. Measured on all of ../shared/data/raw (21 MB gzipped,
+# 86k records, 2 cores), two workers were slower than one.
 PARALLEL_MIN_ROWS = 200_000
 PARALLEL_MIN_BYTES = 64 << 20
-ROW_CHUNK = 8192
+INGEST_TASK_BYTES = 8 << 20  # input read by one task (compressed size), unless workers need more
 
 
 def default_workers() -> int:
@@ -40,113 +46,112 @@ def default_workers() -> int:
     return max(1, int(os.environ.get("CURATE_WORKERS") or os.cpu_count() or 1))
 
 
-class LocalEngine:
-    """Ordered map over worker processes; `with LocalEngine() as engine:` shuts them down after."""
+class LocalEngine(Engine):
+    """Worker processes on this machine for large work, this process for small work."""
 
-    def __init__(self, workers: int | None = None) -> None:
+    name = "local"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        batch_rows: int = BATCH_ROWS,
+        min_rows: int = PARALLEL_MIN_ROWS,
+        min_bytes: int = PARALLEL_MIN_BYTES,
+    ) -> None:
         self.workers = workers or default_workers()
+        self.batch_rows = batch_rows
+        self.min_rows, self.min_bytes = min_rows, min_bytes
         self._pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> LocalEngine:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
-        _STAGES.clear()
+        super().close()
 
-    @staticmethod
-    def worth_workers(size_bytes: int = 0, rows: int = 0) -> bool:
-        """Whether work of this size repays starting workers (PARALLEL_MIN_BYTES / _ROWS)."""
-        return size_bytes >= PARALLEL_MIN_BYTES or rows >= PARALLEL_MIN_ROWS
+    def ingest(self, inputs: list[InputFiles], base_dir: Path, out: Path) -> Iterator[IngestReceipt]:
+        size = sum(s for item in inputs for _, s in item.files)
+        parallel = size >= self.min_bytes
+        # tasks of many files each (a file costs little on its own), enough of them to keep the
+        # workers busy and the progress bar moving
+        part = max(INGEST_TASK_BYTES, size // (4 * self.workers)) if parallel else INGEST_TASK_BYTES
+        tasks = []
+        for item in inputs:
+            if not item.files:
+                tasks.append((item.spec, base_dir, None))
+            tasks.extend((item.spec, base_dir, paths) for paths in _by_size(item.files, part))
+        yield from self._map(ingest_task, ((*t, out, i) for i, t in enumerate(tasks)), parallel)
 
-    def map(self, fn: Callable, tasks: list[tuple], parallel: bool) -> Iterator[Any]:
-        """fn(*task) for every task, results in task order; in workers only when `parallel` pays off."""
-        if not parallel or self.workers == 1 or len(tasks) < 2:
+    def map_stage(self, call: StageCall, source: RecordFiles, out: Path) -> Iterator[BatchReceipt]:
+        plan = source.plan(self.batch_rows)
+        tasks = ((call, segments, out, i) for i, segments in enumerate(plan))
+        yield from self._map(stage_task, tasks, source.num_rows >= self.min_rows)
+
+    def run_global(
+        self, call: StageCall, source: RecordFiles, out: Path, progress: Callable[[int], None] | None
+    ) -> Iterator[BatchReceipt]:
+        plan = source.plan(self.batch_rows)
+        parallel = source.num_rows >= self.min_rows
+        parts = []
+        feature_tasks = ((call, segments, out, i) for i, segments in enumerate(plan))
+        for segments, part in zip(plan, self._map(features_task, feature_tasks, parallel), strict=True):
+            parts.append(part)
+            if progress is not None:
+                progress(sum(s.length for s in segments))
+        features = RecordFiles([p for p in parts if p is not None])
+        decisions = decide(call, features, source, None)
+        apply_tasks = (
+            (
+                call.name,
+                segments,
+                decisions.slice(i * self.batch_rows, i * self.batch_rows + _rows(segments)),
+                out,
+                i,
+            )
+            for i, segments in enumerate(plan)
+        )
+        yield from self._map(decided_task, apply_tasks, parallel)
+        yield added_receipt(call.name, decisions, out, len(plan))
+
+    def _map(self, fn: Callable, tasks: Iterable[tuple], parallel: bool) -> Iterator[Any]:
+        """fn(*task) for every task, results in task order; in workers when `parallel` pays off."""
+        if not parallel or self.workers == 1:
             for task in tasks:
                 yield fn(*task)
             return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+        ahead: deque = deque()
         try:
-            yield from self._pool.map(fn, *zip(*tasks, strict=True))
+            for task in tasks:
+                ahead.append(self._pool.submit(fn, *task))
+                if len(ahead) >= 2 * self.workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
         except BrokenProcessPool:
             raise CurateError(
                 "a worker process died before finishing its part",
                 hint="a script that runs curate must guard its code with `if __name__ == '__main__':` "
                 "(workers re-import it); or run with --workers 1 / CURATE_WORKERS=1",
             ) from None
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
-# ingest -------------------------------------------------------------------------------------------
+def _rows(segments) -> int:
+    return sum(s.length for s in segments)
 
 
-@dataclass
-class IngestResult:
-    """One input file (or hf: dataset) read: its records as Arrow, its quarantine, per-file counts."""
-
-    table: pa.Table
-    quarantined: list[dict]
-    files: list[dict]
-
-
-def ingest_task(spec: Any, base_dir: Path, paths: list[Path] | None) -> IngestResult:
-    """The records of `paths` (files of the input `spec`; None: all of it, e.g. an hf: dataset)."""
-    from curate.formats import read_input
-
-    tables, quarantined, files = [], [], {}
-    with gc_paused():
-        batches = list(read_input(spec, base_dir, paths=paths))
-    for batch in batches:
-        for entry in batch.files:
-            total = files.setdefault(entry["path"], {**entry, "records": 0, "quarantined": 0})
-            total["records"] += entry["records"]
-            total["quarantined"] += entry["quarantined"]
-        if batch.table.num_rows:
-            tables.append(batch.table)
-        quarantined.extend(batch.quarantined)
-    table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
-    return IngestResult(table, quarantined, list(files.values()))
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cycle collection while input is parsed and converted.
-
-    Parsed rows are plain trees of dicts and lists, never cycles, yet making tens of thousands of
-    them sets off full collections that walk every object of the process (80-90 ms each, several
-    per read of raw/). Everything made meanwhile is still collected once collection resumes.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-# row stages ---------------------------------------------------------------------------------------
-
-
-# Stages built in this process, so a worker sets each one up (models, tokenizers) once, not per slice.
-_STAGES: dict[tuple, Any] = {}
-
-
-def _stage(name: str, config: Any, context: Any) -> Any:
-    from curate.stages import STAGES
-
-    key = (name, repr(config), str(context.base_dir))
-    stage = _STAGES.get(key)
-    if stage is None:
-        stage = STAGES[name](config, context)
-        stage.setup()
-        _STAGES[key] = stage
-    return stage
-
-
-def row_stage_task(name: str, config: Any, context: Any, chunk: pa.Table) -> RowsResult:
-    """A row stage on one slice of the table: its `RowsResult`."""
-    return _stage(name, config, context).process_table(chunk)
+def _by_size(files: list[tuple[Path, int]], part: int) -> list[list[Path]]:
+    """The paths in order, cut into runs of about `part` bytes each (a bigger file is a run alone)."""
+    runs: list[list[Path]] = []
+    total = part
+    for path, size in files:
+        if total >= part:
+            runs.append([])
+            total = 0
+        runs[-1].append(path)
+        total += size
+    return runs

@@ -9,19 +9,20 @@ with `oasst_paths: all`.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain, islice, pairwise
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from curate.errors import FormatError, RecipeError
+from curate.configs import config_schema, make_config, option, schema_issues
+from curate.errors import FormatError, Issue, RecipeError
 from curate.formats import (  # noqa: F401 - each module registers its format on import
     alpaca,
     fields,
@@ -52,99 +53,78 @@ from curate.formats.readers import (
 )
 from curate.records import RecordColumns, source_column
 
-SPEC_KEYS = ("path", "name", "format", "fields", "split", "config", "options")
-
 
 @dataclass
 class InputSpec:
     """One entry of the recipe's `inputs:` list."""
 
-    path: str  # file, glob, folder, "hf:NAME", or a save_to_disk folder
-    name: str | None = None  # source name; default: the file stem
-    format: str = "auto"  # a registered format name, or auto-detection
-    fields: dict | None = None  # role -> source key(s), e.g. {user: question, assistant: answer}
-    split: str | None = None  # hf: split (default "train")
-    config: str | None = None  # hf: config name
-    options: dict = field(default_factory=dict)  # per-format options, e.g. {"oasst_paths": "all"}
+    path: str = option(
+        help="A file, a glob, a folder (every data file under it), hf:NAME, or a save_to_disk folder.",
+        minLength=1,
+    )
+    name: str | None = option(None, help="Source name of its records (default: the file's stem).")
+    format: str = option("auto", help="A format name, or auto to detect the shape of each file.")
+    fields: dict | None = option(
+        None,
+        help="Roles mapped to source keys, for any other shape: {user: KEY or [KEY, ...], assistant: KEY, "
+        "system: KEY, rejected: KEY, label: KEY, tools: KEY}; a list joins several keys into one turn.",
+    )
+    split: str | None = option(None, help="hf: split (default train).")
+    config: str | None = option(None, help="hf: config name.")
+    options: dict = option({}, help="Per-format options (oasst_paths, end_markers).")
+
+    def check(self) -> None:
+        if self.fields is not None and self.format not in ("auto", "fields"):
+            raise ValueError(
+                f"`fields:` maps roles itself and cannot be combined with format {self.format!r}",
+                "leave `format:` out (or write `format: fields`) when you give a mapping",
+            )
+        if self.format == "fields" and not self.fields:
+            raise ValueError(
+                "format 'fields' needs a `fields:` mapping", "e.g. fields: {user: q, assistant: a}"
+            )
 
     @classmethod
-    def from_recipe(cls, entry: dict | str, where: str) -> InputSpec:
-        """Validate one recipe entry; errors name `where` (e.g. "inputs[2]") and the offending key."""
+    def parse(cls, entry: object, where: str) -> tuple[InputSpec | None, list[Issue]]:
+        """The spec of a recipe entry (a mapping, or just its path), or the issues that keep it from
+        being one."""
         if isinstance(entry, str):
             entry = {"path": entry}
-        if not isinstance(entry, dict):
-            raise RecipeError(f"{where}: expected a mapping with `path:`, got {entry!r}")
-        for key in entry:
-            if key not in SPEC_KEYS:
-                close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(SPEC_KEYS)}"
-                raise RecipeError(f"{where}: unknown key '{key}'", hint=hint)
-        if not isinstance(entry.get("path"), str) or not entry["path"]:
-            raise RecipeError(f"{where}.path: required, a file, glob, folder or hf:NAME")
-        for key in ("name", "split", "config"):
-            if entry.get(key) is not None and not isinstance(entry[key], str):
-                raise RecipeError(f"{where}.{key}: expected text, got {entry[key]!r}")
-        fmt = entry.get("format", "auto")
-        if fmt != "auto" and fmt not in FORMATS:
-            close = difflib.get_close_matches(str(fmt), list(FORMATS), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"formats: auto, {', '.join(format_names())}"
-            raise RecipeError(f"{where}.format: unknown format {fmt!r}", hint=hint)
-        mapping = entry.get("fields")
-        if mapping is not None:
-            _check_fields(mapping, f"{where}.fields")
-            if fmt not in ("auto", "fields"):
-                raise RecipeError(
-                    f"{where}: `fields:` maps roles itself and cannot be combined with format {fmt!r}",
-                    hint="leave `format:` out (or write `format: fields`) when you give a mapping",
-                )
-            fmt = "fields"
-        elif fmt == "fields":
-            raise RecipeError(
-                f"{where}: format 'fields' needs a `fields:` mapping",
-                hint="e.g. fields: {user: q, assistant: a}",
-            )
-        options = entry.get("options") or {}
-        if not isinstance(options, dict):
-            raise RecipeError(f"{where}.options: expected a mapping, got {options!r}")
-        for key, value in options.items():
-            if key not in FormatOptions.KNOWN:
-                known = "; ".join(f"{k}: {v}" for k, v in FormatOptions.KNOWN.items())
-                raise RecipeError(f"{where}.options: unknown option '{key}'", hint=f"known options: {known}")
-            if key == "oasst_paths" and value not in ("best", "all"):
-                raise RecipeError(f"{where}.options.oasst_paths: expected 'best' or 'all', got {value!r}")
-            if key == "end_markers" and not (
-                isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-            ):
-                raise RecipeError(f"{where}.options.end_markers: expected a list of non-empty strings")
-        return cls(
-            path=entry["path"],
-            name=entry.get("name"),
-            format=fmt,
-            fields=mapping,
-            split=entry.get("split"),
-            config=entry.get("config"),
-            options=dict(options),
-        )
+        issues = schema_issues(input_schema(), entry, where)
+        if issues:
+            return None, issues
+        spec, issues = make_config(cls, entry, where)
+        if spec is not None and spec.fields:
+            spec.format = "fields"
+        return (None if issues else spec), issues
+
+    @classmethod
+    def from_recipe(cls, entry: object, where: str) -> InputSpec:
+        spec, issues = cls.parse(entry, where)
+        if issues:
+            raise RecipeError(issues)
+        return spec
 
 
-def _check_fields(mapping: object, where: str) -> None:
-    if not isinstance(mapping, dict) or not mapping:
-        raise RecipeError(f"{where}: expected a mapping of roles to source keys, got {mapping!r}")
-    for part, keys in mapping.items():
-        if part not in fields.PARTS:
-            raise RecipeError(
-                f"{where}: unknown part '{part}'", hint=f"map any of: {', '.join(fields.PARTS)}"
-            )
-        single = part in ("label", "tools")
-        ok = isinstance(keys, str) or (
-            not single and isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)
-        )
-        if not ok:
-            raise RecipeError(
-                f"{where}.{part}: expected a source key{'' if single else ' or a list of keys'}"
-            )
-    if "user" not in mapping:
-        raise RecipeError(f"{where}: a mapping needs at least `user:`")
+def input_schema() -> dict:
+    """The JSON Schema of one input: InputSpec's options, with the registered formats and the
+    per-format options filled in."""
+    schema = config_schema(InputSpec)
+    props = schema["properties"]
+    props["format"].update({"title": "format", "enum": ["auto", *format_names()]})
+    key = {"type": "string", "minLength": 1}
+    keys = {"anyOf": [key, {"type": "array", "minItems": 1, "items": key}]}
+    parts = {part: key if part in ("label", "tools") else keys for part in fields.PARTS}
+    props["fields"].update(
+        {
+            "type": ["object", "null"],
+            "propertyNames": {"title": "part", "enum": list(fields.PARTS)},
+            "properties": parts,
+            "required": ["user"],
+        }
+    )
+    props["options"].update(config_schema(FormatOptions))
+    return schema
 
 
 @dataclass
@@ -182,15 +162,9 @@ def read_input(
     """Records of every file of the input (or of `paths`, some of its files), in batches of about
     `batch_size`; small files share a batch, so thousands of them cost little more than one."""
     base_dir = Path(base_dir)
-    if spec.format != "auto" and spec.format not in FORMATS:
-        raise RecipeError(
-            f"unknown format {spec.format!r}", hint=f"formats: auto, {', '.join(format_names())}"
-        )
-    if (spec.format == "fields") != bool(spec.fields):
-        raise RecipeError(
-            f"{spec.path}: a `fields:` mapping goes with format 'fields' (and only with it)",
-            hint="e.g. fields: {user: question, assistant: answer}",
-        )
+    InputSpec.from_recipe(
+        dataclasses.asdict(spec), spec.path
+    )  # a spec made in code meets the recipe's checks
     reader = _Reader(spec, FormatOptions.from_dict(spec.options, spec.fields), batch_size)
     step = min(batch_size, CHUNK_ROWS)
     if spec.path.startswith("hf:"):

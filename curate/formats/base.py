@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
+from curate.configs import option
 from curate.records import message, user_assistant_column
 from curate.text.clean import blank_column
 
@@ -30,26 +31,23 @@ class RecordError(ValueError):
 
 @dataclass
 class FormatOptions:
-    """Per-input options from the recipe (`options:` of an input), shared by all converters."""
+    """Per-input options (`options:` of an input), shared by all converters."""
 
-    oasst_paths: str = "best"  # "best": one conversation per tree; "all": one per root-to-leaf path
-    # Trailing end-of-text markers that GPT-3-style completion datasets append as framing.
-    end_markers: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
-    fields: dict | None = None  # the user's role -> source key mapping (format "fields")
-
-    KNOWN = {
-        "oasst_paths": "'best' (one conversation per OASST tree, the best-ranked path) or 'all'",
-        "end_markers": "list of trailing markers stripped from prompt/completion answers",
-    }
+    oasst_paths: Literal["best", "all"] = option(
+        "best",
+        help="OASST trees: best (one conversation per tree, the best-ranked path) or all (every path).",
+    )
+    end_markers: list[str] = option(
+        ["<|endoftext|>"],
+        help="Trailing end-of-text markers stripped from prompt/completion answers.",
+        items={"type": "string", "minLength": 1},
+    )
+    # the user's role -> source key mapping (format "fields"); set from the input, not from options
+    fields: dict | None = field(default=None, metadata={"recipe": False})
 
     @classmethod
     def from_dict(cls, options: dict, fields: dict | None) -> FormatOptions:
-        opts = cls(fields=fields)
-        if "oasst_paths" in options:
-            opts.oasst_paths = options["oasst_paths"]
-        if "end_markers" in options:
-            opts.end_markers = list(options["end_markers"])
-        return opts
+        return cls(**options, fields=fields)
 
 
 Converted = dict  # keyword arguments of curate.records.make_record, without `source`

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import polars as pl
 
+from curate.contamination import METHODS
 from curate.errors import CurateError
 from curate.evalsets import EvalSetSpec, load_eval_set
-from curate.stages.decontaminate import METHODS
 from curate.versions import read_manifest, resolve_version
 
 

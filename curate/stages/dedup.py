@@ -4,6 +4,10 @@ Order of work: records that repeat the `reference` version are dropped first (th
 there), then exact duplicates, then near-duplicates among what is left. Within a cluster of
 duplicates the kept record is chosen by `keep` (input order breaks ties), so the same input gives
 the same verdicts. Records whose compared text is empty are never judged here (filter does that).
+
+A global stage: `features` reduces each batch to what deciding needs (content keys, LSH band
+hashes, signatures, ranks), so no record's text is held while deciding; the signatures of the few
+records that share an LSH bucket are the only ones ever loaded.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
+from curate.dataset import FeatureTable
 from curate.errors import CurateError
-from curate.stages.base import Drop, TableStage, TableVerdicts, files_token, option, register
+from curate.stages.base import Decisions, GlobalStage, option, register
 from curate.text import lsh
 from curate.text.conversation import conversation_text
 from curate.text.minhash import dtype_of, empty_value, jaccard_estimate, signatures
 from curate.text.shingles import content_keys, shingle_hash_sets
 
 _SCOPES = {"all": lsh.SCOPE_ALL, "within_source": lsh.SCOPE_WITHIN, "across_sources": lsh.SCOPE_ACROSS}
-_BATCH = 65_536  # records signed per kernel call: bounds the UTF-8 copy and paces the progress bar
 
 
 @dataclass(frozen=True)
@@ -141,55 +146,93 @@ class DedupConfig:
 
 
 @register
-class DedupStage(TableStage):
+class DedupStage(GlobalStage):
     """Drop exact and near-duplicate records (MinHash LSH, datasketch-compatible), keeping one per cluster."""
 
     name = "dedup"
     Config = DedupConfig
 
-    def apply(self, table: pl.DataFrame) -> TableVerdicts:
+    @classmethod
+    def recipe_issues(cls, config: DedupConfig, recipe) -> list[str]:
+        if config.reference is None:
+            return []
+        try:
+            _reference_file(Path(recipe.base_dir), config.reference)
+        except CurateError as exc:
+            return [f"{exc.message} ({exc.hint})"]
+        return []
+
+    def reads(self) -> list[Path]:
+        return [] if self.config.reference is None else [self._reference_file()]
+
+    def _reference_file(self) -> Path:
+        return _reference_file(self.context.base_dir, self.config.reference)
+
+    # features: one batch at a time ----------------------------------------------------------------
+
+    def features(self, batch: pa.Table) -> pa.Table:
+        cfg = self.config
+        table = pl.from_arrow(batch)
+        text = conversation_text(table, cfg.key)
+        source = pl.col("source")
+        facts = table.select(
+            pl.format(
+                "{}:{}", source.struct.field("path").fill_null(""), source.struct.field("row").fill_null(-1)
+            ).alias("ref"),
+            source.struct.field("name").fill_null(source.struct.field("path")).fill_null("").alias("group"),
+        )
+        columns = {
+            "id": batch["id"],
+            "ref": facts["ref"].to_arrow(),
+            "group": facts["group"].to_arrow(),
+            "live": pa.array(text.str.contains(r"\S").fill_null(False).to_numpy()),
+        }
+        if cfg.keep != "first":
+            columns["rank"] = pa.array(_keep_value(table, cfg.keep, cfg.score_column))
+        if cfg.exact:
+            keys = content_keys(text)
+            columns["k0"], columns["k1"] = pa.array(keys[:, 0]), pa.array(keys[:, 1])
+        if cfg.minhash is not None:
+            mh = cfg.minhash
+            sigs = _sign(text, mh)
+            bands, rows = mh.band_shape()
+            columns["signed"] = pa.array(~np.all(sigs == sigs.dtype.type(empty_value(mh.scheme)), axis=1))
+            columns["signature"] = _fixed(sigs)
+            columns["bands"] = _fixed(lsh.band_hashes(sigs, bands, rows))
+        return pa.table(columns)
+
+    # deciding: every record at once ---------------------------------------------------------------
+
+    def process(self, table: FeatureTable) -> Decisions:
         cfg: DedupConfig = self.config
-        n = table.height
-        self.verdicts: list[Drop | None] = [None] * n
+        n = table.num_rows
+        self.decisions = Decisions(n)
         if n == 0:
-            return TableVerdicts([])
-        self.text = conversation_text(table, cfg.key)
-        self.ids = table["id"].to_numpy()
-        self.rank = _keep_rank(table, cfg.keep, cfg.score_column)
-        self.groups = _source_groups(table)
-        self.where = _source_refs(table)
-        self.alive = self.text.str.contains(r"\S").fill_null(False).to_numpy().copy()
-        self.progressed = 0
+            return self.decisions
+        self.table = table
+        self.ids = table.column("id").combine_chunks()
+        self.alive = table.column("live").to_numpy().copy()
+        self.rank = _keep_rank(table.column("rank").to_numpy() if cfg.keep != "first" else None, n)
+        self.groups = pl.Series(table.column("group")).rank("dense").to_numpy().astype(np.int64)
         if cfg.reference is not None:
             self._against_reference()
         if cfg.exact:
             self._exact()
-        self._progress(0.1)
         if cfg.minhash is not None:
             self._near(cfg.minhash)
-        self._progress(1.0)
-        return TableVerdicts(self.verdicts)
+        return self.decisions
 
-    def _progress(self, share: float) -> None:
-        """Move the runner's progress bar to `share` of the records (signing is most of the time)."""
-        target = int(len(self.verdicts) * min(share, 1.0))
-        if target > self.progressed:
-            self.context.advance(target - self.progressed)
-            self.progressed = target
-
-    # exact duplicates ---------------------------------------------------------------------------
+    def _keys(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            self.table.column("k0").to_numpy()[rows],
+            self.table.column("k1").to_numpy()[rows],
+        )
 
     def _exact(self) -> None:
         rows = np.nonzero(self.alive)[0]
-        keys = content_keys(self.text.gather(rows))
+        k0, k1 = self._keys(rows)
         df = pl.DataFrame(
-            {
-                "row": rows,
-                "k0": keys[:, 0],
-                "k1": keys[:, 1],
-                "rank": self.rank[rows],
-                "group": self.groups[rows],
-            }
+            {"row": rows, "k0": k0, "k1": k1, "rank": self.rank[rows], "group": self.groups[rows]}
         )
         part = ["k0", "k1"] + (["group"] if self.config.scope == "within_source" else [])
         drops = self._cluster_drops(df, part)
@@ -211,119 +254,82 @@ class DedupStage(TableStage):
             drops = drops.filter(pl.col("group") != pl.col("kept_group"))
         return drops.sort("row")
 
-    def _drop(
-        self, rows: np.ndarray, reason: str, drops: pl.DataFrame | None, columns: dict[str, np.ndarray]
-    ) -> None:
-        """Record Drop verdicts for rows; evidence from the cluster table and per-row columns."""
+    def _drop(self, rows: np.ndarray, reason: str, drops: pl.DataFrame | None, columns: dict) -> None:
+        """Drop rows; evidence from the cluster table (kept record, cluster) and per-row columns."""
         if drops is not None:
             kept = drops["kept"].to_numpy()
             columns = {
-                "duplicate_of": self.ids[kept],
-                "duplicate_of_source": self.where[kept],
+                "duplicate_of": self._ids_of(kept),
+                "duplicate_of_source": self._refs_of(kept),
                 "cluster": drops["cluster"].to_numpy(),
                 "cluster_size": drops["size"].to_numpy(),
                 **columns,
             }
-        names = list(columns)
-        values = zip(*(_plain(col) for col in columns.values()), strict=True)
-        for row, evidence in zip(rows.tolist(), values, strict=True):
-            self.verdicts[row] = Drop(reason, dict(zip(names, evidence, strict=True)))
+        self.decisions.drop_many(rows, reason, {k: _plain(v) for k, v in columns.items()})
         self.alive[rows] = False
+
+    def _ids_of(self, rows: np.ndarray) -> pa.Array:
+        return self.ids.take(pa.array(rows, pa.int64()))
+
+    def _refs_of(self, rows: np.ndarray) -> pa.Array:
+        """`path:row` of records, read for those rows only."""
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self.table.gather("ref", unique).take(pa.array(inverse, pa.int64()))
 
     # near duplicates ----------------------------------------------------------------------------
 
-    def _signatures(
-        self, text: pl.Series, mh: MinHashConfig, report: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Signatures of the texts and which of them have shingles (an empty signature matches nothing)."""
-        sigs = np.empty((text.len(), mh.num_perm), dtype=dtype_of(mh.scheme))
-        for start in range(0, text.len(), _BATCH):
-            sigs[start : start + _BATCH] = signatures(
-                text.slice(start, _BATCH), mh.num_perm, mh.ngram, mh.unit, mh.seed, mh.lowercase, mh.scheme
-            )
-            if report:
-                self._progress(0.1 + 0.8 * min(start + _BATCH, text.len()) / text.len())
-        has = ~np.all(sigs == sigs.dtype.type(empty_value(mh.scheme)), axis=1)
-        return sigs, has
-
-    def _shingle_sets(self, text: pl.Series, involved: np.ndarray, mh: MinHashConfig):
-        """Shingle sets (offsets, sorted hashes) of every text, computed only for the `involved` rows."""
-        offsets, hashes = shingle_hash_sets(text.gather(involved), mh.ngram, mh.unit, mh.lowercase)
-        sizes = np.zeros(text.len(), dtype=np.int64)
-        sizes[involved] = np.diff(offsets)  # involved rows ascend, so their hashes stay in row order
-        full = np.zeros(text.len() + 1, dtype=np.int64)
-        np.cumsum(sizes, out=full[1:])
-        return full, hashes
-
-    def _candidates(self, sigs, text, groups, scope: int, mh: MinHashConfig):
-        """LSH candidate pairs (each bucket's members with its first row) that pass `verify`."""
-        bands, band_rows = mh.band_shape()
-        left, right = lsh.candidate_pairs(sigs, bands, band_rows, groups, scope)
-        est = lsh.pair_jaccard_estimates(sigs, left, right)
-        exact = None
-        if mh.verify == "estimate":
-            ok = est >= mh.threshold
-        elif mh.verify == "exact":
-            offsets, hashes = self._shingle_sets(text, np.union1d(left, right), mh)
-            exact = lsh.pair_jaccard_exact(offsets, hashes, left, right)
-            ok = exact >= mh.threshold
-        else:
-            ok = np.ones(left.size, dtype=bool)
-        return left[ok], right[ok], est[ok], None if exact is None else exact[ok]
-
     def _near(self, mh: MinHashConfig) -> None:
         rows = np.nonzero(self.alive)[0]
-        text = self.text if rows.size == self.text.len() else self.text.gather(rows)
-        sigs, has = self._signatures(text, mh, report=True)
-        if not has.all():
-            rows, sigs = rows[has], sigs[has]
-            text = text.filter(pl.Series(has))
-        groups = self.groups[rows]
+        rows = rows[self.table.column("signed").to_numpy()[rows]]  # an empty signature matches nothing
         bands, band_rows = mh.band_shape()
         scope = _SCOPES[self.config.scope]
-        sets = None
-        if mh.verify == "exact":
-            involved = np.union1d(*lsh.candidate_pairs(sigs, bands, band_rows, groups, scope))
-            sets = self._shingle_sets(text, involved, mh)
+        hashes = _matrix(self.table.gather("bands", rows), np.uint64)
+        buckets = lsh.Buckets.of(hashes, self.groups[rows], scope)
+        del hashes
+        shared = np.flatnonzero(buckets.shared())
+        sigs = self._signatures(rows, shared, mh)
+        sets = self._shingle_sets(rows, shared, mh) if mh.verify == "exact" else None
         threshold = None if mh.verify == "none" else mh.threshold
-        roots = lsh.lsh_clusters(sigs, bands, band_rows, threshold, groups, scope, sets)
+        roots = lsh.lsh_clusters(sigs, bands, band_rows, threshold, scope=scope, sets=sets, buckets=buckets)
         df = pl.DataFrame(
-            {"row": np.arange(rows.size), "root": roots, "rank": self.rank[rows], "group": groups}
+            {"row": np.arange(rows.size), "root": roots, "rank": self.rank[rows], "group": self.groups[rows]}
         )
         drops = self._cluster_drops(df, ["root"])
         a, b = drops["row"].to_numpy(), drops["kept"].to_numpy()
-        columns: dict[str, np.ndarray] = {"jaccard": jaccard_estimate(sigs[a], sigs[b])}
+        columns: dict[str, np.ndarray] = {"jaccard": jaccard_estimate(sigs.rows(a), sigs.rows(b))}
         if sets is not None:
             columns["jaccard_exact"] = lsh.pair_jaccard_exact(*sets, a, b)
         columns["threshold"] = np.full(a.size, mh.threshold)
         self._drop(rows[a], "near_duplicate", drops.with_columns(kept=pl.Series(rows[b])), columns)
 
-    # reference version --------------------------------------------------------------------------
+    def _signatures(self, rows: np.ndarray, shared: np.ndarray, mh: MinHashConfig) -> lsh.Signatures:
+        """The signatures of the records (by position in `rows`) that share a bucket."""
+        slot = np.full(rows.size, -1, np.int64)
+        slot[shared] = np.arange(shared.size)
+        values = _matrix(self.table.gather("signature", rows[shared]), dtype_of(mh.scheme))
+        return lsh.Signatures(values.reshape(shared.size, mh.num_perm), slot)
 
-    def cache_token(self) -> str:
-        return files_token([self._reference_file()]) if self.config.reference is not None else ""
+    def _shingle_sets(self, rows: np.ndarray, involved: np.ndarray, mh: MinHashConfig):
+        """Shingle sets (offsets, sorted hashes) of the texts at positions `involved` of `rows`."""
+        text = conversation_text(
+            pl.from_arrow(self.table.records(rows[involved], ["messages"])), self.config.key
+        )
+        return _sets_for(text, involved, rows.size, mh)
+
+    # reference version --------------------------------------------------------------------------
 
     def _reference_texts(self) -> tuple[pl.Series, np.ndarray, np.ndarray]:
         """Texts, ids and `path:row` of the reference version's records (empty texts left out)."""
         ref = pl.read_parquet(self._reference_file(), columns=["id", "messages", "source"])
         text = conversation_text(ref, self.config.key)
         present = text.str.contains(r"\S").fill_null(False).to_numpy()
-        return text.filter(present), ref["id"].to_numpy()[present], _source_refs(ref)[present]
-
-    def _reference_file(self) -> Path:
-        path = Path(self.config.reference)
-        if not path.is_absolute():
-            path = self.context.base_dir / path
-        candidates = (
-            [path] if path.suffix == ".parquet" else [path / "data.parquet", path / "latest" / "data.parquet"]
-        )
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise CurateError(
-                f"dedup.reference: no dataset version at {path}",
-                hint="give a version folder (with data.parquet), an output dir (with latest/) or a .parquet",
+        source = pl.col("source")
+        where = ref.select(
+            pl.format(
+                "{}:{}", source.struct.field("path").fill_null(""), source.struct.field("row").fill_null(-1)
             )
-        return found
+        ).to_series()
+        return text.filter(present), ref["id"].to_numpy()[present], where.to_numpy()[present]
 
     def _against_reference(self) -> None:
         """Drop records that repeat a reference record; each names its closest reference match."""
@@ -331,9 +337,9 @@ class DedupStage(TableStage):
         ref_text, ref_ids, ref_where = self._reference_texts()
         if cfg.exact:
             rows = np.nonzero(self.alive)[0]
-            keys = content_keys(self.text.gather(rows))
+            k0, k1 = self._keys(rows)
             ref_keys = content_keys(ref_text)
-            ours = pl.DataFrame({"row": rows, "k0": keys[:, 0], "k1": keys[:, 1]})
+            ours = pl.DataFrame({"row": rows, "k0": k0, "k1": k1})
             theirs = pl.DataFrame(
                 {"ref": np.arange(ref_keys.shape[0]), "k0": ref_keys[:, 0], "k1": ref_keys[:, 1]}
             )
@@ -350,13 +356,41 @@ class DedupStage(TableStage):
             return
         mh = cfg.minhash
         rows = np.nonzero(self.alive)[0]
-        n_ref = ref_text.len()
-        text = pl.concat([ref_text, self.text.gather(rows)])
-        sigs, has = self._signatures(text, mh)
-        keep = np.nonzero(has)[0]
-        text, sigs = text.gather(keep), sigs[keep]
-        groups = (keep >= n_ref).astype(np.int64)
-        left, right, est, exact = self._candidates(sigs, text, groups, lsh.SCOPE_ACROSS, mh)
+        rows = rows[self.table.column("signed").to_numpy()[rows]]
+        ref_sigs = _sign(ref_text, mh)
+        signed = ~np.all(ref_sigs == ref_sigs.dtype.type(empty_value(mh.scheme)), axis=1)
+        keep = np.flatnonzero(signed)  # reference rows with a signature
+        ours = _matrix(self.table.gather("signature", rows), dtype_of(mh.scheme)).reshape(
+            rows.size, mh.num_perm
+        )
+        sigs = np.concatenate([ref_sigs[keep], ours])
+        n_ref = keep.size
+        groups = (np.arange(sigs.shape[0]) >= n_ref).astype(np.int64)
+        bands, band_rows = mh.band_shape()
+        left, right = lsh.candidate_pairs(sigs, bands, band_rows, groups, lsh.SCOPE_ACROSS)
+        est = lsh.pair_jaccard_estimates(sigs, left, right)
+        exact = None
+        if mh.verify == "estimate":
+            ok = est >= mh.threshold
+        elif mh.verify == "exact":
+            involved = np.union1d(left, right)
+            texts = pl.concat(
+                [
+                    ref_text.gather(keep[involved[involved < n_ref]]),
+                    conversation_text(
+                        pl.from_arrow(
+                            self.table.records(rows[involved[involved >= n_ref] - n_ref], ["messages"])
+                        ),
+                        cfg.key,
+                    ),
+                ]
+            )
+            exact = lsh.pair_jaccard_exact(*_sets_for(texts, involved, sigs.shape[0], mh), left, right)
+            ok = exact >= mh.threshold
+        else:
+            ok = np.ones(left.size, dtype=bool)
+        left, right, est = left[ok], right[ok], est[ok]
+        exact = None if exact is None else exact[ok]
         # reference texts come first, so in each pair (left > right) right is the reference record;
         # each record names its most similar reference match (lowest reference row on ties)
         score = exact if exact is not None else est
@@ -373,54 +407,84 @@ class DedupStage(TableStage):
         if exact is not None:
             columns["jaccard_exact"] = exact[best]
         columns["threshold"] = np.full(best.size, mh.threshold)
-        self._drop(rows[keep[left[best]] - n_ref], "near_duplicate", None, columns)
+        self._drop(rows[left[best] - n_ref], "near_duplicate", None, columns)
 
 
-def _plain(values: np.ndarray) -> list:
-    """Evidence values as plain Python (JSON-ready); similarities rounded to 4 places."""
+def _sign(text: pl.Series, mh: MinHashConfig) -> np.ndarray:
+    return signatures(text, mh.num_perm, mh.ngram, mh.unit, mh.seed, mh.lowercase, mh.scheme)
+
+
+def _sets_for(text: pl.Series, involved: np.ndarray, n: int, mh: MinHashConfig):
+    """Shingle sets (offsets over n rows, sorted hashes) with the sets of `text` at rows `involved`
+    (ascending) and empty sets elsewhere."""
+    offsets, hashes = shingle_hash_sets(text, mh.ngram, mh.unit, mh.lowercase)
+    sizes = np.zeros(n, dtype=np.int64)
+    sizes[involved] = np.diff(offsets)
+    full = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=full[1:])
+    return full, hashes
+
+
+def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A 2-D array as a column of fixed-size lists (one row per record)."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _matrix(column: pa.Array, dtype) -> np.ndarray:
+    """A column of fixed-size lists back as a 2-D array."""
+    width = column.type.list_size
+    return column.flatten().to_numpy().astype(dtype, copy=False).reshape(len(column), width)
+
+
+def _reference_file(base_dir: Path, reference: str) -> Path:
+    """The data.parquet a `reference` names (a version folder, an output dir, or a parquet file)."""
+    path = Path(reference)
+    if not path.is_absolute():
+        path = base_dir / path
+    candidates = (
+        [path] if path.suffix == ".parquet" else [path / "data.parquet", path / "latest" / "data.parquet"]
+    )
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise CurateError(
+            f"dedup.reference: no dataset version at {path}",
+            hint="give a version folder (with data.parquet), an output dir (with latest/) or a .parquet",
+        )
+    return found
+
+
+def _plain(values) -> np.ndarray | pa.Array:
+    """Evidence values ready for JSON: similarities rounded to 4 places, text as text."""
+    if isinstance(values, pa.Array):
+        return values
     values = np.asarray(values)
     if values.dtype.kind == "f":
-        return np.round(values, 4).tolist()
-    return [str(v) for v in values] if values.dtype.kind in "OU" else values.tolist()
+        return np.round(values, 4)
+    return np.array([str(v) for v in values], dtype=object) if values.dtype.kind in "OU" else values
 
 
-def _keep_rank(table: pl.DataFrame, keep: str, score_column: str | None) -> np.ndarray:
-    """Each row's place in the keep order (0 stays first); input order breaks ties."""
-    n = table.height
-    order_row = np.arange(n)
-    if keep == "first":
-        return order_row
+def _keep_value(table: pl.DataFrame, keep: str, score_column: str | None) -> np.ndarray:
+    """Per record, what `keep` ranks by (lower stays): minus the answer's length, or minus its score
+    (records without a score lose to any scored one)."""
     if keep == "longest":
-        primary = -conversation_text(table, "assistant").str.len_chars().to_numpy().astype(np.float64)
-    else:
-        scores = []
-        for raw in table["meta"].to_list():
-            value = json.loads(raw).get(score_column) if raw else None
-            scores.append(
-                float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
-            )
-        primary = -np.array(scores, dtype=np.float64)
-        primary[np.isnan(primary)] = np.inf  # records without a score lose to any scored one
+        return -conversation_text(table, "assistant").str.len_chars().to_numpy().astype(np.float64)
+    scores = []
+    for raw in table["meta"].to_list():
+        value = json.loads(raw).get(score_column) if raw else None
+        scores.append(
+            float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+        )
+    primary = -np.array(scores, dtype=np.float64)
+    primary[np.isnan(primary)] = np.inf
+    return primary
+
+
+def _keep_rank(primary: np.ndarray | None, n: int) -> np.ndarray:
+    """Each row's place in the keep order (0 stays first); input order breaks ties."""
+    order_row = np.arange(n)
+    if primary is None:
+        return order_row
     order = np.lexsort((order_row, primary))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = order_row
     return rank
-
-
-def _source_refs(table: pl.DataFrame) -> np.ndarray:
-    """Each record's `path:row`, to point at the kept copy even when both share a content id."""
-    if "source" not in table.columns:
-        return np.full(table.height, "", dtype=object)
-    src = pl.col("source")
-    ref = pl.format("{}:{}", src.struct.field("path").fill_null(""), src.struct.field("row").fill_null(-1))
-    return table.select(ref).to_series().to_numpy()
-
-
-def _source_groups(table: pl.DataFrame) -> np.ndarray:
-    """A small integer per source name (its path when unnamed), for the scope rules."""
-    if "source" not in table.columns:
-        return np.zeros(table.height, dtype=np.int64)
-    name = (
-        pl.col("source").struct.field("name").fill_null(pl.col("source").struct.field("path")).fill_null("")
-    )
-    return table.select(name.rank("dense")).to_series().to_numpy().astype(np.int64)

@@ -11,18 +11,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.edits import EDITS_SCHEMA
-from curate.records import message_fields, meta_of
-from curate.stages.base import (
-    Drop,
-    RowsResult,
-    RowStage,
-    Verdict,
-    evidence_json,
-    option,
-    register,
-    without_drops,
-)
+from curate.records import message_fields
+from curate.stages.base import Decisions, Drop, Stage, option, register
 from curate.text.clean import blank_column
 
 # Boilerplate that marks a refusal or a model talking about itself rather than answering.
@@ -89,68 +79,72 @@ class FilterConfig:
 
 
 @register
-class FilterStage(RowStage):
+class FilterStage(Stage):
     """Drop records that no curation should keep: empty turns, no answer, out-of-bounds length, refusals."""
 
     name = "filter"
     Config = FilterConfig
 
+    def reads(self) -> list:
+        folder = self.context.base_dir / self.config.tokenizer if self.config.tokenizer else None
+        return [folder] if folder is not None and folder.is_dir() and self._token_bounds() else []
+
+    def _token_bounds(self) -> bool:
+        return bool(self.config.min_tokens or self.config.max_tokens is not None)
+
     def setup(self) -> None:
         cfg = self.config
         self._refusal = "(?i)(" + "|".join(f"(?:{p})" for p in cfg.refusal_patterns) + ")"
-        self._count_tokens = _word_count
-        if cfg.tokenizer and (cfg.min_tokens or cfg.max_tokens is not None):
-            self._count_tokens = _hf_token_counter(cfg.tokenizer, self.context.base_dir)
+        self._count_tokens = None
+        if self._token_bounds():
+            self._count_tokens = _word_counter
+            if cfg.tokenizer:
+                self._count_tokens = _hf_token_counter(cfg.tokenizer, self.context.base_dir)
 
-    def on_columns(self) -> bool:
-        return not (self.config.min_tokens or self.config.max_tokens is not None)
-
-    def process_table(self, table: pa.Table) -> RowsResult:
-        """`process` on every row, screened on whole columns: only records that fail a check are
-        looked at one by one (to report the first failure, in `_judge`'s order, with its evidence).
-
-        Token bounds count tokens in Python (or with a tokenizer), so they take the row path.
-        """
+    def process(self, table: pa.Table) -> Decisions:
+        """The cheap checks on whole columns; the records that fail one are judged one by one, to
+        report the first failure in `_verdict`'s order, with its evidence."""
         cfg = self.config
-        if not self.on_columns() or table.num_rows == 0:
-            return super().process_table(table)
+        decisions = Decisions(table.num_rows)
+        if table.num_rows == 0:
+            return decisions
         t = _TurnFacts.of(table["messages"])
         suspects = ~t.has_assistant | (t.last_role != "assistant") | (t.text_chars < cfg.min_chars)
         if cfg.max_chars is not None:
             suspects |= t.text_chars > cfg.max_chars
+        tokens = self._count_tokens(t.texts()) if self._count_tokens is not None else None
+        if tokens is not None:
+            suspects |= tokens < cfg.min_tokens
+            if cfg.max_tokens is not None:
+                suspects |= tokens > cfg.max_tokens
         empty = _first_per_record(t, t.speaks & t.empty & ~t.tool_call) if cfg.drop_empty_turns else {}
         short_turn = (t.is_assistant & ~t.tool_call & (t.chars < cfg.min_assistant_chars)) | (
             t.is_user & (t.chars < cfg.min_user_chars)
         )
         short = _first_per_record(t, short_turn)
-        refusals = self._column_refusals(t) if cfg.drop_refusals else {}
+        refusals = self._refusals(t) if cfg.drop_refusals else {}
         flagged = set(np.flatnonzero(suspects).tolist()) | set(empty) | set(short) | set(refusals)
-        drops = []
         meta = table["meta"].combine_chunks()
         for i in sorted(flagged):
-            verdict = self._decide(i, t, empty.get(i), short.get(i), refusals.get(i), meta[i].as_py())
-            if isinstance(verdict, Drop):
-                drops.append((i, verdict.reason, evidence_json(verdict.evidence)))
-        return RowsResult(without_drops(table, drops), drops, EDITS_SCHEMA.empty_table())
+            verdict = self._verdict(
+                t.roles_of(i),
+                empty.get(i),
+                lambda i=i: bool(meta[i].as_py()) and json.loads(meta[i].as_py()).get("needs_response"),
+                None if i not in short else (short[i], t.chars_of(i, short[i])),
+                int(t.text_chars[i]),
+                None if tokens is None else int(tokens[i]),
+                refusals.get(i),
+            )
+            if verdict is not None:
+                decisions.drop(i, verdict.reason, verdict.evidence)
+        return decisions
 
-    def _decide(self, i: int, t: _TurnFacts, empty, short, refusal, meta: str | None) -> Verdict:
-        """`_verdict` for one record, from the column facts."""
-        return self._verdict(
-            t.roles_of(i),
-            empty,
-            lambda: bool(meta) and json.loads(meta).get("needs_response"),
-            None if short is None else (short, t.chars_of(i, short)),
-            int(t.text_chars[i]),
-            None,  # token bounds take the row path
-            refusal,
-        )
-
-    def _verdict(self, roles, empty, needs_response, short, chars, count_tokens, refusal) -> Verdict:
+    def _verdict(self, roles, empty, needs_response, short, chars, tokens, refusal) -> Drop | None:
         """The checks in their order, on one record's facts; the first that fails is the verdict.
 
         roles: of the non-system turns; empty: the first empty user/assistant turn, or None;
         needs_response: () -> whether meta marks a prompt-only record; short: (turn, chars) of the
-        first too-short turn, or None; chars: of the conversation; count_tokens: () -> tokens, or
+        first too-short turn, or None; chars: of the conversation; tokens: of the conversation, or
         None without token bounds; refusal: (turn, match), or None.
         """
         cfg = self.config
@@ -172,8 +166,7 @@ class FilterStage(RowStage):
             return Drop("too_short", {"chars": chars, "min": cfg.min_chars})
         if cfg.max_chars is not None and chars > cfg.max_chars:
             return Drop("too_long", {"chars": chars, "max": cfg.max_chars})
-        if count_tokens is not None:
-            tokens = count_tokens()
+        if tokens is not None:
             if tokens < cfg.min_tokens:
                 return Drop("too_few_tokens", {"tokens": tokens, "min": cfg.min_tokens})
             if cfg.max_tokens is not None and tokens > cfg.max_tokens:
@@ -182,8 +175,12 @@ class FilterStage(RowStage):
             return Drop("refusal", {"turn": refusal[0], "match": refusal[1]})
         return None
 
-    def _column_refusals(self, t: _TurnFacts) -> dict[int, tuple[int, str]]:
-        """First refusal match per record, as `_refusals` finds them, on the turns column."""
+    def _refusals(self, t: _TurnFacts) -> dict[int, tuple[int, str]]:
+        """First refusal match per record as {record: (turn, matched text)}.
+
+        Matching runs in polars' regex engine over all assistant turns at once: Python's `re` over
+        every assistant turn of a large set costs more than all the other checks together.
+        """
         candidates = np.flatnonzero(t.is_assistant & (t.chars > 0))
         texts = pl.Series(t.content.take(pa.array(t.turn[candidates])))
         matches = texts.str.extract(self._refusal, 1)
@@ -195,74 +192,10 @@ class FilterStage(RowStage):
                 found[record] = (int(t.position[candidates[k]]), match)
         return found
 
-    def process_batch(self, records: list[dict]) -> list[Verdict]:
-        refusals = self._refusals(records) if self.config.drop_refusals else {}
-        return [self._judge(r, refusals.get(i)) for i, r in enumerate(records)]
 
-    def process(self, record: dict) -> Verdict:
-        return self.process_batch([record])[0]
-
-    def _refusals(self, records: list[dict]) -> dict[int, tuple[int, str]]:
-        """First refusal match per record as {record index: (turn, matched text)}.
-
-        Matching runs once per batch in polars' regex engine: Python's `re` over every assistant
-        turn of a large set costs more than all the other checks together.
-        """
-        where, texts = [], []
-        for i, r in enumerate(records):
-            turns = [m for m in r["messages"] if m["role"] != "system"]
-            for t, m in enumerate(turns):
-                if m["role"] == "assistant" and m["content"]:
-                    where.append((i, t))
-                    texts.append(m["content"])
-        found: dict[int, tuple[int, str]] = {}
-        matches = pl.Series(texts, dtype=pl.String).str.extract(self._refusal, 1).to_list()
-        for (i, t), match in zip(where, matches, strict=True):
-            if match is not None and i not in found:
-                found[i] = (t, match)
-        return found
-
-    def _judge(self, record: dict, refusal: tuple[int, str] | None) -> Verdict:
-        """`_verdict` for one record dict."""
-        cfg = self.config
-        turns = [m for m in record["messages"] if m["role"] != "system"]
-        empty = next(
-            (
-                i
-                for i, m in enumerate(turns)
-                if m["role"] in ("user", "assistant")
-                and not (m["content"] or "").strip()
-                and not m.get("tool_calls")
-            ),
-            None,
-        )
-        short = next(
-            (
-                (i, len(m["content"] or ""))
-                for i, m in enumerate(turns)
-                if (
-                    m["role"] == "assistant"
-                    and not m.get("tool_calls")
-                    and len(m["content"] or "") < cfg.min_assistant_chars
-                )
-                or (m["role"] == "user" and len(m["content"] or "") < cfg.min_user_chars)
-            ),
-            None,
-        )
-        text = "\n".join(m["content"] or "" for m in turns)
-        return self._verdict(
-            [m["role"] for m in turns],
-            empty if cfg.drop_empty_turns else None,
-            lambda: meta_of(record).get("needs_response"),
-            short,
-            len(text),
-            (lambda: self._count_tokens(text)) if cfg.min_tokens or cfg.max_tokens is not None else None,
-            refusal,
-        )
-
-
-def _word_count(text: str) -> int:
-    return len(_WORDISH.findall(text))
+def _word_counter(texts: list[str]) -> np.ndarray:
+    """Tokens as words and punctuation marks: a close, tokenizer-free estimate."""
+    return np.array([len(_WORDISH.findall(text)) for text in texts], np.int64)
 
 
 def _hf_token_counter(path: str, base_dir):
@@ -283,7 +216,11 @@ def _hf_token_counter(path: str, base_dir):
         raise CurateError(
             f"filter.tokenizer: cannot load {path!r}: {exc}", hint="give a local tokenizer folder"
         ) from None
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def count(texts: list[str]) -> np.ndarray:
+        return np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]], np.int64)
+
+    return count
 
 
 @dataclass
@@ -349,6 +286,14 @@ class _TurnFacts:
     @property
     def speaks(self) -> np.ndarray:
         return self.is_assistant | self.is_user
+
+    def texts(self) -> list[str]:
+        """Per record: its non-system turns joined by newlines (what token bounds count)."""
+        text = pc.fill_null(self.content.take(pa.array(self.turn)), "").to_pylist()
+        return [
+            "\n".join(text[a:b])
+            for a, b in zip(self.starts[:-1].tolist(), self.starts[1:].tolist(), strict=True)
+        ]
 
     def roles_of(self, record: int) -> list[str]:
         return self.role[self.starts[record] : self.starts[record + 1]].tolist()

@@ -1,4 +1,10 @@
-"""normalize: one chat format for the whole set (system prompt, Unicode, whitespace, roles, turn merging)."""
+"""normalize: one chat format for the whole set (system prompt, Unicode, whitespace, roles, turn merging).
+
+All of it works on whole columns: the turns of a batch are taken apart into one array per message
+field, cleaned by the compiled kernel (curate.text.clean), merged and given the system prompt with
+numpy index arithmetic, and put back together as the new messages column. Records keep their ids:
+the content id is computed on text cleaned the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.edits import EDITS_SCHEMA
 from curate.errors import CurateError
 from curate.records import MESSAGE_TYPE, ROLES, message, message_fields
-from curate.stages.base import (
-    Drop,
-    RowsResult,
-    RowStage,
-    Verdict,
-    evidence_json,
-    option,
-    register,
-    without_drops,
-)
+from curate.stages.base import Decisions, Stage, option, register
 from curate.text.clean import clean_column, clean_text
 
 
@@ -68,98 +63,64 @@ class NormalizeConfig:
 
 
 @register
-class NormalizeStage(RowStage):
+class NormalizeStage(Stage):
     """Give every record the same chat format: roles, Unicode, whitespace, system prompt, merged turns."""
 
     name = "normalize"
     Config = NormalizeConfig
+
+    def reads(self) -> list:
+        folder = self._template_folder()
+        return [folder] if folder is not None else []
+
+    def _template_folder(self):
+        from curate.templates import TEMPLATE_NAMES
+
+        if self.config.template in TEMPLATE_NAMES:
+            return None
+        folder = self.context.base_dir / self.config.template
+        return folder if folder.is_dir() else None
 
     def setup(self) -> None:
         from curate.templates import TEMPLATE_NAMES, render
 
         cfg = self.config
         self._aliases = {k.lower(): v for k, v in cfg.role_aliases.items()}
-        self._system = None if cfg.system_prompt is None else message("system", self.clean(cfg.system_prompt))
+        self._system = None
+        if cfg.system_prompt is not None:
+            text = clean_text(
+                cfg.system_prompt, cfg.unicode_form, cfg.strip_control_chars, cfg.strip_whitespace
+            )
+            self._system = message("system", text)
         # Named templates render any non-empty conversation of canonical roles, so only a tokenizer's
         # own template (which may reject role orders) is tried on every record.
         self._tokenizer_template = None
         if cfg.template not in TEMPLATE_NAMES:
-            folder = self.context.base_dir / cfg.template
-            self._tokenizer_template = str(folder) if folder.is_dir() else cfg.template
+            folder = self._template_folder()
+            self._tokenizer_template = str(folder) if folder is not None else cfg.template
             render([message("user", "hi")], self._tokenizer_template)  # a bad tokenizer fails here, once
 
-    def clean(self, text: str) -> str:
-        cfg = self.config
-        return clean_text(text, cfg.unicode_form, cfg.strip_control_chars, cfg.strip_whitespace)
-
-    def process(self, record: dict) -> Verdict:
-        cfg = self.config
-        turns = []
-        changed = False
-        for m in record["messages"]:
-            role = m["role"] if m["role"] in ROLES else self._aliases.get(m["role"].lower())
-            if role is None:
-                return Drop("unknown_role", {"role": m["role"], "hint": "map it with normalize.role_aliases"})
-            content = m["content"] or ""
-            cleaned = self.clean(content)
-            if role == m["role"] and cleaned is content:
-                turns.append(m)  # clean_text hands back the same object when there is nothing to do
-            else:
-                turns.append({**m, "role": role, "content": cleaned})
-                changed = True
-        if cfg.merge_consecutive:
-            merged = _merge_consecutive(turns)
-            changed = changed or len(merged) != len(turns)
-            turns = merged
-        if self._system is not None and cfg.system_prompt_mode != "keep":
-            if cfg.system_prompt_mode == "replace" and any(t["role"] == "system" for t in turns):
-                turns = [t for t in turns if t["role"] != "system"]
-                changed = True
-            if not turns or turns[0]["role"] != "system":
-                turns = [self._system, *turns]
-                changed = True
-        problem = self._render_problem(turns)
-        if problem:
-            return Drop("unrenderable", {"template": cfg.template, "problem": problem})
-        return {**record, "messages": turns} if changed else None
-
-    def on_columns(self) -> bool:
-        from curate.templates import TEMPLATE_NAMES
-
-        return self.config.template in TEMPLATE_NAMES  # a tokenizer's template renders each record
-
-    def process_table(self, table: pa.Table) -> RowsResult:
-        """`process` on every row, done on whole columns: the same rows, drops and edits, without dicts.
-
-        A tokenizer's own template is tried on each record in Python, so that case takes the row path.
-        """
-        if not self.on_columns() or table.num_rows == 0:
-            return super().process_table(table)
+    def process(self, table: pa.Table) -> Decisions:
+        decisions = Decisions(table.num_rows)
+        if table.num_rows == 0:
+            return decisions
         cfg = self.config
         old = _Turns.of(table["messages"])
         role, unknown = self._canonical_roles(old.role)
-        content, content_changed = clean_column(
+        content, _ = clean_column(
             old.content, cfg.unicode_form, cfg.strip_control_chars, cfg.strip_whitespace
         )
-        role_changed = _ne(role, old.role)
-        # a null content stays null unless its turn is rewritten anyway (as `process` does)
-        content = pc.if_else(pc.and_(role_changed, pc.is_null(content)), "", content)
+        # a null content stays null unless its turn is rewritten anyway (its role was mapped)
+        content = pc.if_else(pc.and_(_ne(role, old.role), pc.is_null(content)), "", content)
         new = _Turns(old.offsets, role, content, old.tool_calls, old.name)
-        turn_changed = role_changed | content_changed
         if cfg.merge_consecutive:
             new = _merged(new)
         if self._system is not None and cfg.system_prompt_mode != "keep":
             new = self._with_system(new)
-        drops = self._drops(table, old, unknown, new)
-        old_counts, new_counts = np.diff(old.offsets), np.diff(new.offsets)
-        changed = np.bincount(old.record, weights=turn_changed, minlength=table.num_rows) > 0
-        changed |= old_counts != new_counts
-        system_differs = _system_texts_differ(old, new)
-        changed |= system_differs
-        edits = self._edits(table, old, new, turn_changed, system_differs, changed, {i for i, _, _ in drops})
-        column = table.schema.get_field_index("messages")
-        kept = table.set_column(column, table.schema.field(column), new.array())
-        return RowsResult(without_drops(kept, drops), drops, edits)
+        messages = new.array()
+        self._drop(decisions, old, unknown, new, messages)
+        decisions.replace("messages", messages)
+        return decisions
 
     def _canonical_roles(self, role: pa.Array) -> tuple[pa.Array, np.ndarray]:
         """Roles with aliases mapped, and which turns have a role nothing maps."""
@@ -193,7 +154,6 @@ class NormalizeStage(RowStage):
         within = np.arange(len(turn_record)) - starts[turn_record]
         order[offsets[turn_record] + add[turn_record] + within] = np.arange(len(turn_record))
         take = pa.array(order)
-        sys_msg = self._system
 
         def extended(values: pa.Array, value: str | None) -> pa.Array:
             return pa.concat_arrays([values, pa.array([value], pa.string())]).take(take)
@@ -201,110 +161,48 @@ class NormalizeStage(RowStage):
         return _Turns(
             offsets,
             extended(turns.role, "system"),
-            extended(turns.content, sys_msg["content"]),
+            extended(turns.content, self._system["content"]),
             extended(turns.tool_calls, None),
             extended(turns.name, None),
         )
 
-    def _drops(self, table: pa.Table, old: _Turns, unknown: np.ndarray, new: _Turns) -> list[tuple]:
-        drops = {}
+    def _drop(self, decisions: Decisions, old: _Turns, unknown: np.ndarray, new: _Turns, messages) -> None:
+        """unknown_role for a role nothing maps (the record's first); unrenderable for what the
+        template cannot render: an empty conversation, or what a tokenizer's template refuses."""
+        dropped = set()
         if unknown.any():
             roles = old.role.to_numpy(zero_copy_only=False)
             for turn in np.flatnonzero(unknown).tolist():
                 record = int(old.record[turn])
-                if record not in drops:  # the first unknown role of a record is the one reported
-                    evidence = {"role": roles[turn], "hint": "map it with normalize.role_aliases"}
-                    drops[record] = (record, "unknown_role", evidence_json(evidence))
+                if record not in dropped:
+                    dropped.add(record)
+                    decisions.drop(
+                        record,
+                        "unknown_role",
+                        {"role": roles[turn], "hint": "map it with normalize.role_aliases"},
+                    )
+        template = self.config.template
         for record in np.flatnonzero(np.diff(new.offsets) == 0).tolist():
-            if record not in drops:
-                evidence = {"template": self.config.template, "problem": "empty conversation"}
-                drops[record] = (record, "unrenderable", evidence_json(evidence))
-        return [drops[r] for r in sorted(drops)]
-
-    def _edits(
-        self, table: pa.Table, old: _Turns, new: _Turns, turn_changed, system_differs, changed, dropped
-    ) -> pa.Table:
-        """What `describe_change` says of each rewritten record, from counts instead of dicts."""
-        n = table.num_rows
-        old_system, new_system = old.role_is("system"), new.role_is("system")
-        new_sys = np.bincount(new.record, weights=new_system, minlength=n)
-        old_turns = np.diff(old.offsets) - np.bincount(old.record, weights=old_system, minlength=n)
-        new_turns = np.diff(new.offsets) - new_sys
-        rows = changed.copy()
-        rows[list(dropped)] = False
-        source = table["source"].combine_chunks()
-        facts = pl.DataFrame(
-            {
-                "id": table["id"].combine_chunks(),
-                "path": source.field("path"),
-                "row": source.field("row"),
-                "system": system_differs,
-                "system_set": new_sys > 0,
-                "old": old_turns.astype(np.int64),
-                "new": new_turns.astype(np.int64),
-                "cleaned": np.bincount(old.record, weights=turn_changed & ~old_system, minlength=n).astype(
-                    np.int64
-                ),
-            }
-        ).filter(pl.Series(rows))
-        system = pl.when(pl.col("system")).then(
-            pl.when(pl.col("system_set"))
-            .then(pl.lit("system prompt set"))
-            .otherwise(pl.lit("system prompt removed"))
-        )
-        turns = (
-            pl.when(pl.col("old") != pl.col("new"))
-            .then(pl.format("turns {} -> {}", "old", "new"))
-            .when(pl.col("cleaned") > 0)
-            .then(
-                pl.format(
-                    "text cleaned in {} turn{}",
-                    "cleaned",
-                    pl.when(pl.col("cleaned") > 1).then(pl.lit("s")).otherwise(pl.lit("")),
+            if record not in dropped:
+                dropped.add(record)
+                decisions.drop(
+                    record, "unrenderable", {"template": template, "problem": "empty conversation"}
                 )
-            )
-        )
-        edits = facts.select(
-            "id",
-            "path",
-            "row",
-            pl.lit(self.name).alias("stage"),
-            pl.concat_str([system, turns], separator="; ", ignore_nulls=True).alias("change"),
-        ).filter(pl.col("change") != "")
-        return edits.to_arrow().cast(EDITS_SCHEMA)
-
-    def _render_problem(self, turns: list[dict]) -> str | None:
-        if not turns:
-            return "empty conversation"
         if self._tokenizer_template is None:
-            return None
+            return
         from curate.templates import render
 
-        # A conversation still waiting for its answer (prompt-only) renders as a generation prompt;
-        # whether it may stay is the filter's decision, not the template's.
-        try:
-            render(turns, self._tokenizer_template, add_generation_prompt=turns[-1]["role"] != "assistant")
-        except (ValueError, CurateError) as exc:
-            return str(exc)
-        return None
-
-
-def _merge_consecutive(turns: list[dict]) -> list[dict]:
-    merged: list[dict] = []
-    for t in turns:
-        prev = merged[-1] if merged else None
-        if (
-            prev is not None
-            and t["role"] == prev["role"]
-            and t["role"] in ("user", "assistant", "system")
-            and not prev.get("tool_calls")
-            and not t.get("tool_calls")
-        ):
-            joined = "\n\n".join(x for x in (prev["content"], t["content"]) if x)
-            merged[-1] = {**prev, "content": joined}
-        else:
-            merged.append(t)
-    return merged
+        for record, turns in enumerate(messages.to_pylist()):
+            if record in dropped:
+                continue
+            # A conversation still waiting for its answer (prompt-only) renders as a generation
+            # prompt; whether it may stay is the filter's decision, not the template's.
+            try:
+                render(
+                    turns, self._tokenizer_template, add_generation_prompt=turns[-1]["role"] != "assistant"
+                )
+            except (ValueError, CurateError) as exc:
+                decisions.drop(record, "unrenderable", {"template": template, "problem": str(exc)})
 
 
 @dataclass
@@ -376,24 +274,3 @@ def _merged(turns: _Turns) -> _Turns:
     mask[runs] = True
     content = pc.replace_with_mask(kept.content, pa.array(mask), pa.array(joined, kept.content.type))
     return _Turns(kept.offsets, kept.role, content, kept.tool_calls, kept.name)
-
-
-def _system_texts_differ(old: _Turns, new: _Turns) -> np.ndarray:
-    """Per record: whether its system turns' texts changed (describe_change's "system prompt" note)."""
-    n = len(old.offsets) - 1
-    old_sys = old.role_is("system")
-    new_sys = new.role_is("system")
-    old_count = np.bincount(old.record[old_sys], minlength=n)
-    new_count = np.bincount(new.record[new_sys], minlength=n)
-    differ = old_count != new_count
-    both = np.flatnonzero((old_count > 0) & ~differ)
-    if len(both):
-        old_texts = old.content.filter(pa.array(old_sys)).to_pylist()
-        new_texts = new.content.filter(pa.array(new_sys)).to_pylist()
-        old_start = np.concatenate([[0], np.cumsum(old_count)])
-        new_start = np.concatenate([[0], np.cumsum(new_count)])
-        for r in both.tolist():
-            a = old_texts[old_start[r] : old_start[r + 1]]
-            b = new_texts[new_start[r] : new_start[r + 1]]
-            differ[r] = a != b
-    return differ

@@ -13,8 +13,16 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-from curate.records import message_fields
-from curate.text.utf8 import as_words, copy_bytes, has_below, has_byte, packed, repeated, string_buffers
+from curate.text.utf8 import (
+    as_words,
+    copy_bytes,
+    has_below,
+    has_byte,
+    list_of_struct,
+    packed,
+    repeated,
+    string_buffers,
+)
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 # json.dumps' short escapes; other characters below 0x20 become \u00XX
@@ -117,7 +125,7 @@ def _lines(
 def chat_lines(messages: pa.Array, given: dict[int, str]) -> memoryview:
     """One JSON line per conversation of a messages column, role and content only, as
     `json.dumps({"messages": [...]}, ensure_ascii=False)` writes it; rows in `given` get that text."""
-    turns, role, content, _, _ = message_fields(messages)
+    turns, (role, content, *_) = list_of_struct(messages)
     role_data, role_off = string_buffers(role)
     content_data, content_off = string_buffers(content)
     content_null = content.is_null().to_numpy(zero_copy_only=False)

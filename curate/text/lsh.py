@@ -11,6 +11,7 @@ pair a `MinHashLSH` query returns.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -55,16 +56,16 @@ def optimal_params(
 
 
 @numba.njit(cache=True)
-def _same_band(sigs, i, j, lo, hi):
+def _same_band(sigs, slot, i, j, lo, hi):
     for q in range(lo, hi):
-        if sigs[i, q] != sigs[j, q]:
+        if sigs[slot[i], q] != sigs[slot[j], q]:
             return False
     return True
 
 
 @numba.njit(parallel=True, cache=True)
-def _band_keys(sigs, bands, rows, groups, scope, keys):
-    """keys[k, i]: a 64-bit hash of record i's band k (and of its group, within groups)."""
+def _band_hashes(sigs, bands, rows, keys):
+    """keys[i, k]: a 64-bit hash of record i's band k."""
     n = sigs.shape[0]
     for k in numba.prange(bands):
         lo = k * rows
@@ -72,13 +73,69 @@ def _band_keys(sigs, bands, rows, groups, scope, keys):
             h = np.uint64(k + 1) * _GOLDEN
             for q in range(lo, lo + rows):
                 h = fmix64(h ^ np.uint64(sigs[i, q]))
-            if scope == SCOPE_WITHIN:
-                h = fmix64(h ^ np.uint64(groups[i]))
-            keys[k, i] = h
+            keys[i, k] = h
+
+
+@numba.njit(parallel=True, cache=True)
+def _mix_groups(keys, groups, out):
+    for k in numba.prange(keys.shape[0]):
+        for i in range(keys.shape[1]):
+            out[k, i] = fmix64(keys[k, i] ^ np.uint64(groups[i]))
+
+
+def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint64: one hash per LSH band of each signature. Computed batch by batch, so the
+    LSH step needs only these (8 bytes a band) and the signatures of records that share a bucket."""
+    if bands * rows > sigs.shape[1]:
+        raise ValueError(f"{bands} bands of {rows} rows need {bands * rows} values, not {sigs.shape[1]}")
+    keys = np.empty((sigs.shape[0], bands), dtype=np.uint64)
+    if sigs.shape[0]:
+        _band_hashes(sigs, bands, rows, keys)
+    return keys
+
+
+@dataclass
+class Buckets:
+    """The LSH buckets of n records: band keys (bands, n), each band's rows in key order (so each
+    bucket is a run), and the records' groups (for the scope rules)."""
+
+    keys: np.ndarray
+    orders: np.ndarray
+    groups: np.ndarray
+
+    @classmethod
+    def of(cls, hashes: np.ndarray, groups: np.ndarray | None = None, scope: int = SCOPE_ALL) -> Buckets:
+        """Buckets from `band_hashes` (n, bands); within groups, a group's records share buckets only."""
+        n = hashes.shape[0]
+        groups = (
+            np.zeros(n, dtype=np.int64) if groups is None else np.ascontiguousarray(groups, dtype=np.int64)
+        )
+        keys = np.ascontiguousarray(hashes.T)
+        if scope == SCOPE_WITHIN and n:
+            mixed = np.empty_like(keys)
+            _mix_groups(keys, groups, mixed)
+            keys = mixed
+        # polars sorts the bands on all cores, several times faster than numpy or numba here
+        orders = np.empty(keys.shape, dtype=np.int64)
+        for k in range(keys.shape[0]):
+            orders[k] = pl.Series(keys[k]).arg_sort().to_numpy()
+        return cls(keys, orders, groups)
+
+    def shared(self) -> np.ndarray:
+        """Which records share a bucket (an equal band key) with another: only their signatures
+        are ever compared."""
+        n = self.keys.shape[1]
+        out = np.zeros(n, dtype=np.bool_)
+        for k in range(self.keys.shape[0]):
+            ordered = self.keys[k][self.orders[k]]
+            same = ordered[1:] == ordered[:-1]
+            out[self.orders[k][1:][same]] = True
+            out[self.orders[k][:-1][same]] = True
+        return out
 
 
 @numba.njit(cache=True)
-def _bucket(keys, order, start, sigs, lo, hi):
+def _bucket(keys, order, start, sigs, slot, lo, hi):
     """The members of the bucket starting at `start` of a band's sort order, by row, and where it ends.
 
     Records whose band values differ from the first member's (a 64-bit hash collision) are left
@@ -93,18 +150,18 @@ def _bucket(keys, order, start, sigs, lo, hi):
     members = np.sort(order[start:end])
     same = np.ones(members.size, dtype=np.bool_)
     for j in range(1, members.size):
-        same[j] = _same_band(sigs, members[j], members[0], lo, hi)
+        same[j] = _same_band(sigs, slot, members[j], members[0], lo, hi)
     return members[same], end
 
 
 @numba.njit(cache=True)
-def _star_links(sigs, bands, rows, groups, scope, keys, orders, left, right):
+def _star_links(sigs, slot, bands, rows, groups, scope, keys, orders, left, right):
     e = 0
     for k in range(bands):
         lo = k * rows
         start = 0
         while start < orders.shape[1]:
-            members, end = _bucket(keys[k], orders[k], start, sigs, lo, lo + rows)
+            members, end = _bucket(keys[k], orders[k], start, sigs, slot, lo, lo + rows)
             start = end
             if members.size < 2:
                 continue
@@ -126,58 +183,84 @@ def _star_links(sigs, bands, rows, groups, scope, keys, orders, left, right):
     return e
 
 
-def _buckets(sigs: np.ndarray, bands: int, rows: int, groups: np.ndarray | None, scope: int):
-    """Groups, band keys (bands, n) and each band's records in key order, so buckets are runs."""
-    n = sigs.shape[0]
-    if bands * rows > sigs.shape[1]:
-        raise ValueError(f"{bands} bands of {rows} rows need {bands * rows} values, not {sigs.shape[1]}")
-    groups = np.zeros(n, dtype=np.int64) if groups is None else np.ascontiguousarray(groups, dtype=np.int64)
-    keys = np.empty((bands, n), dtype=np.uint64)
-    if n:
-        _band_keys(sigs, bands, rows, groups, scope, keys)
-    # polars sorts the bands on all cores, several times faster than numpy or numba here
-    frame = pl.DataFrame({str(k): keys[k] for k in range(bands)})
-    orders = np.ascontiguousarray(frame.select(pl.all().arg_sort()).to_numpy().T, dtype=np.int64)
-    return groups, keys, orders
+class Signatures:
+    """Signatures of the records that share a bucket, and where each record's row is (`slot`)."""
+
+    def __init__(self, values: np.ndarray, slot: np.ndarray) -> None:
+        self.values = values
+        self.slot = slot
+
+    @classmethod
+    def whole(cls, sigs: np.ndarray) -> Signatures:
+        return cls(sigs, np.arange(sigs.shape[0], dtype=np.int64))
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.values[self.slot[rows]]
+
+
+def _full(sigs: np.ndarray | Signatures) -> Signatures:
+    return sigs if isinstance(sigs, Signatures) else Signatures.whole(sigs)
 
 
 def candidate_pairs(
-    sigs: np.ndarray, bands: int, rows: int, groups: np.ndarray | None = None, scope: int = SCOPE_ALL
+    sigs: np.ndarray | Signatures,
+    bands: int,
+    rows: int,
+    groups: np.ndarray | None = None,
+    scope: int = SCOPE_ALL,
+    buckets: Buckets | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs (left, right), left > right, sorted: each bucket's members linked to its first row.
 
     Across groups, a member of the first row's group links to the bucket's first row of another
     group instead. The pairs span the same clusters as every in-bucket pair would, in linear size.
+    Without `buckets`, `sigs` holds every record's signature and the buckets are made from it.
     """
-    groups, keys, orders = _buckets(sigs, bands, rows, groups, scope)
-    left = np.empty(bands * sigs.shape[0], dtype=np.int64)
+    sigs = _full(sigs)
+    if buckets is None:
+        buckets = Buckets.of(band_hashes(sigs.values, bands, rows), groups, scope)
+    n = buckets.keys.shape[1]
+    left = np.empty(bands * n, dtype=np.int64)
     right = np.empty_like(left)
-    e = _star_links(sigs, bands, rows, groups, scope, keys, orders, left, right) if sigs.shape[0] else 0
-    n = np.int64(max(sigs.shape[0], 1))
-    pair = np.unique(np.maximum(left[:e], right[:e]) * n + np.minimum(left[:e], right[:e]))
-    return pair // n, pair % n
+    e = 0
+    if n:
+        e = _star_links(
+            sigs.values,
+            sigs.slot,
+            bands,
+            rows,
+            buckets.groups,
+            scope,
+            buckets.keys,
+            buckets.orders,
+            left,
+            right,
+        )
+    size = np.int64(max(n, 1))
+    pair = np.unique(np.maximum(left[:e], right[:e]) * size + np.minimum(left[:e], right[:e]))
+    return pair // size, pair % size
 
 
 @numba.njit(cache=True)
-def _similar(sigs, offsets, hashes, i, j, threshold):
+def _similar(sigs, slot, offsets, hashes, i, j, threshold):
     if offsets.size == 0:  # estimated Jaccard, computed as datasketch's MinHash.jaccard does
         num_perm = sigs.shape[1]
         same = 0
         for q in range(num_perm):
-            same += sigs[i, q] == sigs[j, q]
+            same += sigs[slot[i], q] == sigs[slot[j], q]
         return same / num_perm >= threshold
     return _set_jaccard(offsets, hashes, i, j) >= threshold
 
 
 @numba.njit(cache=True)
-def _checked_clusters(sigs, bands, rows, groups, scope, keys, orders, threshold, offsets, hashes):
-    n = sigs.shape[0]
+def _checked_clusters(sigs, slot, bands, rows, groups, scope, keys, orders, threshold, offsets, hashes):
+    n = keys.shape[1]
     parent = np.arange(n)
     for k in range(bands):
         lo = k * rows
         start = 0
         while start < n:
-            members, end = _bucket(keys[k], orders[k], start, sigs, lo, lo + rows)
+            members, end = _bucket(keys[k], orders[k], start, sigs, slot, lo, lo + rows)
             start = end
             for a in range(members.size):
                 for b in range(a + 1, members.size):
@@ -186,7 +269,7 @@ def _checked_clusters(sigs, bands, rows, groups, scope, keys, orders, threshold,
                         continue
                     ri, rj = _find(parent, i), _find(parent, j)
                     # a pair already joined needs no check: this keeps big buckets of near-copies cheap
-                    if ri != rj and _similar(sigs, offsets, hashes, i, j, threshold):
+                    if ri != rj and _similar(sigs, slot, offsets, hashes, i, j, threshold):
                         parent[max(ri, rj)] = min(ri, rj)
     for i in range(n):
         parent[i] = _find(parent, i)
@@ -194,13 +277,14 @@ def _checked_clusters(sigs, bands, rows, groups, scope, keys, orders, threshold,
 
 
 def lsh_clusters(
-    sigs: np.ndarray,
+    sigs: np.ndarray | Signatures,
     bands: int,
     rows: int,
     threshold: float | None = None,
     groups: np.ndarray | None = None,
     scope: int = SCOPE_ALL,
     sets: tuple[np.ndarray, np.ndarray] | None = None,
+    buckets: Buckets | None = None,
 ) -> np.ndarray:
     """Each record's cluster root (the lowest row of its cluster) under MinHash LSH.
 
@@ -208,32 +292,47 @@ def lsh_clusters(
     `MinHashLSH` query), or when their estimated Jaccard, or with `sets` (offsets, sorted hashes,
     as `shingle_hash_sets` gives) their exact Jaccard, reaches it. The clusters are the connected
     components: the same as linking every checked candidate pair of a `MinHashLSH` index.
+    Without `buckets`, `sigs` holds every record's signature and the buckets are made from it;
+    with them, `sigs` needs only the records that share a bucket (`Buckets.shared`).
     """
+    sigs = _full(sigs)
+    if buckets is None:
+        buckets = Buckets.of(band_hashes(sigs.values, bands, rows), groups, scope)
     if threshold is None:
-        left, right = candidate_pairs(sigs, bands, rows, groups, scope)
-        return clusters(sigs.shape[0], left, right)
-    groups, keys, orders = _buckets(sigs, bands, rows, groups, scope)
+        left, right = candidate_pairs(sigs, bands, rows, buckets=buckets, scope=scope)
+        return clusters(buckets.keys.shape[1], left, right)
     offsets, hashes = sets if sets is not None else (np.empty(0, np.int64), np.empty(0, np.uint64))
     return _checked_clusters(
-        sigs, bands, rows, groups, scope, keys, orders, float(threshold), offsets, hashes
+        sigs.values,
+        sigs.slot,
+        bands,
+        rows,
+        buckets.groups,
+        scope,
+        buckets.keys,
+        buckets.orders,
+        float(threshold),
+        offsets,
+        hashes,
     )
 
 
 @numba.njit(cache=True)
-def _pair_estimates(sigs, left, right, out):
+def _pair_estimates(sigs, slot, left, right, out):
     num_perm = sigs.shape[1]
     for p in range(left.size):
         same = 0
         for q in range(num_perm):
-            same += sigs[left[p], q] == sigs[right[p], q]
+            same += sigs[slot[left[p]], q] == sigs[slot[right[p]], q]
         out[p] = same / num_perm
 
 
-def pair_jaccard_estimates(sigs: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def pair_jaccard_estimates(sigs: np.ndarray | Signatures, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Estimated Jaccard similarity of each pair (sigs[left[p]], sigs[right[p]])."""
+    sigs = _full(sigs)
     out = np.empty(left.size, dtype=np.float64)
     if left.size:
-        _pair_estimates(sigs, left, right, out)
+        _pair_estimates(sigs.values, sigs.slot, left, right, out)
     return out
 
 

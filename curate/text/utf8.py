@@ -69,6 +69,15 @@ def string_buffers(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.nd
     return data, offsets
 
 
+def list_of_struct(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[pa.Array]]:
+    """A list<struct> column taken apart: each list's offsets (int64, from 0) and one array per
+    struct field over all items (a messages column: turns, then role, content, ...)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0], column.flatten().flatten()
+
+
 def packed(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Byte strings made in Python as one buffer and int64 offsets, the shape the kernels read."""
     offsets = np.zeros(len(parts) + 1, np.int64)

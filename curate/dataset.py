@@ -1,0 +1,172 @@
+"""Records on disk: an ordered run of Parquet parts, read back in batches of any size.
+
+Records move between stages through files, not memory. Each stage writes its output as parts (one
+per batch it processed, each a small Parquet file), and the next stage reads them back in batches
+of its own size, cut by global row number so the cut never depends on how the parts were made.
+Nothing holds every record at once, so a run's memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BATCH_ROWS = 8192  # records per batch a stage sees (and per part it writes)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One Parquet file of a run of records, and how many it holds."""
+
+    path: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, start + length) of one part."""
+
+    path: str
+    start: int
+    length: int
+
+
+def write_part(path: Path, table: pa.Table) -> Part | None:
+    """Write a table as one part (lz4: parts are written once and read once or twice); None if empty."""
+    if table.num_rows == 0:
+        return None
+    pq.write_table(table, path, compression="lz4")
+    return Part(str(path), table.num_rows)
+
+
+def read_segments(segments: list[Segment], columns: list[str] | None = None) -> pa.Table:
+    """The rows of consecutive segments as one table."""
+    tables = []
+    for seg in segments:
+        table = pq.read_table(seg.path, columns=columns)
+        tables.append(
+            table if (seg.start, seg.length) == (0, table.num_rows) else table.slice(seg.start, seg.length)
+        )
+    return pa.concat_tables(tables)
+
+
+class RecordFiles:
+    """An ordered run of records stored as parts; empty when there are none."""
+
+    def __init__(self, parts: list[Part], schema: pa.Schema | None = None) -> None:
+        self.parts = [p for p in parts if p.rows]
+        self.schema = schema
+        self.starts = np.concatenate([[0], np.cumsum([p.rows for p in self.parts], dtype=np.int64)])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.path for p in self.parts]
+
+    def plan(self, batch_rows: int = BATCH_ROWS) -> list[list[Segment]]:
+        """Batches of `batch_rows` records (the last may be smaller), as the segments that hold them."""
+        batches = []
+        for lo in range(0, self.num_rows, batch_rows):
+            batches.append(self.segments(lo, min(lo + batch_rows, self.num_rows)))
+        return batches
+
+    def segments(self, lo: int, hi: int) -> list[Segment]:
+        """Rows [lo, hi) as segments of parts."""
+        out = []
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        for i in range(max(first, 0), len(self.parts)):
+            start = int(self.starts[i])
+            if start >= hi:
+                break
+            a, b = max(lo, start), min(hi, start + self.parts[i].rows)
+            if b > a:
+                out.append(Segment(self.parts[i].path, a - start, b - a))
+        return out
+
+    def batches(self, batch_rows: int = BATCH_ROWS, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        for segments in self.plan(batch_rows):
+            yield read_segments(segments, columns)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of every record (one chunk per part)."""
+        chunks = [pq.read_table(p.path, columns=[name])[name] for p in self.parts]
+        if not chunks:
+            field = self.schema.field(name) if self.schema is not None else pa.field(name, pa.null())
+            return pa.chunked_array([], field.type)
+        return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], chunks[0].type)
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """The records at `rows` (ascending), reading only the parts that hold them."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows[1:] < rows[:-1]).any():
+            raise ValueError("take: rows must ascend")
+        tables = []
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for i in np.unique(part_of).tolist():
+            local = rows[part_of == i] - self.starts[i]
+            tables.append(pq.read_table(self.parts[i].path, columns=columns).take(pa.array(local)))
+        if tables:
+            return pa.concat_tables(tables)
+        schema = (
+            self.schema
+            if columns is None or self.schema is None
+            else pa.schema([self.schema.field(c) for c in columns])
+        )
+        return schema.empty_table() if schema is not None else pa.table({})
+
+
+class InMemory:
+    """A table in memory with the reading interface of `RecordFiles` (for `Stage.apply`)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.table[name]
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        table = self.table if columns is None else self.table.select(columns)
+        return table.take(pa.array(np.asarray(rows, np.int64)))
+
+
+class FeatureTable:
+    """What a global stage receives: its features of every record (loaded column by column, as it
+    asks), and the records themselves for the few rows a decision must see whole."""
+
+    def __init__(self, features: RecordFiles | InMemory, records: RecordFiles | InMemory) -> None:
+        self.features = features
+        self._records = records
+        self._columns: dict[str, pa.ChunkedArray] = {}
+
+    @property
+    def num_rows(self) -> int:
+        return self._records.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """A feature column of every record (read once, then kept)."""
+        if name not in self._columns:
+            self._columns[name] = self.features.column(name)
+        return self._columns[name]
+
+    def gather(self, name: str, rows: np.ndarray) -> pa.Array:
+        """A feature column at some rows (ascending), without loading the rest of it."""
+        table = self.features.take(rows, [name])
+        return (
+            table[name].combine_chunks() if table.num_rows else pa.array([], self.features.column(name).type)
+        )
+
+    def records(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """Whole records (or some of their columns) at some rows (ascending)."""
+        return self._records.take(rows, columns)

@@ -1,0 +1,274 @@
+"""Pipeline recipes: the YAML a user writes, its JSON Schema, and every check made before a run.
+
+The schema is generated from the config classes (each stage's `Config`, `InputSpec`, the eval set
+entry, `OutputSpec`, `CacheSpec`) and committed as `schemas/pipeline.schema.json` for editors;
+a test keeps the two equal. `load_recipe` checks a recipe against that same schema, then builds
+each part and makes the checks a schema cannot (rules across options, eval set names, files that
+must exist), collecting every issue before it reports, so `curate validate` and `curate run`
+accept and refuse exactly the same recipes.
+
+    python -m curate.recipe > schemas/pipeline.schema.json     # after changing an option
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curate.cache import DEFAULT_MAX_BYTES, parse_size
+from curate.configs import config_schema, key_path, make_config, option, schema_issues
+from curate.errors import CurateError, Issue, RecipeError
+from curate.evalsets import EvalSetSpec, eval_set_schema
+from curate.formats import InputSpec, input_files, input_schema
+from curate.stages import STAGES, Stage
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # links to schemas/ at the repository's top
+
+
+@dataclass
+class OutputSpec:
+    """Where versions are written."""
+
+    dir: str | None = option(
+        None, help="Output folder, relative to the recipe (default: runs/<name> beside it)."
+    )
+
+
+@dataclass
+class CacheSpec:
+    """Where cached results live, and how much of them to keep."""
+
+    max_size: str | int = option(
+        "20GB",
+        help="Size limit of the stage cache under the output folder (e.g. 5GB); past it, the least recently "
+        "used stage outputs are removed after each run.",
+    )
+    shared_dir: str | None = option(
+        None,
+        help="Folder of the shared cache of LLM answers and embeddings (default: $CURATE_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/curate, else ~/.cache/curate).",
+    )
+
+    def check(self) -> None:
+        try:
+            parse_size(self.max_size)
+        except CurateError as exc:
+            raise ValueError(f"max_size: {exc.message}") from None
+
+
+@dataclass
+class StageStep:
+    """One stage of a recipe: its name, validated config and the options as written."""
+
+    name: str
+    config: Any
+    options: dict
+
+    @property
+    def cls(self) -> type[Stage]:
+        return STAGES[self.name]
+
+
+@dataclass
+class Recipe:
+    """A checked recipe; paths in it resolve against `base_dir` (the recipe's folder)."""
+
+    name: str
+    inputs: list[InputSpec]
+    stages: list[StageStep]
+    eval_sets: list[dict] = field(default_factory=list)
+    output_dir: Path | None = None
+    seed: int = 0
+    allow_eval_overlap: bool = False
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    base_dir: Path = Path(".")
+    raw: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def stage_options(self, name: str) -> dict | None:
+        return next((s.options for s in self.stages if s.name == name), None)
+
+    @property
+    def cache_max_bytes(self) -> int:
+        return parse_size(self.cache.max_size) if self.cache.max_size is not None else DEFAULT_MAX_BYTES
+
+
+def load_schema(name: str) -> dict:
+    """One of the JSON Schemas shipped in curate/schemas (record, pipeline, manifest, train)."""
+    return json.loads((SCHEMA_DIR / name).read_text())
+
+
+def recipe_schema() -> dict:
+    """The JSON Schema of a recipe, from the config classes (what `schemas/pipeline.schema.json` holds)."""
+    stages = {}
+    for name, cls in sorted(STAGES.items()):
+        schema = config_schema(cls.Config, nullable=True)
+        schema["description"] = " ".join((cls.__doc__ or "").split())
+        stages[name] = schema
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "curate/pipeline.schema.json",
+        "title": "curate pipeline recipe",
+        "description": "Generated from curate's config classes by `python -m curate.recipe`; do not edit.",
+        "type": "object",
+        "required": ["inputs", "stages"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Recipe name, shown in manifests and reports.",
+            },
+            "description": {"type": "string"},
+            "seed": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Seed for every random choice of every stage.",
+            },
+            "allow_eval_overlap": {
+                "type": "boolean",
+                "description": "Write the version even if kept records hold an exact copy of an eval item.",
+            },
+            "inputs": {
+                "type": "array",
+                "minItems": 1,
+                "description": "Input files, globs, folders or hf:NAME datasets.",
+                "items": {"anyOf": [{"type": "string", "minLength": 1}, input_schema()]},
+            },
+            "eval_sets": {
+                "type": "array",
+                "description": "Frozen eval sets: never trained on; for decontaminate and the eval gates.",
+                "items": eval_set_schema(),
+            },
+            "stages": {
+                "type": "array",
+                "description": "The stages, in order; each is {stage_name: {options}}.",
+                "items": {
+                    "type": "object",
+                    "description": "Each stage is a list item of its own: `- dedup: {...}`.",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "propertyNames": {"title": "stage", "enum": sorted(STAGES)},
+                    "properties": stages,
+                },
+            },
+            "output": config_schema(OutputSpec),
+            "cache": config_schema(CacheSpec),
+        },
+    }
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe and check all of it (shape, stage names, every option, files) before any run."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe not found: {path}", hint="give the path of a pipeline YAML, e.g. pipelines/demo.yaml"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path}: a recipe is a mapping with inputs and stages", hint="see pipelines/demo.yaml"
+        )
+    return recipe_from_dict(raw, base_dir=path.resolve().parent, path=path)
+
+
+def recipe_from_dict(raw: dict, base_dir: Path, path: Path | None = None) -> Recipe:
+    """A checked recipe from its parsed YAML; raises RecipeError with every issue found."""
+    recipe, issues = check_recipe(raw, Path(base_dir), path)
+    if issues:
+        raise RecipeError(issues)
+    return recipe
+
+
+def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Recipe | None, list[Issue]]:
+    """The recipe, or every issue that keeps `raw` from being one."""
+    issues = schema_issues(recipe_schema(), raw)
+    if issues:
+        return None, issues
+    inputs = []
+    for i, entry in enumerate(raw["inputs"]):
+        spec, found = InputSpec.parse(entry, f"inputs[{i}]")
+        issues += found
+        if spec is not None:
+            inputs.append(spec)
+            issues += _input_file_issues(spec, base_dir, f"inputs[{i}]")
+    eval_sets = list(raw.get("eval_sets") or [])
+    for i, entry in enumerate(eval_sets):
+        spec, found = EvalSetSpec.parse(entry, f"eval_sets[{i}]")
+        issues += found
+        if spec is not None and not spec.path.startswith("hf:") and not (base_dir / spec.path).is_file():
+            issues.append(
+                Issue(
+                    f"eval_sets[{i}].path",
+                    f"no such file: {spec.path}",
+                    "paths resolve against the recipe's folder",
+                )
+            )
+    names = [e["name"] for e in eval_sets]
+    if len(set(names)) != len(names):
+        issues.append(Issue("eval_sets", "names must be unique", f"got {names}"))
+    steps = []
+    for i, item in enumerate(raw["stages"]):
+        ((name, options),) = item.items()
+        config, found = make_config(STAGES[name].Config, options, f"stages[{i}].{name}")
+        issues += found
+        if config is not None and not found:
+            steps.append(StageStep(name, config, dict(options or {})))
+    cache, found = make_config(CacheSpec, raw.get("cache"), "cache")
+    issues += found
+    out = (raw.get("output") or {}).get("dir")
+    recipe = Recipe(
+        name=raw.get("name") or (path.stem if path else "recipe"),
+        inputs=inputs,
+        stages=steps,
+        eval_sets=eval_sets,
+        output_dir=(base_dir / out).resolve() if out else None,
+        seed=int(raw.get("seed", 0)),
+        allow_eval_overlap=bool(raw.get("allow_eval_overlap", False)),
+        cache=cache or CacheSpec(),
+        base_dir=base_dir,
+        raw=raw,
+        path=path,
+    )
+    if not issues:
+        for i, step in enumerate(steps):
+            where = f"stages[{i}].{step.name}"
+            issues += [Issue(where, message) for message in step.cls.recipe_issues(step.config, recipe)]
+    return (None if issues else recipe), issues
+
+
+def _input_file_issues(spec: InputSpec, base_dir: Path, where: str) -> list[Issue]:
+    """An input that names no files is refused before the run, as the run itself would."""
+    try:
+        input_files(spec, base_dir)
+    except CurateError as exc:
+        return [Issue(f"{where}.path", exc.message, exc.hint)]
+    return []
+
+
+def write_schema() -> None:
+    json.dump(recipe_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+__all__ = [
+    "Recipe",
+    "StageStep",
+    "check_recipe",
+    "key_path",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_schema",
+]
+
+if __name__ == "__main__":
+    write_schema()
