@@ -167,6 +167,43 @@ class FeatureTable:
             table[name].combine_chunks() if table.num_rows else pa.array([], self.features.column(name).type)
         )
 
+    def gather_matrix(self, name: str, rows: np.ndarray, dtype) -> np.ndarray:
+        """A feature column of fixed-size lists at some rows (ascending), as a 2-D array filled part
+        by part: no copy of it is ever held twice."""
+        rows = np.asarray(rows, np.int64)
+        out: np.ndarray | None = None
+        done = 0
+        for chunk in self._gathered(name, rows):
+            if not len(chunk):
+                continue
+            values = chunk.flatten().to_numpy().astype(dtype, copy=False).reshape(len(chunk), -1)
+            if out is None:
+                out = np.empty((rows.size, values.shape[1]), dtype)
+            out[done : done + len(chunk)] = values
+            done += len(chunk)
+        if out is None:
+            return np.empty((0, self._width(name)), dtype)
+        return out
+
+    def _width(self, name: str) -> int:
+        if isinstance(self.features, InMemory) or not self.features.parts:
+            return self.column(name).type.list_size if self.num_rows else 0
+        return pq.read_schema(self.features.parts[0].path).field(name).type.list_size
+
+    def _gathered(self, name: str, rows: np.ndarray):
+        if name in self._columns or isinstance(self.features, InMemory):
+            yield self.column(name).take(pa.array(rows)).combine_chunks()
+            return
+        files = self.features
+        part_of = np.searchsorted(files.starts, rows, side="right") - 1
+        for i in np.unique(part_of).tolist():
+            local = rows[part_of == i] - files.starts[i]
+            yield (
+                pq.read_table(files.parts[i].path, columns=[name])[name]
+                .combine_chunks()
+                .take(pa.array(local))
+            )
+
     def records(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """Whole records (or some of their columns) at some rows (ascending)."""
         return self._records.take(rows, columns)

@@ -445,7 +445,7 @@ def test_config_errors_name_the_option(shared_data, cache):
 
     with pytest.raises(RecipeError, match="methods"):
         build_config(DecontaminateStage.Config, {"methods": ["exact", "fuzzy"]}, "stages[1].decontaminate")
-    with pytest.raises(RecipeError, match="minhash_threshold must be in"):
+    with pytest.raises(RecipeError, match="minhash_threshold: 1.5 is greater than the maximum of 1.0"):
         build_config(DecontaminateStage.Config, {"minhash_threshold": 1.5}, "stages[1].decontaminate")
     raw = {
         "inputs": [{"path": "raw/selfinstruct_user_oriented_instructions.jsonl.gz"}],

@@ -239,3 +239,39 @@ def test_tiny_and_empty_inputs(tmp_path: Path) -> None:
     verdicts = _run(punct, tmp_path, minhash=True)
     assert verdicts[0] is None and verdicts[1].reason == "exact_duplicate"
     assert _run(punct, tmp_path, exact=False, minhash=True) == [None, None]
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_duplicate_clusters_equal_polars_window_functions(across: bool) -> None:
+    """lsh.duplicates (one sort) against the same rules written with polars windows: the kept record
+    is the best-ranked of its cluster, clusters are numbered by their first row."""
+    from curate.text.lsh import duplicates
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    df = pl.DataFrame(
+        {
+            "row": np.arange(n),
+            "k0": rng.integers(0, 2_000, n),
+            "k1": rng.integers(0, 3, n),
+            "rank": rng.permutation(n),
+            "group": rng.integers(0, 4, n),
+        }
+    )
+    part = ["k0", "k1"]
+    ref = df.with_columns(size=pl.len().over(part)).filter(pl.col("size") > 1)
+    ref = ref.with_columns(
+        kept=pl.col("row").sort_by("rank").first().over(part),
+        kept_group=pl.col("group").sort_by("rank").first().over(part),
+        cluster=pl.col("row").min().over(part).rank("dense") - 1,
+    ).filter(pl.col("row") != pl.col("kept"))
+    if across:
+        ref = ref.filter(pl.col("group") != pl.col("kept_group"))
+    ref = ref.sort("row")
+    got = duplicates(
+        [df["k0"].to_numpy(), df["k1"].to_numpy()], df["rank"].to_numpy(), df["group"].to_numpy(), across
+    )
+    assert got.rows.tolist() == ref["row"].to_list() and len(got.rows) > 1000
+    assert got.kept.tolist() == ref["kept"].to_list()
+    assert got.cluster.tolist() == ref["cluster"].to_list()
+    assert got.size.tolist() == ref["size"].to_list()

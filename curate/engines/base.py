@@ -17,6 +17,7 @@ writes the same version.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -133,6 +134,7 @@ def ingest_task(spec: Any, base_dir: Path, paths: list[Path] | None, out: Path, 
             if part is not None:
                 parts.append(part)
             quarantined.extend(batch.quarantined)
+    release_memory()
     return IngestReceipt(parts, quarantined, list(files.values()))
 
 
@@ -142,7 +144,9 @@ def stage_task(call: StageCall, segments: list[Segment], out: Path, index: int) 
     batch = read_segments(segments)
     before = call.context.llm_usage()
     decisions = stage.process(batch)
-    return _store(call.name, batch, decisions, out, index, _usage_since(before, call.context.llm_usage()))
+    receipt = _store(call.name, batch, decisions, out, index, _usage_since(before, call.context.llm_usage()))
+    release_memory()
+    return receipt
 
 
 def features_task(call: StageCall, segments: list[Segment], out: Path, index: int) -> Part | None:
@@ -151,7 +155,9 @@ def features_task(call: StageCall, segments: list[Segment], out: Path, index: in
     features = call.build().features(batch)
     if features.num_rows != batch.num_rows:
         raise ValueError(f"stage {call.name}: features gave {features.num_rows} rows for {batch.num_rows}")
-    return write_part(out / f"features-{index:06d}.parquet", features)
+    part = write_part(out / f"features-{index:06d}.parquet", features)
+    release_memory()
+    return part
 
 
 def decided_task(
@@ -169,6 +175,7 @@ def decide(call: StageCall, features: RecordFiles, source: RecordFiles, progress
         decisions = stage.process(FeatureTable(features, source))
     finally:
         stage.context.progress = None
+        release_memory()
     if decisions.rows != source.num_rows:
         raise ValueError(f"stage {call.name} decided about {decisions.rows} rows of {source.num_rows}")
     return decisions
@@ -203,6 +210,26 @@ def _store(
 
 def _usage_since(before: dict, after: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def release_memory() -> None:
+    """Hand memory that a finished step freed back to the system: Arrow's allocator and glibc's keep
+    freed blocks for reuse, and a run's peak would otherwise be the sum of its steps' peaks."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 
 
 class gc_paused:  # noqa: N801 - used as a context manager

@@ -64,10 +64,14 @@ class LocalEngine(Engine):
         self._pool: ProcessPoolExecutor | None = None
 
     def close(self) -> None:
+        self.close_pool()
+        super().close()
+
+    def close_pool(self) -> None:
+        """Stop the workers (the next parallel task starts new ones)."""
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
-        super().close()
 
     def ingest(self, inputs: list[InputFiles], base_dir: Path, out: Path) -> Iterator[IngestReceipt]:
         size = sum(s for item in inputs for _, s in item.files)
@@ -99,6 +103,7 @@ class LocalEngine(Engine):
             if progress is not None:
                 progress(sum(s.length for s in segments))
         features = RecordFiles([p for p in parts if p is not None])
+        self.close_pool()  # idle workers hold hundreds of MB each: not while the features are in memory
         decisions = decide(call, features, source, None)
         apply_tasks = (
             (

@@ -29,6 +29,8 @@ class DecontaminateConfig:
     methods: list[Method] = option(
         ["exact", "ngram", "minhash"],
         help="Methods to run, any of exact, ngram, minhash, embedding; a record is dropped when any fires.",
+        minItems=1,
+        uniqueItems=True,
     )
     eval_sets: list[str] = option([], help="Names of the recipe's eval sets to check against; empty: all.")
     user_turns_only: bool = option(
@@ -38,31 +40,44 @@ class DecontaminateConfig:
         4,
         help="An eval question of at least this many words is found anywhere inside a record; a shorter "
         "one only when a whole user turn equals it.",
+        minimum=1,
     )
-    ngram: int = option(13, help="n of the word n-grams (13 as in GPT-3 and lm-eval-harness).")
-    ngram_min_matches: int = option(1, help="Distinct shared n-grams with one eval item needed to drop.")
+    ngram: int = option(13, help="n of the word n-grams (13 as in GPT-3 and lm-eval-harness).", minimum=1)
+    ngram_min_matches: int = option(
+        1, help="Distinct shared n-grams with one eval item needed to drop.", minimum=1
+    )
     match_answers: bool = option(False, help="Also match n-grams of the eval items' answers.")
     minhash_threshold: float = option(
-        0.7, help="Estimated Jaccard of word 5-gram shingles (user turns vs eval question) to drop."
+        0.7,
+        help="Estimated Jaccard of word 5-gram shingles (user turns vs eval question) to drop.",
+        exclusiveMinimum=0,
+        maximum=1.0,
     )
-    minhash_num_perm: int = option(128, help="MinHash permutations.")
+    minhash_num_perm: int = option(128, help="MinHash permutations.", minimum=1)
     minhash_ngram: int = option(
-        5, help="Words per MinHash shingle; questions shorter than this are left to the exact method."
+        5,
+        help="Words per MinHash shingle; questions shorter than this are left to the exact method.",
+        minimum=1,
     )
     embedding_threshold: float = option(
-        0.7, help="Cosine similarity (user turns vs eval question) to drop as a paraphrase."
+        0.7,
+        help="Cosine similarity (user turns vs eval question) to drop as a paraphrase.",
+        exclusiveMinimum=0,
+        maximum=1.0,
     )
     embedding_model: str = option(
         "", help="sentence-transformers model folder; empty: bundled all-MiniLM-L6-v2."
     )
-    embedding_max_tokens: int = option(128, help="Tokens of each text the embedding model reads.")
-    embedding_batch_size: int = option(64, help="Texts per embedding batch.")
+    embedding_max_tokens: int = option(128, help="Tokens of each text the embedding model reads.", minimum=1)
+    embedding_batch_size: int = option(64, help="Texts per embedding batch.", minimum=1)
     judge: bool = option(
         False,
         help="Ask an LLM whether each embedding candidate restates its eval question (as LMSYS's "
         "llm-decontaminator does); only confirmed candidates are dropped.",
     )
-    judge_candidates: float = option(0.5, help="Cosine from which an embedding match goes to the judge.")
+    judge_candidates: float = option(
+        0.5, help="Cosine from which an embedding match goes to the judge.", exclusiveMinimum=0, maximum=1.0
+    )
     judge_provider: Literal["openai", "anthropic"] = option(
         "openai", help="openai (or compatible) or anthropic."
     )
@@ -75,18 +90,8 @@ class DecontaminateConfig:
     )
 
     def check(self) -> None:
-        if not self.methods:
-            raise ValueError("methods: give at least one of exact, ngram, minhash, embedding")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods: each method once, got {self.methods}")
-        for name in ("exact_min_words", "ngram", "ngram_min_matches", "minhash_num_perm", "minhash_ngram"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
         if self.judge and ("embedding" not in self.methods or not self.judge_model):
             raise ValueError("judge needs the embedding method and a judge_model")
-        for name in ("minhash_threshold", "embedding_threshold", "judge_candidates"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1]")
 
 
 @register

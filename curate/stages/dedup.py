@@ -26,7 +26,7 @@ from curate.errors import CurateError
 from curate.stages.base import Decisions, GlobalStage, option, register
 from curate.text import lsh
 from curate.text.conversation import conversation_text
-from curate.text.minhash import dtype_of, empty_value, jaccard_estimate, signatures
+from curate.text.minhash import dtype_of, empty_value, signatures
 from curate.text.shingles import content_keys, shingle_hash_sets
 
 _SCOPES = {"all": lsh.SCOPE_ALL, "within_source": lsh.SCOPE_WITHIN, "across_sources": lsh.SCOPE_ACROSS}
@@ -35,10 +35,13 @@ _SCOPES = {"all": lsh.SCOPE_ALL, "within_source": lsh.SCOPE_WITHIN, "across_sour
 @dataclass(frozen=True)
 class MinHashConfig:
     threshold: float = option(
-        0.8, help="Jaccard similarity of shingle sets at or above which records are near-duplicates."
+        0.8,
+        help="Jaccard similarity of shingle sets at or above which records are near-duplicates.",
+        exclusiveMinimum=0,
+        maximum=1.0,
     )
-    num_perm: int = option(128, help="MinHash permutations (signature length).")
-    ngram: int = option(5, help="Shingle length in units.")
+    num_perm: int = option(128, help="MinHash permutations (signature length).", minimum=2)
+    ngram: int = option(5, help="Shingle length in units.", minimum=1)
     unit: Literal["word", "char"] = option(
         "word",
         help="Shingle unit: words (runs of \\w after lowercasing) or characters (whitespace collapsed).",
@@ -53,11 +56,15 @@ class MinHashConfig:
         "(datasketch 1).",
     )
     bands: int | None = option(
-        None, help="LSH bands; default: derived from threshold and num_perm as datasketch does."
+        None, help="LSH bands; default: derived from threshold and num_perm as datasketch does.", minimum=1
     )
-    rows: int | None = option(None, help="Signature values per band; set together with `bands`.")
+    rows: int | None = option(None, help="Signature values per band; set together with `bands`.", minimum=1)
     weights: list[float] = option(
-        [0.5, 0.5], help="Weights of false positives and false negatives when deriving bands and rows."
+        [0.5, 0.5],
+        help="Weights of false positives and false negatives when deriving bands and rows.",
+        items={"type": "number", "minimum": 0},
+        minItems=2,
+        maxItems=2,
     )
     verify: Literal["none", "estimate", "exact"] = option(
         "estimate",
@@ -67,22 +74,14 @@ class MinHashConfig:
     )
 
     def check(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.num_perm < 2:
-            raise ValueError(f"num_perm must be at least 2, got {self.num_perm}")
-        if self.ngram < 1:
-            raise ValueError(f"ngram must be at least 1, got {self.ngram}")
         if (self.bands is None) != (self.rows is None):
             raise ValueError("set both bands and rows, or neither")
-        if self.bands is not None and (
-            self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm
-        ):
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
             raise ValueError(
                 f"bands * rows must be at most num_perm ({self.num_perm}), got {self.bands} * {self.rows}"
             )
-        if len(self.weights) != 2 or min(self.weights) < 0 or abs(sum(self.weights) - 1.0) > 1e-9:
-            raise ValueError(f"weights must be two non-negative numbers summing to 1, got {self.weights}")
+        if abs(sum(self.weights) - 1.0) > 1e-9:
+            raise ValueError(f"weights must sum to 1, got {self.weights}")
 
     def band_shape(self) -> tuple[int, int]:
         if self.bands is not None:
@@ -231,38 +230,23 @@ class DedupStage(GlobalStage):
     def _exact(self) -> None:
         rows = np.nonzero(self.alive)[0]
         k0, k1 = self._keys(rows)
-        df = pl.DataFrame(
-            {"row": rows, "k0": k0, "k1": k1, "rank": self.rank[rows], "group": self.groups[rows]}
-        )
-        part = ["k0", "k1"] + (["group"] if self.config.scope == "within_source" else [])
-        drops = self._cluster_drops(df, part)
-        self._drop(drops["row"].to_numpy(), "exact_duplicate", drops, {})
+        keys = [k0, k1] + ([self.groups[rows]] if self.config.scope == "within_source" else [])
+        found = self._duplicates(keys, rows)
+        self._drop(rows[found.rows], "exact_duplicate", {}, found, rows[found.kept])
 
-    def _cluster_drops(self, df: pl.DataFrame, part: list[str]) -> pl.DataFrame:
-        """Rows to drop from clusters (rows sharing `part`), with the kept row, cluster number and size.
+    def _duplicates(self, keys: list[np.ndarray], rows: np.ndarray) -> lsh.Duplicates:
+        """Clusters of the records at `rows` sharing `keys`: the best-ranked of each stays."""
+        across = self.config.scope == "across_sources"
+        return lsh.duplicates(keys, self.rank[rows], self.groups[rows], across)
 
-        The kept row is the best-ranked of its cluster; clusters are numbered by their first row.
-        """
-        df = df.with_columns(size=pl.len().over(part)).filter(pl.col("size") > 1)
-        df = df.with_columns(
-            kept=pl.col("row").sort_by("rank").first().over(part),
-            kept_group=pl.col("group").sort_by("rank").first().over(part),
-            cluster=pl.col("row").min().over(part).rank("dense") - 1,
-        )
-        drops = df.filter(pl.col("row") != pl.col("kept"))
-        if self.config.scope == "across_sources":
-            drops = drops.filter(pl.col("group") != pl.col("kept_group"))
-        return drops.sort("row")
-
-    def _drop(self, rows: np.ndarray, reason: str, drops: pl.DataFrame | None, columns: dict) -> None:
-        """Drop rows; evidence from the cluster table (kept record, cluster) and per-row columns."""
-        if drops is not None:
-            kept = drops["kept"].to_numpy()
+    def _drop(self, rows: np.ndarray, reason: str, columns: dict, found=None, kept=None) -> None:
+        """Drop rows, with evidence: the kept record and its cluster (`found`), and per-row columns."""
+        if found is not None:
             columns = {
                 "duplicate_of": self._ids_of(kept),
                 "duplicate_of_source": self._refs_of(kept),
-                "cluster": drops["cluster"].to_numpy(),
-                "cluster_size": drops["size"].to_numpy(),
+                "cluster": found.cluster,
+                "cluster_size": found.size,
                 **columns,
             }
         self.decisions.drop_many(rows, reason, {k: _plain(v) for k, v in columns.items()})
@@ -283,7 +267,7 @@ class DedupStage(GlobalStage):
         rows = rows[self.table.column("signed").to_numpy()[rows]]  # an empty signature matches nothing
         bands, band_rows = mh.band_shape()
         scope = _SCOPES[self.config.scope]
-        hashes = _matrix(self.table.gather("bands", rows), np.uint64)
+        hashes = self.table.gather_matrix("bands", rows, np.uint64)
         buckets = lsh.Buckets.of(hashes, self.groups[rows], scope)
         del hashes
         shared = np.flatnonzero(buckets.shared())
@@ -291,22 +275,19 @@ class DedupStage(GlobalStage):
         sets = self._shingle_sets(rows, shared, mh) if mh.verify == "exact" else None
         threshold = None if mh.verify == "none" else mh.threshold
         roots = lsh.lsh_clusters(sigs, bands, band_rows, threshold, scope=scope, sets=sets, buckets=buckets)
-        df = pl.DataFrame(
-            {"row": np.arange(rows.size), "root": roots, "rank": self.rank[rows], "group": self.groups[rows]}
-        )
-        drops = self._cluster_drops(df, ["root"])
-        a, b = drops["row"].to_numpy(), drops["kept"].to_numpy()
-        columns: dict[str, np.ndarray] = {"jaccard": jaccard_estimate(sigs.rows(a), sigs.rows(b))}
+        found = self._duplicates([roots], rows)
+        a, b = found.rows, found.kept
+        columns: dict[str, np.ndarray] = {"jaccard": lsh.pair_jaccard_estimates(sigs, a, b)}
         if sets is not None:
             columns["jaccard_exact"] = lsh.pair_jaccard_exact(*sets, a, b)
         columns["threshold"] = np.full(a.size, mh.threshold)
-        self._drop(rows[a], "near_duplicate", drops.with_columns(kept=pl.Series(rows[b])), columns)
+        self._drop(rows[a], "near_duplicate", columns, found, rows[b])
 
     def _signatures(self, rows: np.ndarray, shared: np.ndarray, mh: MinHashConfig) -> lsh.Signatures:
         """The signatures of the records (by position in `rows`) that share a bucket."""
         slot = np.full(rows.size, -1, np.int64)
         slot[shared] = np.arange(shared.size)
-        values = _matrix(self.table.gather("signature", rows[shared]), dtype_of(mh.scheme))
+        values = self.table.gather_matrix("signature", rows[shared], dtype_of(mh.scheme))
         return lsh.Signatures(values.reshape(shared.size, mh.num_perm), slot)
 
     def _shingle_sets(self, rows: np.ndarray, involved: np.ndarray, mh: MinHashConfig):
@@ -351,7 +332,7 @@ class DedupStage(GlobalStage):
                 "duplicate_of_source": ref_where[ref],
                 "reference": np.full(ref.size, str(cfg.reference), dtype=object),
             }
-            self._drop(hits["row"].to_numpy(), "exact_duplicate", None, columns)
+            self._drop(hits["row"].to_numpy(), "exact_duplicate", columns)
         if cfg.minhash is None:
             return
         mh = cfg.minhash
@@ -360,9 +341,7 @@ class DedupStage(GlobalStage):
         ref_sigs = _sign(ref_text, mh)
         signed = ~np.all(ref_sigs == ref_sigs.dtype.type(empty_value(mh.scheme)), axis=1)
         keep = np.flatnonzero(signed)  # reference rows with a signature
-        ours = _matrix(self.table.gather("signature", rows), dtype_of(mh.scheme)).reshape(
-            rows.size, mh.num_perm
-        )
+        ours = self.table.gather_matrix("signature", rows, dtype_of(mh.scheme))
         sigs = np.concatenate([ref_sigs[keep], ours])
         n_ref = keep.size
         groups = (np.arange(sigs.shape[0]) >= n_ref).astype(np.int64)
@@ -407,7 +386,7 @@ class DedupStage(GlobalStage):
         if exact is not None:
             columns["jaccard_exact"] = exact[best]
         columns["threshold"] = np.full(best.size, mh.threshold)
-        self._drop(rows[left[best] - n_ref], "near_duplicate", None, columns)
+        self._drop(rows[left[best] - n_ref], "near_duplicate", columns)
 
 
 def _sign(text: pl.Series, mh: MinHashConfig) -> np.ndarray:
@@ -428,12 +407,6 @@ def _sets_for(text: pl.Series, involved: np.ndarray, n: int, mh: MinHashConfig):
 def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
     """A 2-D array as a column of fixed-size lists (one row per record)."""
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-
-
-def _matrix(column: pa.Array, dtype) -> np.ndarray:
-    """A column of fixed-size lists back as a 2-D array."""
-    width = column.type.list_size
-    return column.flatten().to_numpy().astype(dtype, copy=False).reshape(len(column), width)
 
 
 def _reference_file(base_dir: Path, reference: str) -> Path:

@@ -46,12 +46,16 @@ class FilterConfig:
     require_final_assistant: bool = option(
         True, help="Drop conversations whose last turn is not the assistant's."
     )
-    min_chars: int = option(0, help="Minimum characters of the whole conversation (system turns excluded).")
-    max_chars: int | None = option(None, help="Maximum characters of the whole conversation.")
-    min_assistant_chars: int = option(1, help="Minimum characters of every assistant turn.")
-    min_user_chars: int = option(1, help="Minimum characters of every user turn.")
-    min_tokens: int = option(0, help="Minimum tokens of the conversation (see tokenizer).")
-    max_tokens: int | None = option(None, help="Maximum tokens of the conversation (see tokenizer).")
+    min_chars: int = option(
+        0, help="Minimum characters of the whole conversation (system turns excluded).", minimum=0
+    )
+    max_chars: int | None = option(None, help="Maximum characters of the whole conversation.", minimum=0)
+    min_assistant_chars: int = option(1, help="Minimum characters of every assistant turn.", minimum=0)
+    min_user_chars: int = option(1, help="Minimum characters of every user turn.", minimum=0)
+    min_tokens: int = option(0, help="Minimum tokens of the conversation (see tokenizer).", minimum=0)
+    max_tokens: int | None = option(
+        None, help="Maximum tokens of the conversation (see tokenizer).", minimum=0
+    )
     tokenizer: str | None = option(
         None,
         help="Hugging Face tokenizer folder for token bounds; without one, tokens are counted as words and "

@@ -397,3 +397,45 @@ def pair_jaccard_exact(
     if left.size:
         _pair_exact(offsets, hashes, np.asarray(left, np.int64), np.asarray(right, np.int64), out)
     return out
+
+
+@dataclass
+class Duplicates:
+    """The members of clusters that are not their cluster's kept record, by position (ascending)."""
+
+    rows: np.ndarray  # positions of the records to drop
+    kept: np.ndarray  # the position of each one's kept record
+    cluster: np.ndarray  # its cluster's number (clusters are numbered by their first position)
+    size: np.ndarray  # its cluster's size
+
+
+def duplicates(
+    keys: list[np.ndarray], rank: np.ndarray, groups: np.ndarray | None = None, across: bool = False
+) -> Duplicates:
+    """Clusters of records with equal `keys`: in each, the record of lowest `rank` stays and the others
+    go (with `across`, only those of another group than the kept record's). One sort, no hash
+    tables: a few arrays of the records' length, however many there are."""
+    n = rank.size
+    order = np.lexsort((rank, *reversed(keys)))
+    starts_mask = np.zeros(n, dtype=np.bool_)
+    starts_mask[:1] = True
+    for key in keys:
+        ordered = key[order]
+        starts_mask[1:] |= ordered[1:] != ordered[:-1]
+    starts = np.flatnonzero(starts_mask)
+    sizes = np.diff(np.append(starts, n))
+    group_of = np.cumsum(starts_mask) - 1
+    kept = order[starts][group_of]
+    size = sizes[group_of]
+    multi = np.flatnonzero(sizes > 1)
+    first = np.minimum.reduceat(order, starts)[multi] if n else np.zeros(0, np.int64)
+    number = np.full(sizes.size, -1, dtype=np.int64)
+    number[multi[np.argsort(first, kind="stable")]] = np.arange(multi.size)
+    member = (size > 1) & (order != kept)
+    if across and groups is not None:
+        member &= groups[order] != groups[kept]
+    pos = order[member]
+    by_pos = np.argsort(pos, kind="stable")
+    return Duplicates(
+        pos[by_pos], kept[member][by_pos], number[group_of[member]][by_pos], size[member][by_pos]
+    )
