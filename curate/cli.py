@@ -133,7 +133,7 @@ def _print_summary(manifest: dict, folder: Path, run: dict | None = None) -> Non
         reasons = ", ".join(f"{k}: {v:,}" for k, v in s["dropped"].items()) or "-"
         if s.get("added"):
             reasons += f"  (+{s['added']:,} added)"
-        by = "this run" if not this["cached"] else f"cache: {this['run']}"
+        by = "this run" if not this["cached"] else f"cache: {this.get('run', 'earlier run')}"
         table.add_row(s["name"], f"{s['in']:,}", f"{s['out']:,}", reasons, f"{this['seconds']:.2f}", by)
     out.print(table)
     if c["quarantined"]:

@@ -36,6 +36,11 @@ class Segment:
     length: int
 
 
+def fixed_size_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A 2-D array as a column of fixed-size lists (one row per record): signatures, band hashes."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
 def write_part(path: Path, table: pa.Table) -> Part | None:
     """Write a table as one part (lz4: parts are written once and read once or twice); None if empty."""
     if table.num_rows == 0:

@@ -15,10 +15,10 @@ from curate.errors import RecipeError
 from curate.formats import InputSpec, read_input
 from curate.records import make_record, message, to_table
 from curate.stages.base import Drop, StageContext, build_config
-from curate.stages.dedup import DedupStage, MinHashConfig
+from curate.stages.dedup import DedupStage
 from curate.text.conversation import conversation_text
 from curate.text.lsh import clusters
-from curate.text.minhash import signatures
+from curate.text.minhash import MinHashConfig, signatures
 from curate.text.shingles import shingles
 
 CODEGEN = "raw/gpteacher_codegen.json.gz"

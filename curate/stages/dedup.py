@@ -21,78 +21,15 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate.dataset import FeatureTable
+from curate.dataset import FeatureTable, fixed_size_column
 from curate.errors import CurateError
 from curate.stages.base import Decisions, GlobalStage, option, register
 from curate.text import lsh
 from curate.text.conversation import conversation_text
-from curate.text.minhash import dtype_of, empty_value, signatures
-from curate.text.shingles import content_keys, shingle_hash_sets
+from curate.text.minhash import MinHashConfig, dtype_of, empty_value, signatures
+from curate.text.shingles import content_keys, shingle_sets_at
 
 _SCOPES = {"all": lsh.SCOPE_ALL, "within_source": lsh.SCOPE_WITHIN, "across_sources": lsh.SCOPE_ACROSS}
-
-
-@dataclass(frozen=True)
-class MinHashConfig:
-    threshold: float = option(
-        0.8,
-        help="Jaccard similarity of shingle sets at or above which records are near-duplicates.",
-        exclusiveMinimum=0,
-        maximum=1.0,
-    )
-    num_perm: int = option(128, help="MinHash permutations (signature length).", minimum=2)
-    ngram: int = option(5, help="Shingle length in units.", minimum=1)
-    unit: Literal["word", "char"] = option(
-        "word",
-        help="Shingle unit: words (runs of \\w after lowercasing) or characters (whitespace collapsed).",
-    )
-    lowercase: bool = option(True, help="Lowercase the text before shingling.")
-    seed: int = option(
-        1, help="Permutation seed; with `scheme` it makes signatures equal datasketch's MinHash(seed=...)."
-    )
-    scheme: Literal["affine32", "affine64", "legacy"] = option(
-        "affine32",
-        help="datasketch permutation scheme: affine32 (datasketch 2's default), affine64, or legacy "
-        "(datasketch 1).",
-    )
-    bands: int | None = option(
-        None, help="LSH bands; default: derived from threshold and num_perm as datasketch does.", minimum=1
-    )
-    rows: int | None = option(None, help="Signature values per band; set together with `bands`.", minimum=1)
-    weights: list[float] = option(
-        [0.5, 0.5],
-        help="Weights of false positives and false negatives when deriving bands and rows.",
-        items={"type": "number", "minimum": 0},
-        minItems=2,
-        maxItems=2,
-    )
-    verify: Literal["none", "estimate", "exact"] = option(
-        "estimate",
-        help="Check LSH candidate pairs before merging: none (take every bucket match, as MinHashLSH does), "
-        "estimate (estimated Jaccard >= threshold) or exact (exact Jaccard of the shingle sets >= "
-        "threshold).",
-    )
-
-    def check(self) -> None:
-        if (self.bands is None) != (self.rows is None):
-            raise ValueError("set both bands and rows, or neither")
-        if self.bands is not None and self.bands * self.rows > self.num_perm:
-            raise ValueError(
-                f"bands * rows must be at most num_perm ({self.num_perm}), got {self.bands} * {self.rows}"
-            )
-        if abs(sum(self.weights) - 1.0) > 1e-9:
-            raise ValueError(f"weights must sum to 1, got {self.weights}")
-
-    def band_shape(self) -> tuple[int, int]:
-        if self.bands is not None:
-            return self.bands, self.rows
-        bands, rows = lsh.optimal_params(self.threshold, self.num_perm, *self.weights)
-        if bands < 2:
-            raise CurateError(
-                f"dedup.minhash: threshold {self.threshold} with num_perm {self.num_perm} gives one LSH band",
-                hint="raise num_perm or lower the threshold, or set bands and rows yourself",
-            )
-        return bands, rows
 
 
 @dataclass
@@ -196,8 +133,8 @@ class DedupStage(GlobalStage):
             sigs = _sign(text, mh)
             bands, rows = mh.band_shape()
             columns["signed"] = pa.array(~np.all(sigs == sigs.dtype.type(empty_value(mh.scheme)), axis=1))
-            columns["signature"] = _fixed(sigs)
-            columns["bands"] = _fixed(lsh.band_hashes(sigs, bands, rows))
+            columns["signature"] = fixed_size_column(sigs)
+            columns["bands"] = fixed_size_column(lsh.band_hashes(sigs, bands, rows))
         return pa.table(columns)
 
     # deciding: every record at once ---------------------------------------------------------------
@@ -295,7 +232,7 @@ class DedupStage(GlobalStage):
         text = conversation_text(
             pl.from_arrow(self.table.records(rows[involved], ["messages"])), self.config.key
         )
-        return _sets_for(text, involved, rows.size, mh)
+        return shingle_sets_at(text, involved, rows.size, mh.ngram, mh.unit, mh.lowercase)
 
     # reference version --------------------------------------------------------------------------
 
@@ -364,7 +301,9 @@ class DedupStage(GlobalStage):
                     ),
                 ]
             )
-            exact = lsh.pair_jaccard_exact(*_sets_for(texts, involved, sigs.shape[0], mh), left, right)
+            exact = lsh.pair_jaccard_exact(
+                *shingle_sets_at(texts, involved, sigs.shape[0], mh.ngram, mh.unit, mh.lowercase), left, right
+            )
             ok = exact >= mh.threshold
         else:
             ok = np.ones(left.size, dtype=bool)
@@ -372,11 +311,7 @@ class DedupStage(GlobalStage):
         exact = None if exact is None else exact[ok]
         # reference texts come first, so in each pair (left > right) right is the reference record;
         # each record names its most similar reference match (lowest reference row on ties)
-        score = exact if exact is not None else est
-        order = np.lexsort((right, -score, left))
-        first_of = np.ones(order.size, dtype=bool)
-        first_of[1:] = left[order][1:] != left[order][:-1]
-        best = order[first_of]
+        best = lsh.best_per_record(left, right, exact if exact is not None else est)
         columns: dict[str, np.ndarray] = {
             "duplicate_of": np.array([str(ref_ids[keep[r]]) for r in right[best]], dtype=object),
             "duplicate_of_source": np.array([ref_where[keep[r]] for r in right[best]], dtype=object),
@@ -391,22 +326,6 @@ class DedupStage(GlobalStage):
 
 def _sign(text: pl.Series, mh: MinHashConfig) -> np.ndarray:
     return signatures(text, mh.num_perm, mh.ngram, mh.unit, mh.seed, mh.lowercase, mh.scheme)
-
-
-def _sets_for(text: pl.Series, involved: np.ndarray, n: int, mh: MinHashConfig):
-    """Shingle sets (offsets over n rows, sorted hashes) with the sets of `text` at rows `involved`
-    (ascending) and empty sets elsewhere."""
-    offsets, hashes = shingle_hash_sets(text, mh.ngram, mh.unit, mh.lowercase)
-    sizes = np.zeros(n, dtype=np.int64)
-    sizes[involved] = np.diff(offsets)
-    full = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=full[1:])
-    return full, hashes
-
-
-def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    """A 2-D array as a column of fixed-size lists (one row per record)."""
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
 def _reference_file(base_dir: Path, reference: str) -> Path:

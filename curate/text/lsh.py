@@ -439,3 +439,12 @@ def duplicates(
     return Duplicates(
         pos[by_pos], kept[member][by_pos], number[group_of[member]][by_pos], size[member][by_pos]
     )
+
+
+def best_per_record(left: np.ndarray, right: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """For each distinct `left` of a list of pairs, the pair with the highest score (the lowest
+    `right` on ties): indices into the pairs, ordered by `left`."""
+    order = np.lexsort((right, -score, left))
+    first_of = np.ones(order.size, dtype=bool)
+    first_of[1:] = left[order][1:] != left[order][:-1]
+    return order[first_of]

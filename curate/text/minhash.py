@@ -17,12 +17,16 @@ The parameters a, b come from ``np.random.RandomState(seed)`` exactly as dataske
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Literal
 
 import numba
 import numpy as np
 import polars as pl
 
+from curate.configs import option
+from curate.errors import CurateError
+from curate.text.lsh import optimal_params
 from curate.text.shingles import (
     PAD,
     TextPass,
@@ -213,3 +217,66 @@ def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
         raise ValueError(f"signatures differ in num_perm: {a.shape[-1]} vs {b.shape[-1]}")
     same = np.count_nonzero(a == b, axis=-1) / a.shape[-1]
     return float(same) if np.ndim(same) == 0 else same
+
+
+@dataclass(frozen=True)
+class MinHashConfig:
+    threshold: float = option(
+        0.8,
+        help="Jaccard similarity of shingle sets at or above which records are near-duplicates.",
+        exclusiveMinimum=0,
+        maximum=1.0,
+    )
+    num_perm: int = option(128, help="MinHash permutations (signature length).", minimum=2)
+    ngram: int = option(5, help="Shingle length in units.", minimum=1)
+    unit: Literal["word", "char"] = option(
+        "word",
+        help="Shingle unit: words (runs of \\w after lowercasing) or characters (whitespace collapsed).",
+    )
+    lowercase: bool = option(True, help="Lowercase the text before shingling.")
+    seed: int = option(
+        1, help="Permutation seed; with `scheme` it makes signatures equal datasketch's MinHash(seed=...)."
+    )
+    scheme: Literal["affine32", "affine64", "legacy"] = option(
+        "affine32",
+        help="datasketch permutation scheme: affine32 (datasketch 2's default), affine64, or legacy "
+        "(datasketch 1).",
+    )
+    bands: int | None = option(
+        None, help="LSH bands; default: derived from threshold and num_perm as datasketch does.", minimum=1
+    )
+    rows: int | None = option(None, help="Signature values per band; set together with `bands`.", minimum=1)
+    weights: list[float] = option(
+        [0.5, 0.5],
+        help="Weights of false positives and false negatives when deriving bands and rows.",
+        items={"type": "number", "minimum": 0},
+        minItems=2,
+        maxItems=2,
+    )
+    verify: Literal["none", "estimate", "exact"] = option(
+        "estimate",
+        help="Check LSH candidate pairs before merging: none (take every bucket match, as MinHashLSH does), "
+        "estimate (estimated Jaccard >= threshold) or exact (exact Jaccard of the shingle sets >= "
+        "threshold).",
+    )
+
+    def check(self) -> None:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both bands and rows, or neither")
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(
+                f"bands * rows must be at most num_perm ({self.num_perm}), got {self.bands} * {self.rows}"
+            )
+        if abs(sum(self.weights) - 1.0) > 1e-9:
+            raise ValueError(f"weights must sum to 1, got {self.weights}")
+
+    def band_shape(self) -> tuple[int, int]:
+        if self.bands is not None:
+            return self.bands, self.rows
+        bands, rows = optimal_params(self.threshold, self.num_perm, *self.weights)
+        if bands < 2:
+            raise CurateError(
+                f"dedup.minhash: threshold {self.threshold} with num_perm {self.num_perm} gives one LSH band",
+                hint="raise num_perm or lower the threshold, or set bands and rows yourself",
+            )
+        return bands, rows

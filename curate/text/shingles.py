@@ -449,3 +449,14 @@ def content_keys(texts: list[str] | pl.Series, lowercase: bool = True) -> np.nda
 
     run_with_fallback(texts, "char", lowercase, key)
     return out
+
+
+def shingle_sets_at(texts, rows: np.ndarray, n: int, ngram: int, unit: Unit, lowercase: bool):
+    """Shingle hash sets laid out over n rows: `texts[i]`'s set at row `rows[i]` (rows ascending),
+    empty sets elsewhere; as (offsets, sorted hashes) for `lsh.pair_jaccard_exact`."""
+    offsets, hashes = shingle_hash_sets(texts, ngram, unit, lowercase)
+    sizes = np.zeros(n, dtype=np.int64)
+    sizes[rows] = np.diff(offsets)
+    full = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=full[1:])
+    return full, hashes
