@@ -142,6 +142,8 @@ from curate.pipeline import run_recipe
 raw, out = json.loads(sys.argv[1]), Path(sys.argv[2])
 started = time.perf_counter()
 result = run_recipe(recipe_from_dict(raw, base_dir=Path("/")), out)
+import curate
+assert curate.__file__.startswith(sys.argv[3]), curate.__file__
 manifest = result.manifest if hasattr(result, "manifest") else result[1]
 seconds = time.perf_counter() - started
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
@@ -169,8 +171,13 @@ def measure(code_root: Path, raw: dict, workdir: Path) -> dict:
     """One run of `curate run` in a fresh process with curate from `code_root`."""
     out = Path(tempfile.mkdtemp(dir=workdir))
     env = {**os.environ, "PYTHONPATH": str(code_root), "CURATE_CACHE_DIR": str(workdir / "shared-cache")}
+    # run from the tree itself: `python -c` puts the working folder first on sys.path
     proc = subprocess.Popen(
-        [sys.executable, "-c", _RUN, json.dumps(raw), str(out)], stdout=subprocess.PIPE, env=env, text=True
+        [sys.executable, "-c", _RUN, json.dumps(raw), str(out), str(code_root)],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+        cwd=code_root,
     )
     peak = 0
     done = threading.Event()

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import polars
 import pyarrow
-import pyarrow.parquet
 
 from curate.cache import Entry, FileDigests, StageCache, digest, module_fingerprint, shared_cache_dir
-from curate.dataset import BATCH_ROWS, Part, RecordFiles
+from curate.dataset import BATCH_ROWS, Part, RecordFiles, read_part
 from curate.engines import ENGINES, Engine
 from curate.engines.base import InputFiles, StageCall
 from curate.errors import CurateError
@@ -327,7 +326,7 @@ def run_recipe(
         vid.kept(batch["id"].to_pylist())
     dropped_parts = [p for e in entries for p in e.dropped]
     for part in dropped_parts:
-        table = pyarrow.parquet.read_table(part.path, columns=["id", "stage", "reason"])
+        table = read_part(part.path, ["id", "stage", "reason"])
         vid.dropped(list(zip(*(table[c].to_pylist() for c in ("id", "stage", "reason")), strict=True)))
     version = vid.hexdigest()
     overlap = _eval_overlap_check(recipe, records)
@@ -361,8 +360,8 @@ def run_recipe(
         version,
         manifest,
         records,
-        [[p.path for p in e.dropped] for e in entries],
-        [[p.path for p in e.edits] for e in entries],
+        [e.dropped for e in entries],
+        [e.edits for e in entries],
         ingest.folder / "quarantine.jsonl",
     )
     cache.prune(protect=frozenset([ingest.key, *(e.key for e in entries)]))

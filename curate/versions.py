@@ -22,12 +22,15 @@ from curate.records import train_messages
 if TYPE_CHECKING:  # the trainer reads versions on machines without polars
     import pyarrow as pa
 
-    from curate.dataset import RecordFiles
+    from curate.dataset import Part, RecordFiles
 
 LATEST = "latest"
 # Written with fixed settings so the same records give byte-identical files.
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "statistics": True}
-IN_MEMORY_BYTES = 96 << 20  # tables up to this size (uncompressed) are written in one piece
+IN_MEMORY_ROWS = 100_000  # tables up to this many records are written in one piece (up to IN_MEMORY_BYTES
+IN_MEMORY_BYTES = (
+    64 << 20
+)  # of compressed parts: all of ../shared/data/raw fits, and its files are as before)
 ROW_GROUP_ROWS = 1 << 14  # larger ones are streamed in row groups of this many records (16k keeps the
 # writer near 250 MB over its input: 64k took 550 MB on the dropped records of 1M)
 
@@ -82,8 +85,8 @@ def write_version(
     vid: str,
     manifest: dict,
     records: RecordFiles,
-    dropped: list[list[str]],
-    edits: list[list[str]],
+    dropped: list[list[Part]],
+    edits: list[list[Part]],
     quarantine: Path | None,
 ) -> tuple[Path, bool]:
     """Write all files of a version atomically and point `latest` at it: the version folder, and
@@ -103,7 +106,7 @@ def write_version(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_table([records.paths], tmp / "data.parquet", RECORD_SCHEMA)
+        _write_table([records.parts], tmp / "data.parquet", RECORD_SCHEMA)
         _write_table(dropped, tmp / "dropped.parquet", DROPPED_SCHEMA)
         _write_table(edits, tmp / "edits.parquet", EDITS_SCHEMA)
         _write_train_jsonl(records, tmp / "train.jsonl")
@@ -120,37 +123,37 @@ def write_version(
     return final, True
 
 
-def _write_table(stages: list[list[str]], path: Path, schema) -> None:
+def _write_table(stages: list[list[Part]], path: Path, schema) -> None:
     """Parts of a table (grouped by the stage that wrote them), in order, as one Parquet file.
 
-    A table that fits in memory comfortably (IN_MEMORY_BYTES) is gathered, one chunk per stage, and
-    written by polars in one go, as versions always were; a larger one is streamed in row groups
-    of ROW_GROUP_ROWS, cut at fixed row numbers. Either way the bytes depend on the rows alone, not
-    on how an engine cut them into parts, so every engine writes the same file.
+    A table of up to IN_MEMORY_ROWS records whose parts take at most IN_MEMORY_BYTES on disk is
+    gathered, one chunk per stage, and written by polars in one go, as versions always were; a
+    larger one is streamed in row groups of ROW_GROUP_ROWS records cut at fixed row numbers. Either
+    way the bytes depend on the rows, not on how an engine cut them into parts.
     """
     import polars as pl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.dataset import Part, RecordFiles
+    from curate.dataset import RecordFiles, read_part, read_segments
 
     parts = [p for stage in stages for p in stage]
-    metas = {p: pq.read_metadata(p) for p in parts}
-    size = sum(m.row_group(i).total_byte_size for m in metas.values() for i in range(m.num_row_groups))
-    if size <= IN_MEMORY_BYTES:
+    rows = sum(p.rows for p in parts)
+    if rows <= IN_MEMORY_ROWS and sum(os.path.getsize(p.path) for p in parts) <= IN_MEMORY_BYTES:
         frames = [
-            pl.from_arrow(pa.concat_tables([pq.read_table(p) for p in stage])).rechunk()
+            pl.from_arrow(pa.concat_tables(read_part(p.path) for p in stage)).rechunk()
             for stage in stages
             if stage
         ]
         table = pl.concat(frames, rechunk=False) if frames else pl.from_arrow(schema.empty_table())
         table.write_parquet(path, **PARQUET_OPTIONS)
         return
-    files = RecordFiles([Part(p, metas[p].num_rows) for p in parts], schema)
+    files = RecordFiles(parts, schema)
     with pq.ParquetWriter(
         path, schema, compression="zstd", compression_level=3, write_statistics=True
     ) as out:
-        for batch in files.batches(ROW_GROUP_ROWS):
+        for lo in range(0, rows, ROW_GROUP_ROWS):
+            batch = read_segments(files.segments(lo, min(lo + ROW_GROUP_ROWS, rows)))
             out.write_table(batch.cast(schema).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
 
 

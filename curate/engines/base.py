@@ -130,7 +130,7 @@ def ingest_task(spec: Any, base_dir: Path, paths: list[Path] | None, out: Path, 
                 total = files.setdefault(entry["path"], {**entry, "records": 0, "quarantined": 0})
                 total["records"] += entry["records"]
                 total["quarantined"] += entry["quarantined"]
-            part = write_part(out / f"ingest-{index:06d}-{j:05d}.parquet", batch.table)
+            part = write_part(out / f"ingest-{index:06d}-{j:05d}.arrow", batch.table)
             if part is not None:
                 parts.append(part)
             quarantined.extend(batch.quarantined)
@@ -155,7 +155,7 @@ def features_task(call: StageCall, segments: list[Segment], out: Path, index: in
     features = call.build().features(batch)
     if features.num_rows != batch.num_rows:
         raise ValueError(f"stage {call.name}: features gave {features.num_rows} rows for {batch.num_rows}")
-    part = write_part(out / f"features-{index:06d}.parquet", features)
+    part = write_part(out / f"features-{index:06d}.arrow", features)
     release_memory()
     return part
 
@@ -186,10 +186,8 @@ def added_receipt(name: str, decisions: Decisions, out: Path, index: int) -> Bat
     added = pa.concat_tables(decisions.added) if decisions.added else None
     if added is None:
         return BatchReceipt(index, 0, None, None, None, None, {})
-    edits = write_part(out / f"edits-{index:06d}.parquet", added_edits(name, added))
-    return BatchReceipt(
-        index, 0, None, write_part(out / f"added-{index:06d}.parquet", added), None, edits, {}
-    )
+    edits = write_part(out / f"edits-{index:06d}.arrow", added_edits(name, added))
+    return BatchReceipt(index, 0, None, write_part(out / f"added-{index:06d}.arrow", added), None, edits, {})
 
 
 def _store(
@@ -199,10 +197,10 @@ def _store(
     return BatchReceipt(
         index=index,
         rows_in=batch.num_rows,
-        kept=write_part(out / f"records-{index:06d}.parquet", applied.kept),
-        added=write_part(out / f"added-{index:06d}.parquet", applied.added),
-        dropped=write_part(out / f"dropped-{index:06d}.parquet", applied.dropped),
-        edits=write_part(out / f"edits-{index:06d}.parquet", applied.edits),
+        kept=write_part(out / f"records-{index:06d}.arrow", applied.kept),
+        added=write_part(out / f"added-{index:06d}.arrow", applied.added),
+        dropped=write_part(out / f"dropped-{index:06d}.arrow", applied.dropped),
+        edits=write_part(out / f"edits-{index:06d}.arrow", applied.edits),
         reasons=applied.reasons,
         llm=llm,
     )

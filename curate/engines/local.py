@@ -17,6 +17,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from curate.dataset import BATCH_ROWS, RecordFiles
 from curate.engines.base import (
     BatchReceipt,
@@ -105,14 +107,9 @@ class LocalEngine(Engine):
         features = RecordFiles([p for p in parts if p is not None])
         self.close_pool()  # idle workers hold hundreds of MB each: not while the features are in memory
         decisions = decide(call, features, source, None)
+        starts = np.cumsum([0] + [_rows(segments) for segments in plan])
         apply_tasks = (
-            (
-                call.name,
-                segments,
-                decisions.slice(i * self.batch_rows, i * self.batch_rows + _rows(segments)),
-                out,
-                i,
-            )
+            (call.name, segments, decisions.slice(int(starts[i]), int(starts[i + 1])), out, i)
             for i, segments in enumerate(plan)
         )
         yield from self._map(decided_task, apply_tasks, parallel)
