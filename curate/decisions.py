@@ -113,12 +113,22 @@ class Decisions:
     def __init__(self, rows: int) -> None:
         self.rows = rows
         self._groups: list[tuple[np.ndarray, str, _Evidence]] = []
+        self._single: dict[str, tuple[list[int], list[dict]]] = {}  # drop() calls, grouped on reading
         self.columns: dict[str, pa.Array] = {}
         self.added: list[pa.Table] = []
 
     def drop(self, row: int, reason: str, evidence: Mapping | None = None) -> None:
         """Drop one row."""
-        self.drop_many([row], reason, [dict(evidence or {})])
+        rows, proofs = self._single.setdefault(reason, ([], []))
+        rows.append(row)
+        proofs.append(dict(evidence or {}))
+
+    def _gather(self) -> list[tuple[np.ndarray, str, _Evidence]]:
+        """Every group of drops, single drops grouped by reason first."""
+        single, self._single = self._single, {}
+        for reason, (rows, proofs) in single.items():
+            self.drop_many(rows, reason, proofs)
+        return self._groups
 
     def drop_many(
         self,
@@ -152,16 +162,17 @@ class Decisions:
 
     def dropped(self) -> tuple[np.ndarray, list[str], list[dict]]:
         """(rows ascending, reasons, evidence dicts) of every drop; a row dropped twice is an error."""
-        if not self._groups:
+        groups = self._gather()
+        if not groups:
             return np.zeros(0, np.int64), [], []
-        rows = np.concatenate([r for r, _, _ in self._groups])
+        rows = np.concatenate([r for r, _, _ in groups])
         order = np.argsort(rows, kind="stable")
         rows = rows[order]
         if rows.size > 1 and (rows[1:] == rows[:-1]).any():
             raise ValueError(f"row {int(rows[1:][rows[1:] == rows[:-1]][0])} is dropped twice")
         reasons: list[str] = []
         evidence: list[dict] = []
-        for group_rows, reason, proof in self._groups:
+        for group_rows, reason, proof in groups:
             reasons.extend([reason] * group_rows.size)
             evidence.extend(proof.take(np.arange(group_rows.size)))
         picks = order.tolist()
@@ -171,7 +182,7 @@ class Decisions:
         """The decisions about rows [start, stop), numbered from 0 (a global stage's answer, cut to
         the batches the runner applies it to). Added records belong to no slice."""
         part = Decisions(stop - start)
-        for rows, reason, proof in self._groups:
+        for rows, reason, proof in self._gather():
             lo, hi = np.searchsorted(rows, [start, stop])
             if hi > lo:
                 taken = _Evidence(proof.take(np.arange(lo, hi)), hi - lo)
