@@ -38,7 +38,8 @@ def describe_changes(
     for name in _OTHER_FIELDS:
         if name in columns:
             differ = _differ(old[name], new[name])
-            notes.append(pl.Series([f"{name} changed" if d else None for d in differ.tolist()], dtype=pl.String))
+            said = [f"{name} changed" if d else None for d in differ.tolist()]
+            notes.append(pl.Series(said, dtype=pl.String))
     if not notes:
         return EDITS_SCHEMA.empty_table()
     source = new["source"].combine_chunks()
