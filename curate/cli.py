@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -42,8 +43,24 @@ def _friendly_errors(fn):
             if exc.hint:
                 err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
             sys.exit(1)
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRORS:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            err.print(
+                f"[bold red]error:[/bold red] {escape(exc.strerror or str(exc))}{escape(where)}",
+                highlight=False,
+            )
+            err.print(
+                "[yellow]hint:[/yellow] free some space or choose another folder (--out)", highlight=False
+            )
+            sys.exit(1)
 
     return wrapper
+
+
+# The disk refused: full, read-only, or not ours. Said in one line, like any other user error.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def _print_json(data) -> None:
@@ -92,10 +109,17 @@ def main() -> None:
     "Both write the same version.",
 )
 @click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail when an input file yields no records or mostly unreadable rows (else: a warning).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout; no progress bars."
 )
 @_friendly_errors
-def run(recipe: Path, out_dir: Path | None, workers: int | None, engine: str, as_json: bool) -> None:
+def run(
+    recipe: Path, out_dir: Path | None, workers: int | None, engine: str, strict: bool, as_json: bool
+) -> None:
     """Run RECIPE and write a new dataset version.
 
     Stages whose inputs, options and code did not change since an earlier run are taken from
@@ -107,6 +131,7 @@ def run(recipe: Path, out_dir: Path | None, workers: int | None, engine: str, as
     from curate.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    loaded.strict = loaded.strict or strict
     with Progress(enabled=not as_json) as progress:
         result = run_recipe(loaded, out_dir, progress, workers, engine)
     if as_json:
@@ -140,6 +165,8 @@ def _print_summary(manifest: dict, folder: Path, run: dict | None = None) -> Non
         out.print(
             f"[yellow]{c['quarantined']} unreadable input line(s): see {folder / 'quarantine.jsonl'}[/yellow]"
         )
+    for w in manifest.get("warnings", []):
+        out.print(f"[yellow]warning: {escape(w['file'])}: {escape(w['problem'])}[/yellow]")
 
 
 @main.command()
@@ -424,9 +451,10 @@ def train(recipe: Path, data: Path, out_dir: Path, overrides: tuple[str, ...], a
     curate train train/tiny-cpu.yaml --data runs/demo              # CPU, tiny model, minutes
     curate train train/qlora-default.yaml --data runs/sft-mix      # 7-8B on one 24 GB GPU
     """
-    from curate.train import run_training
+    from curate.train import require_training_extra, run_training
     from curate.versions import resolve_version
 
+    require_training_extra()
     metrics = run_training(recipe, resolve_version(data), out_dir, _overrides(overrides))
     if as_json:
         _print_json(metrics)
@@ -465,9 +493,10 @@ def evaluate(
     adapter: Path, recipe: Path | None, data: Path | None, out_dir: Path | None, as_json: bool
 ) -> None:
     """Run the evaluation gates on an adapter, each figure beside the base model's; exit 1 if a gate fails."""
-    from curate.train import run_eval
+    from curate.train import require_training_extra, run_eval
     from curate.versions import resolve_version
 
+    require_training_extra()
     report = run_eval(recipe, adapter, resolve_version(data) if data else None, out_dir)
     if as_json:
         _print_json(report)
@@ -486,19 +515,21 @@ def _print_gates(report: dict) -> None:
         return "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
 
     for g in report.get("gates", []):
-        result = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]n/a[/dim]"}[
-            g.get("passed")
-        ]
+        if g.get("value") is None:
+            result = "[dim]n/a[/dim]"
+        else:
+            result = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "reported"}[
+                g.get("passed")
+            ]
         table.add_row(g["name"], fmt(g.get("value")), fmt(g.get("base")), fmt(g.get("threshold")), result)
     out.print(table)
     verdict = report.get("passed")
-    out.print(
-        "[green]all gates pass[/green]"
-        if verdict
-        else "[red]some gates fail[/red]"
-        if verdict is False
-        else ""
-    )
+    if verdict is None:
+        out.print("[dim]no gate has a threshold here: the figures are reported, not judged[/dim]")
+    else:
+        out.print(
+            "[green]all gates with a threshold pass[/green]" if verdict else "[red]some gates fail[/red]"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -89,11 +89,13 @@ class Runner:
         self.run_id = run_id
         self.digests = FileDigests(cache.root / "digests.json")
         self.shared_cache = shared_cache_dir(recipe.cache.shared_dir)
+        self.warnings: list[dict] = []  # input files that gave nothing usable
 
     def run(self) -> tuple[Entry, list[Entry], list[StageResult]]:
         """The ingest entry, every stage's entry and result, in order."""
         try:
             ingest = self._ingest()
+            self._check_inputs(ingest.done["inputs"])
             entries, results = [], []
             current = ingest
             for step in self.recipe.stages:
@@ -110,6 +112,18 @@ class Runner:
             return ingest, entries, results
         finally:
             self.digests.save()
+
+    def _check_inputs(self, inputs: list[dict]) -> None:
+        """Files that gave nothing usable: warned about, or with `strict` the end of the run."""
+        self.warnings = input_warnings(inputs)
+        for w in self.warnings:
+            self.progress.note(f"warning: {w['file']}: {w['problem']}")
+        if self.warnings and self.recipe.strict:
+            shown = "; ".join(f"{w['file']}: {w['problem']}" for w in self.warnings[:5])
+            raise CurateError(
+                f"strict: {len(self.warnings)} input file(s) yield nothing usable ({shown})",
+                hint="fix or remove them, or run without strict to write the version with a warning",
+            )
 
     # keys -----------------------------------------------------------------------------------------
 
@@ -282,6 +296,23 @@ class Runner:
             raise
 
 
+def input_warnings(inputs: list[dict]) -> list[dict]:
+    """Input files that yield no records, or more unreadable rows than records."""
+    warnings = []
+    for entry in inputs:
+        records, bad = entry["records"], entry["quarantined"]
+        if records == 0 and bad == 0:
+            problem = "empty: no rows at all"
+        elif records == 0:
+            problem = f"no records: all {bad:,} rows unreadable (see quarantine.jsonl)"
+        elif bad > records:
+            problem = f"mostly unreadable: {bad:,} of {bad + records:,} rows quarantined"
+        else:
+            continue
+        warnings.append({"file": entry["path"], "records": records, "quarantined": bad, "problem": problem})
+    return warnings
+
+
 def _names(parts: list[Part], folder: Path) -> list[list]:
     """Parts as [file name, rows] pairs, relative to their entry folder (which is renamed)."""
     return [[Path(p.path).relative_to(folder).as_posix(), p.rows] for p in parts]
@@ -313,10 +344,12 @@ def run_recipe(
     if engine is None or isinstance(engine, str):
         cls = ENGINES[engine or "local"]
         engine = cls(workers) if cls.name == "local" else cls()
+    versions.check_writable(out_dir)
     cache = StageCache(out_dir / ".cache", recipe.cache_max_bytes)
     previous = _previous_version(out_dir)
+    runner = Runner(recipe, engine, cache, progress, run_id)
     with engine:
-        ingest, entries, results = Runner(recipe, engine, cache, progress, run_id).run()
+        ingest, entries, results = runner.run()
     final = entries[-1] if entries else ingest
     records = final.records
     quarantined = ingest.done["quarantined"]
@@ -352,6 +385,7 @@ def run_recipe(
         "counts": counts,
         "stages": [r.as_manifest() for r in results],
         "eval_overlap": overlap,
+        "warnings": runner.warnings,
         "llm": _llm_totals(results),
         "seconds": round(time.perf_counter() - started, 3),
     }

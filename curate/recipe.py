@@ -85,6 +85,7 @@ class Recipe:
     output_dir: Path | None = None
     seed: int = 0
     allow_eval_overlap: bool = False
+    strict: bool = False
     cache: CacheSpec = field(default_factory=CacheSpec)
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict)
@@ -129,6 +130,11 @@ def recipe_schema() -> dict:
                 "type": "integer",
                 "minimum": 0,
                 "description": "Seed for every random choice of every stage.",
+            },
+            "strict": {
+                "type": "boolean",
+                "description": "Fail the run when an input file yields no records or mostly unreadable rows "
+                "(by default such files are only warned about).",
             },
             "allow_eval_overlap": {
                 "type": "boolean",
@@ -234,6 +240,7 @@ def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Re
         output_dir=(base_dir / out).resolve() if out else None,
         seed=int(raw.get("seed", 0)),
         allow_eval_overlap=bool(raw.get("allow_eval_overlap", False)),
+        strict=bool(raw.get("strict", False)),
         cache=cache or CacheSpec(),
         base_dir=base_dir,
         raw=raw,

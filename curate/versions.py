@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,21 @@ class VersionId:
         h = self._h.copy()
         h.update(b"]" if self._dropped else b"[]")
         return "v" + h.hexdigest()
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail at once, with the folder named, when the output folder cannot be written: a run writes
+    its stage cache and its version there (a fully cached re-run too, to mark what it used)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=out_dir, prefix=".curate-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CurateError(
+            f"cannot write to the output folder {out_dir}: {exc.strerror or exc}",
+            hint="give a writable one with --out (or output.dir in the recipe), or make this one writable",
+        ) from None
 
 
 def code_version() -> str:

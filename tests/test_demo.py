@@ -52,23 +52,23 @@ def test_every_planted_item_is_dropped_for_its_reason(demo):
     expected = {
         ("chats_sharegpt.jsonl", 45): "exact_duplicate",
         ("openai_messages.jsonl.gz", 40): "exact_duplicate",
-        ("prompt_completion.csv", 12): "exact_duplicate",
+        ("prompt_completion.csv", 36): "exact_duplicate",
         ("alpaca.json", 88): "exact_duplicate",
         ("alpaca.json", 77): "near_duplicate",
         ("openai_messages.jsonl.gz", 50): "near_duplicate",
-        ("prompt_completion.csv", 30): "near_duplicate",
-        ("prompt_completion.csv", 41): "near_duplicate",
+        ("prompt_completion.csv", 66): "near_duplicate",
+        ("prompt_completion.csv", 88): "near_duplicate",
         ("alpaca.json", 40): "refusal",
         ("chats_sharegpt.jsonl", 27): "refusal",
         ("openai_messages.jsonl.gz", 25): "refusal",
         ("alpaca.json", 60): "empty_turn",
         ("openai_messages.jsonl.gz", 33): "empty_turn",
-        ("prompt_completion.csv", 20): "eval_overlap",
+        ("prompt_completion.csv", 48): "eval_overlap",
     }
     for where, reason in expected.items():
         assert dropped[where]["reason"] == reason, where
     assert sum(1 for r in dropped.values() if r["reason"] == "prompt_only") == 20
-    contaminated = json.loads(dropped[("prompt_completion.csv", 20)]["evidence"])
+    contaminated = json.loads(dropped[("prompt_completion.csv", 48)]["evidence"])
     assert contaminated["eval_set"] == "demo_eval" and contaminated["eval_id"] == "demo-eval-007"
 
 
@@ -81,7 +81,7 @@ def test_duplicates_point_at_the_kept_original(demo):
         ("chats_sharegpt.jsonl", 45): ("alpaca.json", 10),
         ("alpaca.json", 77): ("alpaca.json", 14),
         ("openai_messages.jsonl.gz", 50): ("chats_sharegpt.jsonl", 20),
-        ("prompt_completion.csv", 41): ("prompt_completion.csv", 5),
+        ("prompt_completion.csv", 88): ("prompt_completion.csv", 7),
     }
     for copy, original in pairs.items():
         evidence = json.loads(dropped[copy]["evidence"])

@@ -184,7 +184,7 @@ def test_recipe_errors_point_at_the_key(raw, message, hint, tmp_path):
 
 
 def test_missing_input_is_a_clear_error_before_any_run(tmp_path: Path):
-    with pytest.raises(CurateError, match="no data files found") as exc:
+    with pytest.raises(CurateError, match="the pattern matched nothing") as exc:
         recipe_from_dict({"inputs": [{"path": "nope/*.jsonl"}], "stages": []}, base_dir=tmp_path)
     assert exc.value.issues[0].where == "inputs[0].path"
 

@@ -148,7 +148,12 @@ def test_csv_and_tsv(tmp_path: Path):
         [("user", "What is 2+2?\nShow work."), ("assistant", "4")],
         [("user", "Capital of France?"), ("assistant", "Paris, France")],
     ]
-    assert records[1]["source"]["row"] == 1 and meta_of(records[1]) == {"topic": "geo"}
+    # a CSV record's row is the file line it starts on, as an editor shows it (the header is line 1)
+    assert [r["source"]["row"] for r in records] == [2, 4] and meta_of(records[1]) == {"topic": "geo"}
+    (tmp_path / "bad.csv").write_text("question,answer\nq1,a1\nq2,a2,extra\nq3,a3\n")
+    records, quarantined = read("bad.csv", tmp_path)
+    assert [r["source"]["row"] for r in records] == [2, 4]
+    assert [(q["line"], q["error"]) for q in quarantined] == [(3, "more cells than header columns")]
     (tmp_path / "a.tsv.gz").write_bytes(gzip.compress(b"instruction\tinput\toutput\nSay hi.\t\tHi!\n"))
     records, _ = read("a.tsv.gz", tmp_path)
     assert turns(records[0]) == [("user", "Say hi."), ("assistant", "Hi!")]
@@ -191,8 +196,15 @@ def test_globs_and_folders_are_sorted_and_skip_hidden_files(tmp_path: Path):
     ]
     records, _ = read(InputSpec(path="data/**/*.json", name="mix"), tmp_path)
     assert [(r["source"]["name"], r["source"]["path"]) for r in records] == [("mix", "data/sub/c.json")]
-    with pytest.raises(FormatError, match="no data files found"):
+    with pytest.raises(FormatError, match="the pattern matched nothing") as exc:
         read("data/*.parquet", tmp_path)
+    assert str(tmp_path / "data" / "*.parquet") in exc.value.hint  # where it looked
+    (tmp_path / "data" / "notes.txt").write_text("not data")
+    with pytest.raises(FormatError, match=r"matched 1 path\(s\) \(notes.txt\), none of them a data file"):
+        read("data/*.txt", tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FormatError, match="no data files found in the folder"):
+        read("empty", tmp_path)
     with pytest.raises(FormatError, match="no such file or folder"):
         read("missing.jsonl", tmp_path)
 
@@ -235,7 +247,9 @@ def test_save_to_disk_folders(tmp_path: Path):
     # a folder holding saved datasets reads each as one input, never their own json files
     names = [p.relative_to(tmp_path).as_posix() for p in input_files(InputSpec(path="."), tmp_path)]
     assert names == ["dict", "more.jsonl", "saved"]
-    with pytest.raises(FormatError, match="no data files found"):  # every .json here is dataset internals
+    with pytest.raises(
+        FormatError, match="none of them a data file"
+    ):  # every .json here is dataset internals
         input_files(InputSpec(path="**/*.json"), tmp_path)
 
 

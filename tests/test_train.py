@@ -328,7 +328,12 @@ def test_tiny_qlora_run_end_to_end(trained):
         "stop_rate",
         "latency_ms_per_token",
     ]
-    assert gates["heldout_loss"]["passed"] and gates["heldout_loss"]["value"] < gates["heldout_loss"]["base"]
+    # no threshold in this recipe: reported (better than the base model, so not failed either)
+    assert (
+        gates["heldout_loss"]["passed"] is None
+        and gates["heldout_loss"]["value"] < gates["heldout_loss"]["base"]
+    )
+    assert gates["heldout_loss"]["worse_than_base"] is False
     assert (
         gates["format_compliance"]["value"] == 0.0
     )  # a story model writes no JSON; the recipe does not judge it
@@ -374,14 +379,15 @@ def test_merged_weights_hold_the_adapter(trained):
 
 
 def test_gate_helpers():
-    from curate.train.gates import final_answer, is_refusal, json_of
+    from curate.text.refusals import declines
+    from curate.train.gates import final_answer, json_of
 
     assert final_answer("Natalia sold 48/2 = 24 clips in May.\n#### 72") == "72"
     assert final_answer("so the total is 1,234 dollars") == "1234"
     assert final_answer("The answer is 18.0") == "18"
-    assert is_refusal("I'm sorry, but I can't help with that.")
-    assert is_refusal("I cannot provide instructions for making weapons.")
-    assert not is_refusal("Sure! Here is a recipe for pancakes.")
+    assert declines("I'm sorry, but I can't help with that.")
+    assert declines("I cannot provide instructions for making weapons.")
+    assert not declines("Sure! Here is a recipe for pancakes.")
     assert json_of('```json\n{"a": 1}\n```') == {"a": 1}
     with pytest.raises(ValueError):
         json_of("name: Ada")

@@ -168,13 +168,43 @@ def iter_jsonl(blocks: Iterable[bytes]) -> Iterator[Row]:
         except orjson.JSONDecodeError:
             try:
                 value = json.loads(line)
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, depth
                 if not line.strip():
                     continue
                 text = line.decode("utf-8", errors="replace").rstrip("\r")
-                yield number, Unreadable(f"invalid JSON: {exc}", text), None
+                yield number, Unreadable(_why_unreadable(exc), text), None
                 continue
         yield number, value, line
+
+
+def _why_unreadable(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return f"invalid JSON: nested more than {sys.getrecursionlimit()} levels deep"
+    return f"invalid JSON: {exc}"
+
+
+def _value_end(text: str, pos: int) -> int:
+    """Where the JSON value starting at `pos` ends (its closing bracket + 1), by counting brackets
+    outside strings; -1 if the text ends first. Only for values too deep for the decoder."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(pos, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1
 
 
 def _json_array(text: IO[str], path: Path) -> Iterator[Row]:
@@ -211,6 +241,21 @@ def _json_array(text: IO[str], path: Path) -> Iterator[Row]:
             return
         try:
             value, end = decode(buf, pos)
+        except RecursionError:  # too deep to decode: skip the element, quarantine it
+            end = _value_end(buf, pos)
+            if end < 0 and not eof:
+                chunk = text.read(_CHUNK)
+                eof = not chunk
+                buf, pos = buf[pos:] + chunk, 0
+                continue
+            if end < 0:
+                raise FormatError(f"{path}: the JSON array is not closed (file cut short?)") from None
+            reason = f"invalid JSON: nested more than {sys.getrecursionlimit()} levels deep"
+            yield index, Unreadable(reason, buf[pos:end]), None
+            index += 1
+            pos = end
+            expect_value = False
+            continue
         except json.JSONDecodeError as exc:
             if eof:
                 raise FormatError(
@@ -268,7 +313,14 @@ def iter_json(path: Path) -> Iterator[Row]:
             yield from iter_jsonl(read_blocks(path))
             return
         with open_text(path) as text:
-            doc = json.load(text)
+            try:
+                doc = json.load(text)
+            except RecursionError:
+                raise FormatError(
+                    f"{path}: the JSON document is nested more than {sys.getrecursionlimit()} levels deep",
+                    hint="a document that does not parse cannot be split into rows; JSONL quarantines "
+                    "such a line on its own",
+                ) from None
         lists = [v for v in doc.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
         rows = lists[0] if len(lists) == 1 else [doc]  # {"data": [...]} wrappers hold the rows
         for index, value in enumerate(rows):
@@ -307,15 +359,20 @@ class _Prepend(io.TextIOBase):
 
 
 def iter_csv(path: Path, delimiter: str) -> Iterator[Row]:
-    """One row per CSV record (header = keys); row number = 0-based index."""
+    """One row per CSV record (header = keys); row number = the file line the record starts on
+    (1-based, the header is line 1), as an editor shows it; a record may span lines."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # instruction texts exceed the 128 KB default
     with open_text(path) as text:
-        for index, row in enumerate(csv.DictReader(text, delimiter=delimiter)):
+        reader = csv.DictReader(text, delimiter=delimiter)
+        reader.fieldnames  # noqa: B018 - reads the header, so line_num counts from it
+        start = reader.line_num + 1
+        for row in reader:
             if None in row:
                 raw = json.dumps(row, ensure_ascii=False, default=str)
-                yield index, Unreadable("more cells than header columns", raw), None
+                yield start, Unreadable("more cells than header columns", raw), None
             else:
-                yield index, row, None
+                yield start, row, None
+            start = reader.line_num + 1
 
 
 def iter_parquet(path: Path, batch_size: int) -> Iterator[Row]:
@@ -422,8 +479,19 @@ def expand(path_text: str, base_dir: Path) -> list[Path]:
     if any(c in path_text for c in "*?["):
         # The recipe folder's own name may hold glob characters; only the recipe's pattern is a glob.
         pattern = path_text if Path(path_text).is_absolute() else f"{glob.escape(str(base_dir))}/{path_text}"
-        found = [Path(p) for p in glob.glob(pattern, recursive=True)]
-        found = [p for p in found if (is_data_file(p) and not _in_hf_folder(p)) or is_hf_folder(p)]
+        matched = [Path(p) for p in glob.glob(pattern, recursive=True)]
+        if not matched:
+            raise FormatError(
+                f"input {path_text!r}: the pattern matched nothing",
+                hint=f"it was looked for as {pattern} (paths resolve against the recipe's folder)",
+            )
+        found = [p for p in matched if (is_data_file(p) and not _in_hf_folder(p)) or is_hf_folder(p)]
+        if not found:
+            shown = ", ".join(p.name for p in sorted(matched)[:3]) + (", ..." if len(matched) > 3 else "")
+            raise FormatError(
+                f"input {path_text!r}: matched {len(matched)} path(s) ({shown}), none of them a data file",
+                hint=f"data files end in {', '.join(DATA_SUFFIXES)}",
+            )
     else:
         path = Path(path_text)
         path = path if path.is_absolute() else base_dir / path
@@ -434,7 +502,7 @@ def expand(path_text: str, base_dir: Path) -> list[Path]:
         found = _walk(path)
     if not found:
         raise FormatError(
-            f"input {path_text!r}: no data files found (looked in {base_dir})",
-            hint=f"files need one of the suffixes {', '.join(DATA_SUFFIXES)}",
+            f"input {path_text!r}: no data files found in the folder {path}",
+            hint=f"data files end in {', '.join(DATA_SUFFIXES)}",
         )
     return sorted(found, key=lambda p: p.as_posix())

@@ -14,20 +14,7 @@ import pyarrow.compute as pc
 from curate.records import message_fields
 from curate.stages.base import Decisions, Drop, Stage, option, register
 from curate.text.clean import blank_column
-
-# Boilerplate that marks a refusal or a model talking about itself rather than answering.
-DEFAULT_REFUSAL_PATTERNS = [
-    r"\bas an ai language model\b",
-    r"\bas an ai (?:assistant|model)\b",
-    r"\bas a language model\b",
-    r"\bi(?: am|'m) (?:just )?an ai\b",
-    r"\bi(?: am|'m) not able to (?:provide|assist|help)\b",
-    r"\bi(?: am|'m) sorry,? but i (?:cannot|can't|am unable to|won't)\b",
-    r"\bi cannot fulfill (?:this|your) request\b",
-    r"\bi do not have (?:personal )?(?:opinions|feelings|emotions|beliefs)\b",
-    r"\bmy knowledge cutoff\b",
-    r"\bopenai's (?:use|content) polic",
-]
+from curate.text.refusals import BOILERPLATE, any_of
 
 _WORDISH = re.compile(r"\w+|[^\w\s]")
 
@@ -63,7 +50,7 @@ class FilterConfig:
     )
     drop_refusals: bool = option(True, help="Drop records whose assistant turns contain refusal boilerplate.")
     refusal_patterns: list[str] = option(
-        DEFAULT_REFUSAL_PATTERNS,
+        BOILERPLATE,
         help="Case-insensitive regular expressions (Rust regex syntax: no look-around) matched against "
         "assistant turns.",
     )
@@ -98,7 +85,7 @@ class FilterStage(Stage):
 
     def setup(self) -> None:
         cfg = self.config
-        self._refusal = "(?i)(" + "|".join(f"(?:{p})" for p in cfg.refusal_patterns) + ")"
+        self._refusal = any_of(cfg.refusal_patterns)
         self._count_tokens = None
         if self._token_bounds():
             self._count_tokens = _word_counter

@@ -16,6 +16,7 @@ from typing import Any
 from curate.errors import CurateError
 from curate.records import message, record_id
 from curate.templates import render
+from curate.train.recipe import TrainRecipe
 from curate.versions import resolve_version
 
 IGNORE = -100
@@ -156,3 +157,18 @@ def load_eval_items(spec: dict, base_dir: Path) -> list[dict]:
 
     items = load_eval_set(EvalSetSpec.from_recipe(spec, f"eval_sets.{spec.get('name')}"), base_dir).items
     return [{"id": it.id, "question": it.question, "answer": it.answer} for it in items]
+
+
+def eval_references(recipe: TrainRecipe, version: Version | None) -> list[tuple[str, list[dict]]]:
+    """The eval sets a training run is judged by, each as (name, its items with both a question and
+    an answer): the training recipe's own `eval_sets`, else those of the version's pipeline recipe."""
+    if recipe.eval_sets is not None:
+        specs, base = recipe.eval_sets, recipe.base_dir
+    elif version is not None:
+        specs, base = version.eval_sets, version.eval_base_dir
+    else:
+        specs, base = [], recipe.base_dir
+    return [
+        (spec["name"], [it for it in load_eval_items(spec, base) if it["question"] and it["answer"]])
+        for spec in specs
+    ]

@@ -16,7 +16,7 @@ from typing import Any
 
 from curate.errors import CurateError
 from curate.templates import TEMPLATE_NAMES
-from curate.train.data import Version, encode_all, load_eval_items, load_version, split_holdout
+from curate.train.data import Version, encode_all, eval_references, load_version, split_holdout
 from curate.train.recipe import TrainRecipe, load_recipe
 
 # Eval-set loss is cheap next to generation, so it reads this many times the gates' max_items.
@@ -47,18 +47,11 @@ def template_object(template: str, tokenizer: Any) -> Any:
 
 def eval_set_conversations(recipe: TrainRecipe, version: Version | None) -> dict[str, list[list[dict]]]:
     """Each eval set with references as question -> answer conversations, for eval loss."""
-    specs = recipe.eval_sets if recipe.eval_sets is not None else (version.eval_sets if version else [])
-    base = (
-        recipe.base_dir
-        if recipe.eval_sets is not None
-        else (version.eval_base_dir if version else recipe.base_dir)
-    )
     out = {}
-    for spec in specs:
-        items = [it for it in load_eval_items(spec, base) if it["question"] and it["answer"]]
+    for name, items in eval_references(recipe, version):
         if items:
             items = items[: recipe.gates.max_items * EVAL_LOSS_ITEMS_PER_GATE_ITEM]
-            out[spec["name"]] = [
+            out[name] = [
                 [
                     {"role": "user", "content": str(it["question"])},
                     {"role": "assistant", "content": str(it["answer"])},

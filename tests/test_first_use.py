@@ -1,0 +1,136 @@
+"""What a first real use found: every careless input gets a clear message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from curate.cli import main
+from curate.pipeline import run_recipe
+from curate.recipe import recipe_from_dict
+
+ROW = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_a_deeply_nested_value_is_quarantined_not_a_crash(tmp_path: Path):
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [json.dumps(ROW), '{"instruction": "x", "output": ' + deep + "}", json.dumps(ROW)]
+    (tmp_path / "deep.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "deep.json").write_text("[" + json.dumps(ROW) + ", " + deep + ", " + json.dumps(ROW) + "]")
+    recipe = recipe_from_dict(
+        {"inputs": [{"path": "deep.jsonl"}, {"path": "deep.json"}], "stages": []}, tmp_path
+    )
+    result = run_recipe(recipe, tmp_path / "out")
+    c = result.manifest["counts"]
+    assert (c["input"], c["kept"], c["quarantined"]) == (6, 4, 2)
+    quarantined = [json.loads(line) for line in (result.folder / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["file"], q["line"]) for q in quarantined] == [("deep.jsonl", 2), ("deep.json", 1)]
+    assert all("nested more than" in q["error"] for q in quarantined)
+
+
+def _immutable(folder: Path, on: bool) -> None:
+    """chattr +i: not even root may create files in the folder (tests run as root, where mode bits
+    do not stop a write)."""
+    import subprocess
+
+    subprocess.run(["chattr", "+i" if on else "-i", str(folder)], check=True, capture_output=True)
+
+
+def test_a_read_only_output_folder_is_one_line_naming_it(tmp_path: Path):
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROW) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"inputs": [{"path": "a.jsonl"}], "stages": [{"filter": {}}]}))
+    out = tmp_path / "out"
+    assert run_cli("run", str(recipe), "--out", str(out)).exit_code == 0
+    for folder in (out, tmp_path / "fresh"):
+        folder.mkdir(exist_ok=True)
+        _immutable(folder, True)
+        try:
+            result = run_cli(
+                "run", str(recipe), "--out", str(folder)
+            )  # a fully cached re-run, then a new one
+        finally:
+            _immutable(folder, False)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert f"cannot write to the output folder {folder}" in result.output
+        assert "hint: give a writable one with --out" in result.output
+
+
+def test_train_and_eval_without_the_training_extra_say_what_to_install(tmp_path: Path, monkeypatch):
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "peft") else real(name, *a)
+    )
+    (tmp_path / "adapter").mkdir()
+    for args in (
+        ["train", str(REPO / "train" / "tiny-cpu.yaml"), "--data", str(tmp_path)],
+        ["eval", "--adapter", str(tmp_path / "adapter")],
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "training needs packages that are not installed: torch, peft" in result.output
+        assert "pip install 'curate[train]'" in result.output and "torch==2.13.0" in result.output
+
+
+def test_a_gate_without_a_threshold_is_reported_not_passed():
+    from rich.console import Console
+
+    from curate import cli
+    from curate.train.gates import _gate
+
+    accuracy = _gate("accuracy:demo_eval", 0.0, 0.0, None, True, True)  # 0 of 8, as the base model
+    regressed = _gate("format_compliance", 0.1, 0.5, None, True, True)
+    judged = _gate("stop_rate", 0.97, 0.9, 0.95, True, True)
+    assert (accuracy["passed"], regressed["passed"], judged["passed"]) == (None, False, True)
+    console = Console(record=True, width=100)
+    original = cli.out
+    cli.out = console
+    try:
+        cli._print_gates({"passed": None, "gates": [accuracy]})
+        cli._print_gates({"passed": False, "gates": [accuracy, regressed, judged]})
+    finally:
+        cli.out = original
+    text = console.export_text()
+    rows = [
+        line.split()[-1]
+        for line in text.splitlines()
+        if line.strip().startswith(("accuracy", "format", "stop"))
+    ]
+    assert rows == ["reported", "reported", "FAIL", "pass"]
+    assert "no gate has a threshold here: the figures are reported, not judged" in text
+
+
+def test_files_that_yield_nothing_are_warned_about_or_fail_in_strict_mode(tmp_path: Path):
+    (tmp_path / "good.jsonl").write_text(json.dumps(ROW) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 40)  # a binary file renamed .jsonl
+    raw = {"inputs": [{"path": "*.jsonl"}], "stages": [{"filter": {}}]}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = run_cli("run", str(recipe), "--out", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 0
+    warnings = {w["file"]: w["problem"] for w in json.loads(result.output)["warnings"]}
+    assert set(warnings) == {"binary.jsonl", "empty.jsonl"}
+    assert warnings["empty.jsonl"] == "empty: no rows at all"
+    assert (
+        warnings["binary.jsonl"].startswith("no records: all ") and "unreadable" in warnings["binary.jsonl"]
+    )
+    shown = run_cli("show", str(tmp_path / "out")).output
+    assert "warning: binary.jsonl: no records" in shown and "warning: empty.jsonl: empty" in shown
+    for args, raw_strict in ((["--strict"], raw), ([], {**raw, "strict": True})):
+        recipe.write_text(yaml.safe_dump(raw_strict))
+        failed = run_cli("run", str(recipe), "--out", str(tmp_path / "strict"), *args)
+        assert failed.exit_code == 1 and "Traceback" not in failed.output
+        assert "strict: 2 input file(s) yield nothing usable" in failed.output
+        assert not (tmp_path / "strict" / "latest").exists()
