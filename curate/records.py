@@ -230,13 +230,42 @@ def to_table(records: list[dict]) -> pa.Table:
 
 
 def train_messages(messages: list[dict]) -> list[dict]:
-    """Messages as TRL and Axolotl read them: nulls left out, tool calls parsed back to lists."""
-    out = []
-    for m in messages:
-        item = {"role": m["role"], "content": m["content"]}
-        if m.get("tool_calls"):
-            item["tool_calls"] = json.loads(m["tool_calls"])
-        if m.get("name"):
-            item["name"] = m["name"]
-        out.append(item)
-    return out
+    """Messages in the OpenAI wire format that TRL and Axolotl read, every turn with the same four
+    keys (null where a turn has none): content always text (templates concatenate it), tool calls
+    as {"type": "function", "function": {"name", "arguments"}} with the arguments as JSON text, the
+    tool's `name` on a tool turn."""
+    return [
+        {
+            "role": m["role"],
+            "content": m["content"] or "",
+            "tool_calls": [_wire_call(c) for c in json.loads(m["tool_calls"])]
+            if m.get("tool_calls")
+            else None,
+            "name": m.get("name") or None,
+        }
+        for m in messages
+    ]
+
+
+def _wire_call(call: dict) -> dict:
+    """A tool call of one shape whatever the source wrote (arguments as an object or text, bare or
+    under "function"), so that every call of a file loads into one column."""
+    function = call.get("function") if isinstance(call.get("function"), dict) else call
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+    return {"type": "function", "function": {"name": function.get("name"), "arguments": arguments}}
+
+
+def train_tools(tools: str | None) -> str | None:
+    """Tool definitions as one JSON text of OpenAI function entries ({"type": "function", "function":
+    {...}}): text, so that every line of train.jsonl loads into one column whatever each schema's
+    shape; TRL parses it back."""
+    if not tools:
+        return None
+    parsed = json.loads(tools)
+    entries = parsed if isinstance(parsed, list) else [parsed]
+    wrapped = [
+        t if isinstance(t, dict) and "function" in t else {"type": "function", "function": t} for t in entries
+    ]
+    return json.dumps(wrapped, ensure_ascii=False)

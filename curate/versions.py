@@ -16,16 +16,19 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 import curate
 from curate.errors import CurateError
-from curate.records import train_messages
+from curate.records import train_messages, train_tools
 
 if TYPE_CHECKING:  # the trainer reads versions on machines without polars
-    import pyarrow as pa
-
     from curate.dataset import Part, RecordFiles
 
 LATEST = "latest"
+# How a version's files are written. A version with the same id has the same bytes, so a change
+# to the files' format (not only to their content) must change the id: bump this with it.
+FILES_FORMAT = 2  # 2: every train.jsonl line and turn carries the same keys
 # Written with fixed settings so the same records give byte-identical files.
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "statistics": True}
 IN_MEMORY_ROWS = 100_000  # tables up to this many records are written in one piece (up to IN_MEMORY_BYTES
@@ -44,6 +47,8 @@ class VersionId:
     def __init__(self, recipe_raw: dict, input_hashes: list[str]) -> None:
         recipe = {k: v for k, v in recipe_raw.items() if k != "output"}
         self._h = hashlib.blake2b(digest_size=6)
+        if FILES_FORMAT > 1:  # format 1 (before train.jsonl's uniform keys) hashed no format
+            self._h.update(f"files-format-{FILES_FORMAT}".encode())
         self._h.update(json.dumps(recipe, sort_keys=True, default=str).encode())
         self._h.update(json.dumps(input_hashes).encode())
         self._kept = self._dropped = 0
@@ -174,24 +179,28 @@ def _write_table(stages: list[list[Part]], path: Path, schema) -> None:
 
 
 def _write_train_jsonl(records: RecordFiles, path: Path) -> None:
-    """train.jsonl, batch by batch (see `train_lines`)."""
-    with open(path, "wb") as f:
-        for batch in records.batches():
-            f.write(train_lines(batch))
+    """train.jsonl, batch by batch: first the records with tool calls, tool turns or tool
+    definitions, then every other, each group in data order.
 
-
-def train_lines(batch: pa.Table) -> memoryview | bytes:
-    """One {"messages": [...], "tools": [...]} line per record, as TRL and Axolotl read them.
-
-    Records that are only roles and text (nearly all) are written by a compiled kernel that gives
-    json.dumps' bytes; those with tool calls, tool names or tool definitions go through
-    `train_messages`, which parses the JSON text they carry back into lists.
+    Every line carries the same keys, but a plain record's are null, and `datasets` types each
+    column from the first block of a file: had the first block only plain records, a later tool
+    call could not be cast to their null type and the file would not load. Trainers shuffle; the
+    order of lines means nothing else (data.parquet keeps the data order).
     """
+    with open(path, "wb") as f:
+        for rich_pass in (True, False):
+            for batch in records.batches():
+                rich = _rich(batch)
+                if rich_pass and rich.any():
+                    f.write(train_lines(batch.filter(pa.array(rich))))
+                elif not rich_pass and not rich.all():
+                    f.write(train_lines(batch.filter(pa.array(~rich))))
+
+
+def _rich(batch: pa.Table):
+    """Which records carry tool calls, tool names or tool definitions (as a numpy bool array)."""
     import polars as pl
 
-    from curate.text.jsonl import chat_lines
-
-    kept = pl.from_arrow(batch.select(["messages", "tools"]))
     turn = pl.element().struct
     rich = (
         pl.col("messages")
@@ -200,13 +209,23 @@ def train_lines(batch: pa.Table) -> memoryview | bytes:
         .fill_null(False)
         | pl.col("tools").is_not_null()
     )
-    rows = kept.with_row_index("row").filter(rich).select("row", "messages", "tools").iter_rows(named=True)
+    return pl.from_arrow(batch.select(["messages", "tools"])).select(rich).to_series().to_numpy()
+
+
+def train_lines(batch: pa.Table) -> memoryview | bytes:
+    """One {"messages": [...], "tools": ...} line per record, as TRL and Axolotl read them.
+
+    Records that are only roles and text (nearly all) are written by a compiled kernel that gives
+    json.dumps' bytes; those with tool calls, tool names or tool definitions go through
+    `train_messages` and `train_tools`.
+    """
+    from curate.text.jsonl import chat_lines
+
     given = {}
-    for row in rows:
-        line = {"messages": train_messages(row["messages"])}
-        if row["tools"]:
-            line["tools"] = json.loads(row["tools"])  # a list of definitions, as TRL expects
-        given[row["row"]] = json.dumps(line, ensure_ascii=False)
+    for row in _rich(batch).nonzero()[0].tolist():
+        messages, tools = batch["messages"][row].as_py(), batch["tools"][row].as_py()
+        line = {"messages": train_messages(messages), "tools": train_tools(tools)}
+        given[row] = json.dumps(line, ensure_ascii=False)
     return chat_lines(batch["messages"], given)
 
 

@@ -22,10 +22,12 @@ def demo(tmp_path_factory):
 
 
 def test_demo_version_id_is_stable(demo):
-    """The id is a digest of the recipe, the input bytes and every kept and dropped record: the same
-    as before the runner moved to streaming parts (a change of behaviour would change it)."""
+    """The id is a digest of the recipe, the input bytes, every kept and dropped record and the
+    version files' format (versions.FILES_FORMAT): a change of behaviour would change it. It was
+    v741d460cb039 before the files' format 2, the same before and after the runner moved to
+    streaming parts."""
     _, manifest = demo
-    assert manifest["version"] == "v741d460cb039"
+    assert manifest["version"] == "ve178e7e4fe13"
 
 
 def dropped_rows(folder: Path) -> dict[tuple[str, int], dict]:
@@ -96,8 +98,14 @@ def test_quarantine_and_train_file(demo):
     assert entry["file"].endswith("chats_sharegpt.jsonl") and entry["line"] == 38
     lines = (folder / "train.jsonl").read_text().splitlines()
     assert len(lines) == 270
-    first = json.loads(lines[0])["messages"]
-    assert first[0] == {"role": "system", "content": "You are a helpful assistant."}
+    first = json.loads(lines[0])
+    assert first["tools"] is None  # every line has the same keys: messages and tools
+    assert first["messages"][0] == {
+        "role": "system",
+        "content": "You are a helpful assistant.",
+        "tool_calls": None,
+        "name": None,
+    }
     assert all(json.loads(x)["messages"][-1]["role"] == "assistant" for x in lines)
     per_file = pl.read_parquet(folder / "data.parquet")["source"].struct.field("path").value_counts()
     counts = {p.rsplit("/", 1)[-1]: n for p, n in per_file.rows()}

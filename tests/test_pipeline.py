@@ -243,7 +243,14 @@ def test_tool_calls_and_definitions_reach_train_jsonl(shared_data: Path, tmp_pat
     rows = load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
     assert len(rows) == manifest["counts"]["kept"] == 300
     first = rows[0]
-    assert isinstance(first["tools"], list) and first["tools"][0]["name"] == "search_recipes"
+    # definitions as one JSON text of OpenAI function entries (TRL parses it back)
+    tools = json.loads(first["tools"])
+    assert tools[0]["type"] == "function" and tools[0]["function"]["name"] == "search_recipes"
+    assert tools[0]["function"]["parameters"]["required"] == ["ingredients"]
     call = next(m for m in first["messages"] if m.get("tool_calls"))
     assert call["role"] == "assistant" and call["tool_calls"][0]["function"]["name"] == "search_recipes"
-    assert any(m["role"] == "tool" for m in first["messages"])
+    # the OpenAI wire format: arguments are JSON text
+    assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {
+        "ingredients": ["chicken", "bell peppers", "rice"]
+    }
+    assert any(m["role"] == "tool" and m["name"] == "search_recipes" for m in first["messages"])

@@ -187,6 +187,6 @@ def test_a_list_of_keys_joins_them_into_one_turn(project: Path):
     result = run_recipe(load_recipe(path), project / "out")
     line = json.loads((result.folder / "train.jsonl").read_text())
     assert line["messages"] == [
-        {"role": "user", "content": "Summarise this.\n\nCats sleep a lot."},
-        {"role": "assistant", "content": "Cats sleep."},
+        {"role": "user", "content": "Summarise this.\n\nCats sleep a lot.", "tool_calls": None, "name": None},
+        {"role": "assistant", "content": "Cats sleep.", "tool_calls": None, "name": None},
     ]

@@ -9,15 +9,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from curate.formats import InputSpec, read_input
-from curate.records import MESSAGES_TYPE, train_messages
+from curate.records import MESSAGES_TYPE, train_messages, train_tools
 from curate.text.jsonl import chat_lines
 from curate.versions import train_lines
 
 
 def expected_line(messages: list[dict], tools: str | None = None) -> str:
-    line = {"messages": train_messages(messages)}
-    if tools:
-        line["tools"] = json.loads(tools)
+    line = {"messages": train_messages(messages), "tools": train_tools(tools)}
     return json.dumps(line, ensure_ascii=False) + "\n"
 
 

@@ -1,10 +1,12 @@
 """train.jsonl lines written by a compiled kernel, byte for byte what `json.dumps` writes.
 
-A version's train.jsonl holds one `{"messages": [{"role": ..., "content": ...}, ...]}` line per
-record. Encoding hundreds of thousands of them with `json.dumps` (or polars' JSON encoder) costs
-seconds; the kernel escapes and assembles them in one pass over the text. Records that carry tool
-calls, tool names or tool definitions are encoded by Python and handed in, to keep their parsed
-JSON exact. tests/test_versions.py holds the output equal to `json.dumps(..., ensure_ascii=False)`.
+A version's train.jsonl holds one `{"messages": [{"role", "content", "tool_calls", "name"}, ...],
+"tools": ...}` line per record: every line and every turn with the same keys, null where a record
+has nothing, since `datasets` refuses a file whose rows differ in shape.
+Encoding hundreds of thousands of them with `json.dumps` (or polars' JSON encoder) costs seconds;
+the kernel escapes and assembles them in one pass over the text. Records that carry tool calls,
+tool names or tool definitions are encoded by Python and handed in, to keep their parsed JSON
+exact. tests/test_versions.py holds the output equal to `json.dumps(..., ensure_ascii=False)`.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ for _char, _letter in zip(b'"\\\b\f\n\r\t', b'"\\bfnrt', strict=True):
 _OPEN = np.frombuffer(b'{"messages": [', np.uint8)
 _ROLE = np.frombuffer(b'{"role": "', np.uint8)
 _CONTENT = np.frombuffer(b'", "content": ', np.uint8)
-_NULL = np.frombuffer(b"null", np.uint8)
-_CLOSE_TURN = np.frombuffer(b"}", np.uint8)
+_EMPTY = np.frombuffer(b'""', np.uint8)
+_CLOSE_TURN = np.frombuffer(b', "tool_calls": null, "name": null}', np.uint8)
 _COMMA = np.frombuffer(b", ", np.uint8)
-_CLOSE = np.frombuffer(b"]}\n", np.uint8)
+_CLOSE = np.frombuffer(b'], "tools": null}\n', np.uint8)
 
 
 @numba.njit(inline="always")
@@ -110,8 +112,8 @@ def _lines(
             o = _put(out, o, _ROLE)
             o = _escaped(role, role_words, role_off[t], role_off[t + 1], out, o)
             o = _put(out, o, _CONTENT)
-            if content_null[t]:
-                o = _put(out, o, _NULL)
+            if content_null[t]:  # a template concatenates content: text, never null
+                o = _put(out, o, _EMPTY)
             else:
                 out[o] = 0x22
                 o = _escaped(content, content_words, content_off[t], content_off[t + 1], out, o + 1)
@@ -123,8 +125,9 @@ def _lines(
 
 
 def chat_lines(messages: pa.Array, given: dict[int, str]) -> memoryview:
-    """One JSON line per conversation of a messages column, role and content only, as
-    `json.dumps({"messages": [...]}, ensure_ascii=False)` writes it; rows in `given` get that text."""
+    """One JSON line per conversation of a messages column whose turns are role and content only (a
+    null content as ""), as `json.dumps` writes `{"messages": [{"role", "content", "tool_calls": None,
+    "name": None}, ...], "tools": None}` with ensure_ascii=False; rows in `given` get that text."""
     turns, (role, content, *_) = list_of_struct(messages)
     role_data, role_off = string_buffers(role)
     content_data, content_off = string_buffers(content)

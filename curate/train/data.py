@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import CurateError
-from curate.records import message, record_id
+from curate.records import message, record_id, train_messages
 from curate.templates import render
 from curate.train.recipe import TrainRecipe
 from curate.versions import resolve_version
@@ -53,10 +53,17 @@ class Version:
 
 
 def load_version(path: str | Path) -> Version:
-    """Read a version's train.jsonl (and record ids from data.parquet when it lines up)."""
+    """A version's conversations as train.jsonl words them, with their record ids: read from
+    data.parquet (rows in data order, ids included), else from train.jsonl (ids recomputed)."""
     folder = resolve_version(path)
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if (folder / "data.parquet").is_file():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(folder / "data.parquet", columns=["id", "messages"])
+        conversations = [train_messages(m) for m in table["messages"].to_pylist()]
+        return Version(folder, manifest, table["id"].to_pylist(), conversations)
     conversations = []
     with open(folder / "train.jsonl", encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -66,19 +73,8 @@ def load_version(path: str | Path) -> Version:
                 conversations.append(json.loads(line)["messages"])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CurateError(f"{folder / 'train.jsonl'}:{n}: not a messages line ({exc})") from None
-    ids = _parquet_ids(folder / "data.parquet", len(conversations))
-    if ids is None:
-        ids = [record_id([_canonical(m) for m in conv]) for conv in conversations]
+    ids = [record_id([_canonical(m) for m in conv]) for conv in conversations]
     return Version(folder, manifest, ids, conversations)
-
-
-def _parquet_ids(path: Path, expected: int) -> list[str] | None:
-    if not path.is_file():
-        return None
-    import pyarrow.parquet as pq
-
-    ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-    return ids if len(ids) == expected else None
 
 
 def _canonical(m: dict) -> dict:
