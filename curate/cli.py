@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 from curate.errors import CurateError, RecipeError
@@ -202,7 +203,8 @@ def validate(recipe: Path, as_json: bool) -> None:
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print every stage and option as JSON.")
 def stages(name: str | None, as_json: bool) -> None:
-    """List every stage with its options, defaults and what they do (or one stage: NAME)."""
+    """The stages a recipe can use, one line each; with NAME, every option of that stage: its type,
+    default and what it does."""
     from curate.configs import describe_config
     from curate.stages import STAGES
 
@@ -215,16 +217,33 @@ def stages(name: str | None, as_json: bool) -> None:
     if as_json:
         _print_json(info)
         return
-    for stage_name, stage in info.items():
-        out.print(f"\n[bold cyan]{stage_name}[/bold cyan]  {stage['doc']}")
-        table = Table(show_edge=False, header_style="bold", pad_edge=False)
-        table.add_column("option")
-        table.add_column("type")
-        table.add_column("default")
+    if name is None:
+        table = Table(show_edge=False, show_header=False, pad_edge=False)
+        table.add_column("stage", style="bold cyan", no_wrap=True)
         table.add_column("what it does", overflow="fold")
-        for opt in stage["options"]:
-            table.add_row(opt["name"], opt["type"], json.dumps(opt["default"], default=str)[:40], opt["help"])
+        for stage_name, stage in info.items():
+            table.add_row(stage_name, stage["doc"])
         out.print(table)
+        out.print("\n[dim]curate stages NAME: every option of one stage, with its default[/dim]")
+        return
+    stage = info[name]
+    out.print(f"[bold cyan]{name}[/bold cyan]  {escape(stage['doc'])}\n")
+    for opt in stage["options"]:
+        default = opt["default"]
+        out.print(f"[bold]{escape(opt['name'])}[/bold]  [dim]{escape(opt['type'])}[/dim]")
+        if isinstance(default, list) and default:
+            out.print("  default:")
+            for item in default:
+                out.print(
+                    "    - " + escape(json.dumps(item, ensure_ascii=False)), soft_wrap=False, overflow="fold"
+                )
+        else:
+            out.print(
+                "  default: " + escape(json.dumps(default, ensure_ascii=False, default=str)), overflow="fold"
+            )
+        if opt["help"]:
+            out.print(Padding(escape(opt["help"]), (0, 0, 0, 2)))
+        out.print()
 
 
 @main.command()
@@ -233,10 +252,18 @@ def stages(name: str | None, as_json: bool) -> None:
 @click.option(
     "--source", "source_ref", metavar="PATH:ROW", help="Find records by input file and row instead."
 )
+@click.option("--full", is_flag=True, help="Show every turn's text whole (it is cut at 600 characters).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @_friendly_errors
-def show(version: Path, record_id: str | None, source_ref: str | None, as_json: bool) -> None:
-    """Summarise a dataset VERSION (a version folder, or an output dir: its latest), or explain a record."""
+def show(version: Path, record_id: str | None, source_ref: str | None, full: bool, as_json: bool) -> None:
+    """Summarise a dataset VERSION (a version folder, or an output dir: its latest), or explain a record.
+
+    \b
+    A record's id is in the `id` column of data.parquet (kept) and dropped.parquet (dropped, with
+    the reason); `--source FILE:ROW` finds it by where it came from instead: the input file (its
+    name, or its path as the manifest lists it) and the row (JSONL and CSV: the line number;
+    JSON arrays and Parquet: the 0-based index).
+    """
     from curate import explain as explain_mod
     from curate.versions import read_manifest, resolve_version
 
@@ -246,7 +273,7 @@ def show(version: Path, record_id: str | None, source_ref: str | None, as_json: 
         if as_json:
             _print_json(found)
         else:
-            explain_mod.render_explanation(found, out)
+            explain_mod.render_explanation(found, out, full)
         return
     manifest = read_manifest(folder)
     if as_json:

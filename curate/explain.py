@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from curate.errors import CurateError
@@ -71,26 +72,42 @@ def _first_user(record: dict) -> str:
     return next((m["content"] for m in record["messages"] if m["role"] == "user"), "")[:300]
 
 
-def render_explanation(found: dict, console: Console) -> None:
+SHOWN_CHARS = 600  # of each turn, unless --full
+
+
+def render_explanation(found: dict, console: Console, full: bool = False) -> None:
     for rec in found["kept"]:
-        _render_record(rec, "kept", "green", console)
+        _render_record(rec, "kept", "green", console, full)
     for rec in found["dropped"]:
-        _render_record(rec, f"dropped by {rec['stage']}: {rec['reason']}", "red", console)
-        console.print("  evidence: " + json.dumps(rec["evidence"], ensure_ascii=False))
+        _render_record(rec, f"dropped by {rec['stage']}: {rec['reason']}", "red", console, full)
+        console.print("  evidence: " + escape(json.dumps(rec["evidence"], ensure_ascii=False)))
         target = rec.get("duplicate_of_record")
         if target:
             src = target["source"]
             console.print(
-                f"  duplicate of {target['id']} ({src['path']}:{src['row']}, {target['where']}): "
-                f"{target['first_turn'][:120]!r}"
+                escape(
+                    f"  duplicate of {target['id']} ({src['path']}:{src['row']}, {target['where']}): "
+                    f"{target['first_turn'][:120]!r}"
+                )
             )
     for edit in found["edits"]:
         where = f"{edit['path']}:{edit['row']}" if edit["path"] else edit["id"]
-        console.print(f"  [dim]{edit['stage']}[/dim]: {edit['change']}  ({where})")
+        console.print(f"  [dim]{escape(edit['stage'])}[/dim]: {escape(edit['change'])}  ({escape(where)})")
 
 
-def _render_record(rec: dict, status: str, colour: str, console: Console) -> None:
+def _render_record(rec: dict, status: str, colour: str, console: Console, full: bool) -> None:
+    """One record in a panel: its source on a line of its own (a title would be cut at the width
+    of the terminal), each turn's text, cut at SHOWN_CHARS with what is left said, unless `full`."""
     src = rec["source"]
-    body = "\n".join(f"[bold]{m['role']}[/bold]: {m['content'][:600]}" for m in rec["messages"])
-    title = f"{rec['id']}  [{colour}]{status}[/{colour}]  {src['path']}:{src['row']} ({src['format']})"
-    console.print(Panel(body, title=title, title_align="left", expand=True))
+    lines = [f"[dim]from {escape(str(src['path']))}:{src['row']} ({escape(str(src['format']))})[/dim]"]
+    cut = False
+    for m in rec["messages"]:
+        text, more = m["content"] or "", ""
+        if not full and len(text) > SHOWN_CHARS:
+            text, more = text[:SHOWN_CHARS], f" [dim]... (+{len(text) - SHOWN_CHARS:,} more characters)[/dim]"
+            cut = True
+        lines.append(f"[bold]{escape(m['role'])}[/bold]: {escape(text)}{more}")
+    if cut:
+        lines.append("[dim]texts were cut: curate show --full shows them whole[/dim]")
+    title = f"{rec['id']}  [{colour}]{escape(status)}[/{colour}]"
+    console.print(Panel("\n".join(lines), title=title, title_align="left", expand=True))

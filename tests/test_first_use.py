@@ -195,3 +195,44 @@ def test_train_jsonl_of_all_raw_loads_with_datasets_and_trl_prepares_it(shared_d
         model=LlamaForCausalLM(tiny), args=args, train_dataset=rows, processing_class=tokenizer
     ).train_dataset
     assert len(prepared) == 85_669 and all(len(ids) > 0 for ids in prepared["input_ids"][:1000])
+
+
+def test_output_reads_well_at_80_columns_and_says_what_it_cut(tmp_path: Path, monkeypatch):
+    import polars as pl
+    from rich.console import Console
+
+    from curate import cli
+    from curate.text.refusals import BOILERPLATE
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(cli, "out", Console(width=80, force_terminal=False))
+    out = tmp_path / "demo"
+    assert run_cli("run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(out), "--json").exit_code == 0
+    stages = run_cli("stages").output
+    assert len(stages.splitlines()) <= 15 and "curate stages NAME" in stages
+    options = run_cli("stages", "filter").output
+    assert all(json.dumps(p) in options for p in BOILERPLATE)  # every default, not the first two
+    report = run_cli("decontam-report", str(out)).output
+    assert "demo_eval" in report and "exact 1, ngram 1" in report
+    kept = pl.read_parquet(out / "latest" / "data.parquet")
+    long = kept.filter(
+        pl.col("messages").list.eval(pl.element().struct.field("content").str.len_chars()).list.max() > 700
+    )
+    record = long["id"][0]
+    text = max((m["content"] for m in long["messages"][0]), key=len)
+    shown = run_cli("show", str(out), "--id", record).output
+    source = long["source"][0]
+    assert f"from {source['path']}:{source['row']}" in shown  # the whole path, on a line of its own
+    assert f"(+{len(text) - 600:,} more characters)" in shown and "curate show --full" in shown
+    full = run_cli("show", str(out), "--id", record, "--full").output
+    assert "more characters" not in full and text[-40:].split()[-1] in full
+    for output in (stages, options, report, shown):
+        assert "…" not in output and all(len(line) <= 80 for line in output.splitlines())
+
+
+def test_the_readme_says_where_record_ids_are():
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    tour = readme[readme.index("## A quick tour") : readme.index("## Recipes")]
+    assert "--id <record-id>" in tour and "`id` column of data.parquet and dropped.parquet" in tour
