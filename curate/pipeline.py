@@ -30,6 +30,7 @@ from curate.formats import input_files, relative
 from curate.progress import Progress
 from curate.recipe import Recipe, StageStep
 from curate.stages.base import StageContext
+from curate.warm import Warmer
 
 # Library versions that shape stored bytes: part of every cache key.
 _LIBRARIES = {"polars": polars.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__}
@@ -93,25 +94,43 @@ class Runner:
 
     def run(self) -> tuple[Entry, list[Entry], list[StageResult]]:
         """The ingest entry, every stage's entry and result, in order."""
+        warmer = self._warm_up()
         try:
             ingest = self._ingest()
             self._check_inputs(ingest.done["inputs"])
             entries, results = [], []
             current = ingest
-            for step in self.recipe.stages:
+            for index, step in enumerate(self.recipe.stages):
                 call = self._call(step, current.key)
                 entry = self.cache.get(call.key)
                 if entry is not None:
                     self.progress.note(f"{step.name}: cached, computed by run {entry.done['run']}")
                 else:
+                    warmer.wait_for(index)
                     entry = self._compute(call, step, current)
                 result = StageResult(**{**entry.done["result"], "cached": entry.done["run"] != self.run_id})
                 entries.append(entry)
                 results.append(result)
                 current = entry
+            warmer.finish()
             return ingest, entries, results
         finally:
+            warmer.stop()
             self.digests.save()
+
+    def _warm_up(self) -> Warmer:
+        """Compile the kernels of every stage but the first in a second process while ingest runs
+        (the first starts right after ingest, which compiles the text cleanup it mostly uses)."""
+        stages = [
+            (i, step.name, step.config, self._context(step.cls))
+            for i, step in enumerate(self.recipe.stages)
+            if i
+        ]
+        warmer = Warmer(stages, self.shared_cache)
+        names = warmer.start()
+        if names:
+            self.progress.note(f"compiling kernels for {', '.join(names)} (once: later runs load them)")
+        return warmer
 
     def _check_inputs(self, inputs: list[dict]) -> None:
         """Files that gave nothing usable: warned about, or with `strict` the end of the run."""
@@ -132,12 +151,7 @@ class Runner:
         seed, the eval sets (if it uses them), the files it declares, and its code with the curate
         modules that code imports."""
         cls = step.cls
-        context = StageContext(
-            base_dir=self.recipe.base_dir,
-            seed=self.recipe.seed,
-            eval_sets=self.recipe.eval_sets if cls.uses_eval_sets else [],
-            shared_cache=self.shared_cache,
-        )
+        context = self._context(cls)
         reads = [self._contents(Path(p)) for p in cls(step.config, context).reads()]
         key = digest(
             "stage",
@@ -152,6 +166,15 @@ class Runner:
             _LIBRARIES,
         )
         return StageCall(step.name, step.config, context, key)
+
+    def _context(self, cls: type) -> StageContext:
+        """What a stage of this class may read besides its config (see StageContext)."""
+        return StageContext(
+            base_dir=self.recipe.base_dir,
+            seed=self.recipe.seed,
+            eval_sets=self.recipe.eval_sets if cls.uses_eval_sets else [],
+            shared_cache=self.shared_cache,
+        )
 
     def _contents(self, path: Path) -> str:
         return self.digests.tree(path) if path.exists() else f"missing:{path}"

@@ -25,5 +25,8 @@ def _private_shared_cache(tmp_path_factory):
     """Tests write LLM answers and embeddings to a cache of their own, never the user's."""
     mp = pytest.MonkeyPatch()
     mp.setenv("CURATE_CACHE_DIR", str(tmp_path_factory.mktemp("shared-cache")))
+    # the kernels are compiled by the first test that needs them; a warm-up process per recipe
+    # would only compete with the tests for the cores (tests/test_warm.py turns it on)
+    mp.setenv("CURATE_WARM", "0")
     yield
     mp.undo()

@@ -82,6 +82,12 @@ class Stage:
         tokenizer or model folder). The runner hashes their contents into the stage's cache key."""
         return []
 
+    @classmethod
+    def warmup_config(cls, config: Any) -> Any:
+        """The options to compile this stage's kernels with, on made-up records (curate.warm): the
+        same as `config` but without what is slow to load and compiles nothing (models, files)."""
+        return config
+
     def setup(self) -> None:
         """Load models or indexes once per process, before the first batch (optional)."""
 

@@ -11,6 +11,7 @@ over the eval items (and their embeddings) are built once per process, in `setup
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,6 +113,11 @@ class DecontaminateStage(Stage):
             for name in config.eval_sets
             if name not in declared
         ]
+
+    @classmethod
+    def warmup_config(cls, config: DecontaminateConfig) -> DecontaminateConfig:
+        methods = [m for m in config.methods if m != "embedding"] or ["exact"]  # a model compiles nothing
+        return dataclasses.replace(config, methods=methods, judge=False)
 
     def reads(self) -> list[Path]:
         if "embedding" not in self.config.methods:

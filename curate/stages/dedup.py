@@ -12,6 +12,7 @@ records that share an LSH bucket are the only ones ever loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,10 @@ class DedupStage(GlobalStage):
 
     def reads(self) -> list[Path]:
         return [] if self.config.reference is None else [self._reference_file()]
+
+    @classmethod
+    def warmup_config(cls, config: DedupConfig) -> DedupConfig:
+        return dataclasses.replace(config, reference=None)
 
     def _reference_file(self) -> Path:
         return _reference_file(self.context.base_dir, self.config.reference)

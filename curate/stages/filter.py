@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ class FilterStage(Stage):
     def reads(self) -> list:
         folder = self.context.base_dir / self.config.tokenizer if self.config.tokenizer else None
         return [folder] if folder is not None and folder.is_dir() and self._token_bounds() else []
+
+    @classmethod
+    def warmup_config(cls, config: FilterConfig) -> FilterConfig:
+        return dataclasses.replace(config, tokenizer=None)
 
     def _token_bounds(self) -> bool:
         return bool(self.config.min_tokens or self.config.max_tokens is not None)

@@ -8,6 +8,7 @@ the content id is computed on text cleaned the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +69,10 @@ class NormalizeStage(Stage):
 
     name = "normalize"
     Config = NormalizeConfig
+
+    @classmethod
+    def warmup_config(cls, config: NormalizeConfig) -> NormalizeConfig:
+        return dataclasses.replace(config, template="chatml")  # a tokenizer compiles nothing of ours
 
     def reads(self) -> list:
         folder = self._template_folder()

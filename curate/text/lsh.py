@@ -17,6 +17,7 @@ import numba
 import numpy as np
 import polars as pl
 
+from curate.text.parallel import each_chunk
 from curate.text.utf8 import fmix64
 
 SCOPE_ALL = 0  # any two records may be duplicates
@@ -63,24 +64,22 @@ def _same_band(sigs, slot, i, j, lo, hi):
     return True
 
 
-@numba.njit(parallel=True, cache=True)
-def _band_hashes(sigs, bands, rows, keys):
+@numba.njit(nogil=True, cache=True)
+def _band_hashes(k, sigs, bands, rows, keys):
     """keys[i, k]: a 64-bit hash of record i's band k."""
     n = sigs.shape[0]
-    for k in numba.prange(bands):
-        lo = k * rows
-        for i in range(n):
-            h = np.uint64(k + 1) * _GOLDEN
-            for q in range(lo, lo + rows):
-                h = fmix64(h ^ np.uint64(sigs[i, q]))
-            keys[i, k] = h
+    lo = k * rows
+    for i in range(n):
+        h = np.uint64(k + 1) * _GOLDEN
+        for q in range(lo, lo + rows):
+            h = fmix64(h ^ np.uint64(sigs[i, q]))
+        keys[i, k] = h
 
 
-@numba.njit(parallel=True, cache=True)
-def _mix_groups(keys, groups, out):
-    for k in numba.prange(keys.shape[0]):
-        for i in range(keys.shape[1]):
-            out[k, i] = fmix64(keys[k, i] ^ np.uint64(groups[i]))
+@numba.njit(nogil=True, cache=True)
+def _mix_groups(k, keys, groups, out):
+    for i in range(keys.shape[1]):
+        out[k, i] = fmix64(keys[k, i] ^ np.uint64(groups[i]))
 
 
 def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -90,7 +89,7 @@ def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
         raise ValueError(f"{bands} bands of {rows} rows need {bands * rows} values, not {sigs.shape[1]}")
     keys = np.empty((sigs.shape[0], bands), dtype=np.uint64)
     if sigs.shape[0]:
-        _band_hashes(sigs, bands, rows, keys)
+        each_chunk(_band_hashes, bands, sigs, bands, rows, keys)
     return keys
 
 
@@ -113,7 +112,7 @@ class Buckets:
         keys = np.ascontiguousarray(hashes.T)
         if scope == SCOPE_WITHIN and n:
             mixed = np.empty_like(keys)
-            _mix_groups(keys, groups, mixed)
+            each_chunk(_mix_groups, keys.shape[0], keys, groups, mixed)
             keys = mixed
         # polars sorts the bands on all cores, several times faster than numpy or numba here
         orders = np.empty(keys.shape, dtype=np.int64)

@@ -27,6 +27,7 @@ import polars as pl
 from curate.configs import option
 from curate.errors import CurateError
 from curate.text.lsh import optimal_params
+from curate.text.parallel import each_chunk
 from curate.text.shingles import (
     PAD,
     TextPass,
@@ -125,8 +126,9 @@ def _permute_min(hv, count, a, b, scheme, sig):
                     sig[k] = v
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def _sign_kernel(
+    c,
     chunks,
     data,
     offsets,
@@ -147,28 +149,27 @@ def _sign_kernel(
 ):
     n = rows.size
     num_perm = a.size
-    for c in numba.prange(chunks):
-        scratch = scratch_for(max_bytes)
-        hv = np.empty(2 * max_bytes + 2 * PAD, np.uint64)
-        sig = np.empty(num_perm, np.uint64)
-        for k in range(c, n, chunks):
-            cnt = record_hashes(
-                data, offsets[k], offsets[k + 1], prenormalized, word_unit, ngram, lower, flags, scratch, hv
-            )
-            if cnt < 0:
-                status[k] = -1
-                continue
-            sig[:] = empty
-            _permute_min(hv, cnt, a, b, scheme, sig)
-            r = rows[k]
-            if wide:  # 64-bit values as little-endian pairs of 32-bit words (viewed back as uint64)
-                for q in range(num_perm):
-                    out[r, 2 * q] = sig[q] & _M32
-                    out[r, 2 * q + 1] = sig[q] >> np.uint64(32)
-            else:
-                for q in range(num_perm):
-                    out[r, q] = sig[q]
-            status[k] = cnt
+    scratch = scratch_for(max_bytes)
+    hv = np.empty(2 * max_bytes + 2 * PAD, np.uint64)
+    sig = np.empty(num_perm, np.uint64)
+    for k in range(c, n, chunks):
+        cnt = record_hashes(
+            data, offsets[k], offsets[k + 1], prenormalized, word_unit, ngram, lower, flags, scratch, hv
+        )
+        if cnt < 0:
+            status[k] = -1
+            continue
+        sig[:] = empty
+        _permute_min(hv, cnt, a, b, scheme, sig)
+        r = rows[k]
+        if wide:  # 64-bit values as little-endian pairs of 32-bit words (viewed back as uint64)
+            for q in range(num_perm):
+                out[r, 2 * q] = sig[q] & _M32
+                out[r, 2 * q + 1] = sig[q] >> np.uint64(32)
+        else:
+            for q in range(num_perm):
+                out[r, q] = sig[q]
+        status[k] = cnt
 
 
 def signatures(
@@ -202,7 +203,18 @@ def signatures(
 
     def sign(p: TextPass) -> np.ndarray:
         status = np.zeros(p.rows.size, np.int64)
-        _sign_kernel(*p.head, unit == "word", ngram, p.lower, p.flags, p.max_bytes, *tail, status)
+        each_chunk(
+            _sign_kernel,
+            p.head[0],
+            *p.head,
+            unit == "word",
+            ngram,
+            p.lower,
+            p.flags,
+            p.max_bytes,
+            *tail,
+            status,
+        )
         return status
 
     run_with_fallback(texts, unit, lowercase, sign)

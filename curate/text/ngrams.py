@@ -20,7 +20,8 @@ import numba
 import numpy as np
 import polars as pl
 
-from curate.text.shingles import chunks_for, utf8_buffers
+from curate.text.parallel import chunks_for, each_chunk
+from curate.text.shingles import utf8_buffers
 from curate.text.utf8 import decode_utf8
 
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so it has an inverse mod 2^64
@@ -115,21 +116,19 @@ def _scan(data, start, end, lower, kind, out, o):
     return count
 
 
-@numba.njit(parallel=True, cache=True)
-def _count_words(data, offsets, lower, kind, chunks, counts):
+@numba.njit(nogil=True, cache=True)
+def _count_words(c, data, offsets, lower, kind, chunks, counts):
     none = np.zeros(0, np.uint64)
     n = offsets.size - 1
-    for c in numba.prange(chunks):
-        for t in range(c, n, chunks):
-            counts[t] = _scan(data, offsets[t], offsets[t + 1], lower, kind, none, 0)
+    for t in range(c, n, chunks):
+        counts[t] = _scan(data, offsets[t], offsets[t + 1], lower, kind, none, 0)
 
 
-@numba.njit(parallel=True, cache=True)
-def _hash_words(data, offsets, lower, kind, chunks, starts, out):
+@numba.njit(nogil=True, cache=True)
+def _hash_words(c, data, offsets, lower, kind, chunks, starts, out):
     n = offsets.size - 1
-    for c in numba.prange(chunks):
-        for t in range(c, n, chunks):
-            _scan(data, offsets[t], offsets[t + 1], lower, kind, out, starts[t])
+    for t in range(c, n, chunks):
+        _scan(data, offsets[t], offsets[t + 1], lower, kind, out, starts[t])
 
 
 @dataclass
@@ -173,19 +172,19 @@ def tokenize(texts: Sequence[str] | pl.Series) -> Tokens:
     counts = np.zeros(n, np.int64)
     chunks = chunks_for(n)
     if n:
-        _count_words(data, offsets, lower, kind, chunks, counts)
+        each_chunk(_count_words, chunks, data, offsets, lower, kind, chunks, counts)
     starts = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=starts[1:])
     hashes = np.empty(int(starts[-1]), np.uint64)
     if n:
-        _hash_words(data, offsets, lower, kind, chunks, starts, hashes)
+        each_chunk(_hash_words, chunks, data, offsets, lower, kind, chunks, starts, hashes)
     return Tokens(hashes, starts)
 
 
-@numba.njit(parallel=True, cache=True)
-def _hash_at(hashes, starts, lengths, out):
+@numba.njit(nogil=True, cache=True)
+def _hash_at(c, chunks, hashes, starts, lengths, out):
     """out[k] = hash of the words hashes[starts[k] : starts[k] + lengths[k]]: sum of w_j * B^j."""
-    for k in numba.prange(starts.size):
+    for k in range(c, starts.size, chunks):
         h = np.uint64(0)
         power = np.uint64(1)
         for j in range(starts[k], starts[k] + lengths[k]):
@@ -200,7 +199,8 @@ def hash_at(hashes: np.ndarray, starts: np.ndarray, lengths: np.ndarray | int) -
     lengths = np.broadcast_to(np.asarray(lengths, np.int64), starts.shape).copy()
     out = np.empty(starts.size, np.uint64)
     if starts.size:
-        _hash_at(hashes, starts, lengths, out)
+        chunks = chunks_for(starts.size)
+        each_chunk(_hash_at, chunks, chunks, hashes, starts, lengths, out)
     return out
 
 
@@ -215,8 +215,8 @@ def _member(h, bitmap, shift, keys):
     return -1
 
 
-@numba.njit(parallel=True, cache=True)
-def _rolling_hits(hashes, offsets, n, bitmap, shift, keys, chunks, texts, first, out_pos, out_key):
+@numba.njit(nogil=True, cache=True)
+def _rolling_hits(c, hashes, offsets, n, bitmap, shift, keys, chunks, texts, first, out_pos, out_key):
     """Every n-word window of the chosen texts, hashed by rolling, looked up in `keys`.
 
     With an empty `out_pos` it only counts each text's hits into first[t + 1]; otherwise it writes
@@ -226,29 +226,28 @@ def _rolling_hits(hashes, offsets, n, bitmap, shift, keys, chunks, texts, first,
     for _ in range(n - 1):
         top *= _BASE
     count_only = out_pos.size == 0
-    for c in numba.prange(chunks):
-        for x in range(c, texts.size, chunks):
-            t = texts[x]
-            start, end = offsets[t], offsets[t + 1]
-            if end - start < n:
-                continue
-            h = np.uint64(0)
-            power = np.uint64(1)
-            for j in range(start, start + n):
-                h += hashes[j] * power
-                power *= _BASE
-            found = 0
-            for i in range(start, end - n + 1):
-                k = _member(h, bitmap, shift, keys)
-                if k >= 0:
-                    if not count_only:
-                        out_pos[first[x] + found] = i
-                        out_key[first[x] + found] = k
-                    found += 1
-                if i + n < end:
-                    h = (h - hashes[i]) * _BASE_INV + hashes[i + n] * top
-            if count_only:
-                first[x + 1] = found
+    for x in range(c, texts.size, chunks):
+        t = texts[x]
+        start, end = offsets[t], offsets[t + 1]
+        if end - start < n:
+            continue
+        h = np.uint64(0)
+        power = np.uint64(1)
+        for j in range(start, start + n):
+            h += hashes[j] * power
+            power *= _BASE
+        found = 0
+        for i in range(start, end - n + 1):
+            k = _member(h, bitmap, shift, keys)
+            if k >= 0:
+                if not count_only:
+                    out_pos[first[x] + found] = i
+                    out_key[first[x] + found] = k
+                found += 1
+            if i + n < end:
+                h = (h - hashes[i]) * _BASE_INV + hashes[i + n] * top
+        if count_only:
+            first[x + 1] = found
 
 
 def _window_starts(offsets: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,12 +289,14 @@ class _HashSet:
             return empty, empty, empty
         args = (tokens.hashes, tokens.offsets, n, self.bitmap, self.shift, self.keys)
         counts = np.zeros(len(candidates) + 1, np.int64)
-        _rolling_hits(*args, chunks_for(len(candidates)), candidates, counts, empty, empty)
+        chunks = chunks_for(len(candidates))
+        each_chunk(_rolling_hits, chunks, *args, chunks, candidates, counts, empty, empty)
         texts = candidates[counts[1:] > 0]  # the second pass only revisits texts with hits
         first = np.r_[0, np.cumsum(counts[1:][counts[1:] > 0])]
         pos = np.empty(first[-1], np.int64)
         key = np.empty(first[-1], np.int64)
-        _rolling_hits(*args, chunks_for(len(texts)), texts, first, pos, key)
+        chunks = chunks_for(len(texts))
+        each_chunk(_rolling_hits, chunks, *args, chunks, texts, first, pos, key)
         docs = np.repeat(texts, np.diff(first))
         return docs, pos - tokens.offsets[docs], key
 

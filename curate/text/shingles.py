@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from curate.text.parallel import chunks_for, each_chunk
 from curate.text.sha1 import LANES, SHORT, big_endian_words, sha1_prefix64, sha1_short_lanes
 from curate.text.utf8 import decode_utf8, fmix64, string_buffers
 
@@ -271,47 +272,58 @@ def python_fallback(
     return utf8_buffers([normalized(t, unit, lowercase).decode("utf-8") for t in picked])
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def _count_kernel(
-    chunks, data, offsets, rows, prenormalized, word_unit, ngram, lower, flags, max_bytes, counts
+    c, chunks, data, offsets, rows, prenormalized, word_unit, ngram, lower, flags, max_bytes, counts
 ):
     n = rows.size
-    for c in numba.prange(chunks):
-        buf = np.empty(2 * max_bytes + 2 * PAD, np.uint8)
-        marks = np.empty(2 * max_bytes + 2 * PAD + 1, np.int64)
-        for k in range(c, n, chunks):
-            length, units = _normalize(
-                data, offsets[k], offsets[k + 1], prenormalized, word_unit, lower, flags, buf, marks
-            )
-            if length < 0:
-                counts[rows[k]] = -1
-            else:
-                counts[rows[k]] = 0 if units == 0 else max(1, units - ngram + 1)
+    buf = np.empty(2 * max_bytes + 2 * PAD, np.uint8)
+    marks = np.empty(2 * max_bytes + 2 * PAD + 1, np.int64)
+    for k in range(c, n, chunks):
+        length, units = _normalize(
+            data, offsets[k], offsets[k + 1], prenormalized, word_unit, lower, flags, buf, marks
+        )
+        if length < 0:
+            counts[rows[k]] = -1
+        else:
+            counts[rows[k]] = 0 if units == 0 else max(1, units - ngram + 1)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def _set_kernel(
-    chunks, data, offsets, rows, prenormalized, word_unit, ngram, lower, flags, max_bytes, starts, out, sizes
+    c,
+    chunks,
+    data,
+    offsets,
+    rows,
+    prenormalized,
+    word_unit,
+    ngram,
+    lower,
+    flags,
+    max_bytes,
+    starts,
+    out,
+    sizes,
 ):
     n = rows.size
-    for c in numba.prange(chunks):
-        scratch = scratch_for(max_bytes)
-        hv = np.empty(2 * max_bytes + 2 * PAD, np.uint64)
-        for k in range(c, n, chunks):
-            r = rows[k]
-            cnt = record_hashes(
-                data, offsets[k], offsets[k + 1], prenormalized, word_unit, ngram, lower, flags, scratch, hv
-            )
-            if cnt <= 0:
-                continue
-            seg = np.sort(hv[:cnt])
-            size = 1
-            out[starts[r]] = seg[0]
-            for j in range(1, cnt):
-                if seg[j] != seg[j - 1]:
-                    out[starts[r] + size] = seg[j]
-                    size += 1
-            sizes[r] = size
+    scratch = scratch_for(max_bytes)
+    hv = np.empty(2 * max_bytes + 2 * PAD, np.uint64)
+    for k in range(c, n, chunks):
+        r = rows[k]
+        cnt = record_hashes(
+            data, offsets[k], offsets[k + 1], prenormalized, word_unit, ngram, lower, flags, scratch, hv
+        )
+        if cnt <= 0:
+            continue
+        seg = np.sort(hv[:cnt])
+        size = 1
+        out[starts[r]] = seg[0]
+        for j in range(1, cnt):
+            if seg[j] != seg[j - 1]:
+                out[starts[r] + size] = seg[j]
+                size += 1
+        sizes[r] = size
 
 
 @dataclass(frozen=True)
@@ -366,7 +378,7 @@ def shingle_hash_sets(
     counts = np.zeros(n, np.int64)  # indexed by row; the first pass marks hand-backs with -1
 
     def count(p: TextPass) -> np.ndarray:
-        _count_kernel(*p.head, word_unit, ngram, p.lower, p.flags, p.max_bytes, counts)
+        each_chunk(_count_kernel, p.head[0], *p.head, word_unit, ngram, p.lower, p.flags, p.max_bytes, counts)
         return counts
 
     passes = run_with_fallback(texts, unit, lowercase, count)
@@ -375,7 +387,19 @@ def shingle_hash_sets(
     out = np.empty(int(starts[-1]), np.uint64)
     sizes = np.zeros(n, np.int64)
     for p in passes:
-        _set_kernel(*p.head, word_unit, ngram, p.lower, p.flags, p.max_bytes, starts, out, sizes)
+        each_chunk(
+            _set_kernel,
+            p.head[0],
+            *p.head,
+            word_unit,
+            ngram,
+            p.lower,
+            p.flags,
+            p.max_bytes,
+            starts,
+            out,
+            sizes,
+        )
     keep = np.arange(out.size) - np.repeat(starts[:-1], counts) < np.repeat(sizes, counts)
     set_offsets = np.zeros(n + 1, np.int64)
     np.cumsum(sizes, out=set_offsets[1:])
@@ -395,40 +419,34 @@ def check_shingling(ngram: int, unit: str) -> None:
         raise ValueError(f"ngram must be a positive integer, got {ngram!r}")
 
 
-def chunks_for(n: int) -> int:
-    """How many interleaved work chunks a parallel kernel deals n records into, so long ones spread out."""
-    return max(1, min(n, 64 * numba.get_num_threads()))
-
-
-@numba.njit(parallel=True, cache=True)
-def _content_kernel(chunks, data, offsets, rows, prenormalized, lower, flags, max_bytes, out, status):
+@numba.njit(nogil=True, cache=True)
+def _content_kernel(c, chunks, data, offsets, rows, prenormalized, lower, flags, max_bytes, out, status):
     n = rows.size
-    for c in numba.prange(chunks):
-        room = 2 * max_bytes + 2 * PAD
-        buf = np.zeros(room + 8 - room % 8, np.uint8)
-        words = buf.view(np.uint64)
-        marks = np.empty(room + 1, np.int64)
-        for k in range(c, n, chunks):
-            length, _ = _normalize(
-                data, offsets[k], offsets[k + 1], prenormalized, False, lower, flags, buf, marks
-            )
-            if length < 0:
-                status[k] = -1
-                continue
-            for j in range(length, min(buf.size, length + 8)):
-                buf[j] = 0
-            # two independent multiply-rotate lanes over 8-byte words: a 128-bit key
-            h1 = np.uint64(0x243F6A8885A308D3) ^ np.uint64(length)
-            h2 = np.uint64(0x13198A2E03707344) ^ (np.uint64(length) * np.uint64(0x9E3779B97F4A7C15))
-            for j in range((length + 7) // 8):
-                w = words[j]
-                h1 = (h1 ^ w) * np.uint64(0x9FB21C651E98DF25)
-                h1 = (h1 << np.uint64(29)) | (h1 >> np.uint64(35))
-                h2 = (h2 + w) * np.uint64(0xC2B2AE3D27D4EB4F)
-                h2 = (h2 << np.uint64(31)) | (h2 >> np.uint64(33))
-            out[rows[k], 0] = fmix64(h1)
-            out[rows[k], 1] = fmix64(h2 ^ h1)
-            status[k] = 0
+    room = 2 * max_bytes + 2 * PAD
+    buf = np.zeros(room + 8 - room % 8, np.uint8)
+    words = buf.view(np.uint64)
+    marks = np.empty(room + 1, np.int64)
+    for k in range(c, n, chunks):
+        length, _ = _normalize(
+            data, offsets[k], offsets[k + 1], prenormalized, False, lower, flags, buf, marks
+        )
+        if length < 0:
+            status[k] = -1
+            continue
+        for j in range(length, min(buf.size, length + 8)):
+            buf[j] = 0
+        # two independent multiply-rotate lanes over 8-byte words: a 128-bit key
+        h1 = np.uint64(0x243F6A8885A308D3) ^ np.uint64(length)
+        h2 = np.uint64(0x13198A2E03707344) ^ (np.uint64(length) * np.uint64(0x9E3779B97F4A7C15))
+        for j in range((length + 7) // 8):
+            w = words[j]
+            h1 = (h1 ^ w) * np.uint64(0x9FB21C651E98DF25)
+            h1 = (h1 << np.uint64(29)) | (h1 >> np.uint64(35))
+            h2 = (h2 + w) * np.uint64(0xC2B2AE3D27D4EB4F)
+            h2 = (h2 << np.uint64(31)) | (h2 >> np.uint64(33))
+        out[rows[k], 0] = fmix64(h1)
+        out[rows[k], 1] = fmix64(h2 ^ h1)
+        status[k] = 0
 
 
 def content_keys(texts: list[str] | pl.Series, lowercase: bool = True) -> np.ndarray:
@@ -444,7 +462,7 @@ def content_keys(texts: list[str] | pl.Series, lowercase: bool = True) -> np.nda
 
     def key(p: TextPass) -> np.ndarray:
         status = np.zeros(p.rows.size, np.int64)
-        _content_kernel(*p.head, p.lower, p.flags, p.max_bytes, out, status)
+        each_chunk(_content_kernel, p.head[0], *p.head, p.lower, p.flags, p.max_bytes, out, status)
         return status
 
     run_with_fallback(texts, "char", lowercase, key)
