@@ -469,20 +469,25 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
     metavar="KEY=VALUE",
     help="Override a training recipe key, e.g. --set max_steps=20 --set lora.r=8 (repeatable).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout (and nothing else).")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own logs, bars and warnings.")
 @_friendly_errors
-def train(recipe: Path, data: Path, out_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+def train(
+    recipe: Path, data: Path, out_dir: Path, overrides: tuple[str, ...], as_json: bool, verbose: bool
+) -> None:
     """Fine-tune a base model on a dataset version with QLoRA (train/*.yaml), then run the eval gates.
 
     \b
-    curate train train/tiny-cpu.yaml --data runs/demo              # CPU, tiny model, minutes
+    curate train train/tiny-cpu.yaml --data runs/demo              # CPU, tiny model, ~1 minute
     curate train train/qlora-default.yaml --data runs/sft-mix      # 7-8B on one 24 GB GPU
     """
     from curate.train import require_training_extra, run_training
     from curate.versions import resolve_version
 
     require_training_extra()
-    metrics = run_training(recipe, resolve_version(data), out_dir, _overrides(overrides))
+    metrics = run_training(
+        recipe, resolve_version(data), out_dir, _overrides(overrides), not as_json, verbose
+    )
     if as_json:
         _print_json(metrics)
         return
@@ -514,17 +519,23 @@ def train(recipe: Path, data: Path, out_dir: Path, overrides: tuple[str, ...], a
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Write gates.json here."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the gate report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the gate report as JSON (and nothing else).")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own logs, bars and warnings.")
 @_friendly_errors
 def evaluate(
-    adapter: Path, recipe: Path | None, data: Path | None, out_dir: Path | None, as_json: bool
+    adapter: Path,
+    recipe: Path | None,
+    data: Path | None,
+    out_dir: Path | None,
+    as_json: bool,
+    verbose: bool,
 ) -> None:
     """Run the evaluation gates on an adapter, each figure beside the base model's; exit 1 if a gate fails."""
     from curate.train import require_training_extra, run_eval
     from curate.versions import resolve_version
 
     require_training_extra()
-    report = run_eval(recipe, adapter, resolve_version(data) if data else None, out_dir)
+    report = run_eval(recipe, adapter, resolve_version(data) if data else None, out_dir, not as_json, verbose)
     if as_json:
         _print_json(report)
     else:

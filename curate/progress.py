@@ -10,11 +10,18 @@ from rich.progress import Progress as RichProgress
 
 
 class Task:
-    """One bar: `advance(n)` as work is done, `done()` when it ends."""
+    """One bar: `advance(n)` as work is done, `status(text)` to say how it goes (after the count),
+    `done()` when it ends."""
 
-    def __init__(self, advance: Callable[[int], None], done: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        advance: Callable[[int], None],
+        done: Callable[[], None],
+        status: Callable[[str], None] = lambda text: None,
+    ) -> None:
         self.advance = advance
         self.done = done
+        self.status = status
 
 
 class Progress:
@@ -54,7 +61,7 @@ class Progress:
             completed = bars.tasks[task_id].completed if total is None else total
             bars.update(task_id, total=max(completed, 1), completed=completed)
 
-        return Task(lambda n=1: bars.advance(task_id, n), done)
+        return Task(lambda n=1: bars.advance(task_id, n), done, lambda text: bars.update(task_id, unit=text))
 
     def note(self, message: str) -> None:
         if self.enabled:

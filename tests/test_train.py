@@ -391,3 +391,17 @@ def test_gate_helpers():
     assert json_of('```json\n{"a": 1}\n```') == {"a": 1}
     with pytest.raises(ValueError):
         json_of("name: Ada")
+
+
+def test_train_json_prints_metrics_and_nothing_else(demo_version, tmp_path):
+    """stdout is metrics.json alone (the trainer's per-step log dicts once went there) and stderr
+    holds no library chatter: no bars, deprecation warnings or the bitsandbytes kernel notice."""
+    import subprocess
+    import sys
+
+    settings = ["max_steps=2", "eval_steps=2", "gates.max_new_tokens=4", "gates.max_items=2"]
+    cmd = [sys.executable, "-m", "curate", "train", str(TINY), "--data", str(demo_version)]
+    cmd += ["--out", str(tmp_path), "--json", *(a for s in settings for a in ("--set", s))]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout)["steps"] == 2
+    assert done.stderr == ""

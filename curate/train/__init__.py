@@ -27,12 +27,14 @@ def run_training(
     data_version: str | Path,
     out_dir: str | Path,
     overrides: dict | None = None,
+    show_progress: bool = True,
+    verbose: bool = False,
 ) -> dict:
     """Train a QLoRA adapter on a version (see curate.train.trainer)."""
     require_training_extra()
     from curate.train.trainer import run_training as train
 
-    return train(recipe_path, data_version, out_dir, overrides)
+    return train(recipe_path, data_version, out_dir, overrides, show_progress, verbose)
 
 
 def run_eval(
@@ -40,12 +42,14 @@ def run_eval(
     adapter_dir: str | Path,
     data_version: str | Path | None = None,
     out_dir: str | Path | None = None,
+    show_progress: bool = True,
+    verbose: bool = False,
 ) -> dict:
     """The evaluation gates of an adapter (see curate.train.evaluation)."""
     require_training_extra()
     from curate.train.evaluation import run_eval as evaluate
 
-    return evaluate(recipe_path, adapter_dir, data_version, out_dir)
+    return evaluate(recipe_path, adapter_dir, data_version, out_dir, show_progress, verbose)
 
 
 __all__ = ["TRAINING_PACKAGES", "require_training_extra", "run_eval", "run_training"]

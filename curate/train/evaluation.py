@@ -25,8 +25,24 @@ def run_eval(
     adapter_dir: str | Path,
     data_version: str | Path | None = None,
     out_dir: str | Path | None = None,
+    show_progress: bool = True,
+    verbose: bool = False,
 ) -> dict:
-    """Gates for an adapter; the held-out split comes from `data_version` (default: the one it trained on)."""
+    """Gates for an adapter; the held-out split comes from `data_version` (default: the one it trained on).
+    Output as in `curate.train.trainer.run_training`."""
+    from curate.train.console import TrainConsole
+
+    with TrainConsole(show_progress, verbose) as console:
+        return _evaluate(recipe_path, adapter_dir, data_version, out_dir, console)
+
+
+def _evaluate(
+    recipe_path: str | Path | None,
+    adapter_dir: str | Path,
+    data_version: str | Path | None,
+    out_dir: str | Path | None,
+    console,
+) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -65,7 +81,7 @@ def run_eval(
     model = PeftModel.from_pretrained(base, adapter)
     if recipe.load_in_4bit:
         _adapter_dtype_as_trained(model)
-    result = gates.evaluate(model, tokenizer, tmpl, recipe, held, version)
+    result = gates.evaluate(model, tokenizer, tmpl, recipe, held, version, console)
     result["adapter"] = str(adapter)
     result["version"] = str(version.path)
     if out_dir is not None:

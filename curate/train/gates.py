@@ -9,7 +9,6 @@ says `fail_if_worse_than_base`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -20,6 +19,7 @@ from typing import Any
 
 from curate.templates import render
 from curate.text.refusals import declines
+from curate.train.console import TrainConsole
 from curate.train.data import IGNORE, Version, eval_references
 from curate.train.recipe import TrainRecipe
 
@@ -175,15 +175,6 @@ def _gate(
     }
 
 
-def _progress() -> Any:
-    """A rich progress bar when rich is installed (the GPU image lacks it), else nothing."""
-    try:
-        from curate.progress import Progress
-    except ImportError:
-        return None
-    return Progress()
-
-
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -191,6 +182,7 @@ def evaluate(
     recipe: TrainRecipe,
     heldout: list[dict],
     version: Version | None,
+    console: TrainConsole,
 ) -> dict:
     """Run every gate on a peft model (adapter on vs off); returns {passed, gates, samples}."""
     g, fail = recipe.gates, recipe.gates.fail_if_worse_than_base
@@ -226,21 +218,13 @@ def evaluate(
     prompt_sets.append(("harmful", [h["prompt"] for h in harmful], None))
 
     answers: list[tuple[list, list]] = []  # (tuned, base) per prompt set
-    progress = _progress()
-    with progress if progress is not None else contextlib.nullcontext():
-        task = (
-            progress.task("gates", 2 * sum(len(p) for _, p, _ in prompt_sets), "answers")
-            if progress
-            else None
-        )
-        advance = task.advance if task else None
-        for _name, prompts, _ in prompt_sets:
-            tuned = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, advance)
-            with model.disable_adapter():
-                base = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, advance)
-            answers.append((tuned, base))
-        if task:
-            task.done()
+    task = console.task("gates", 2 * sum(len(p) for _, p, _ in prompt_sets), "answers")
+    for _name, prompts, _ in prompt_sets:
+        tuned = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, task.advance)
+        with model.disable_adapter():
+            base = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, task.advance)
+        answers.append((tuned, base))
+    task.done()
 
     samples = {
         name: [{"prompt": prompts[0], "tuned": tuned[0]["text"], "base": base[0]["text"]}]

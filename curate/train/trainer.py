@@ -72,8 +72,26 @@ def run_training(
     data_version: str | Path,
     out_dir: str | Path,
     overrides: dict | None = None,
+    show_progress: bool = True,
+    verbose: bool = False,
 ) -> dict:
-    """Train a QLoRA adapter on a version; returns metrics.json's content (gates included)."""
+    """Train a QLoRA adapter on a version; returns metrics.json's content (gates included).
+
+    The terminal shows one progress display (none with show_progress=False); the libraries' own
+    logs, bars and warnings only with verbose (curate.train.console)."""
+    from curate.train.console import TrainConsole
+
+    with TrainConsole(show_progress, verbose) as console:
+        return _train(recipe_path, data_version, out_dir, overrides, console)
+
+
+def _train(
+    recipe_path: str | Path | None,
+    data_version: str | Path,
+    out_dir: str | Path,
+    overrides: dict | None,
+    console: Any,
+) -> dict:
     import torch
     from transformers import set_seed
     from trl import SFTTrainer
@@ -119,10 +137,8 @@ def run_training(
         callbacks=[log],
     )
     model = trainer.model
+    console.prepare(trainer)
     before = trainer.evaluate()
-    progress = _rich_progress()
-    if progress is not None:
-        trainer.add_callback(progress)  # it draws bars only between train begin and end
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.eval_seconds = 0.0
@@ -130,8 +146,6 @@ def run_training(
     result = trainer.train()
     train_seconds = time.perf_counter() - t0 - trainer.eval_seconds  # periodic evals are not training
     memory = peak_memory()
-    if progress is not None:
-        trainer.remove_callback(progress)
     after = trainer.evaluate()
 
     model.save_pretrained(out / "adapter")
@@ -182,7 +196,7 @@ def run_training(
     }
     plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
     model.eval()
-    metrics["gates"] = gate_mod.evaluate(model, tokenizer, tmpl, recipe, held_rows, version)
+    metrics["gates"] = gate_mod.evaluate(model, tokenizer, tmpl, recipe, held_rows, version, console)
     metrics["wall_seconds"] = time.perf_counter() - wall0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     return metrics
@@ -264,16 +278,6 @@ def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
     )
-
-
-def _rich_progress() -> type | None:
-    import importlib.util
-
-    if importlib.util.find_spec("rich") is None:
-        return None
-    from trl.trainer.callbacks import RichProgressCallback
-
-    return RichProgressCallback
 
 
 def _trainer_class(base: type, model_loss: bool) -> type:
