@@ -6,8 +6,8 @@ Four methods, each with its own score:
 - ngram: the record shares word n-grams with an eval question (GPT-3 / lm-eval-harness style:
   lowercase, punctuation removed, 13-grams by default), optionally with eval answers too;
 - minhash: the record's user turns are near-duplicates of an eval question (estimated Jaccard);
-- embedding: the record's user turns paraphrase an eval question (cosine of sentence embeddings),
-  optionally confirmed by an LLM judge.
+- embedding: the record's user turns paraphrase an eval question (cosine of sentence embeddings);
+  where both state numbers they must share one, and an LLM judge may confirm each candidate.
 
 The decontaminate stage runs them on each batch of records; the runner uses the exact method to
 refuse a version that still holds an eval item (`EvalCopies`); the report counts what was found.
@@ -16,6 +16,7 @@ Each finder returns a table of hits (doc = record in the batch, item = eval item
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from curate.text.ngrams import SpanIndex, Tokens, span, tokenize
 
 METHODS = ("exact", "ngram", "minhash", "embedding")
 _SNIPPET = 200  # characters of matched text kept as evidence
+_NUMBER = re.compile(r"(\d+(?:[.,]\d+)*)(s\b)?")  # a trailing s: a decade, "1980s"
 
 
 class EvalCatalog:
@@ -80,6 +82,7 @@ class Matcher:
                 (item, view) for item, question in enumerate(catalog.questions) for view in _views(question)
             ]
             self.view_item = np.array([item for item, _ in views], np.int64)
+            self.view_numbers = [numbers_in(view) for _, view in views]
             self.eval_vectors = embedder.encode([view for _, view in views])
 
     def find(self, batch: pa.Table) -> dict[str, pl.DataFrame]:
@@ -127,7 +130,8 @@ class Matcher:
         return found
 
     def _embedding_hits(self, texts: pl.Series) -> pl.DataFrame:
-        """Paraphrases of eval questions: best cosine of each record's user text over all question views."""
+        """Paraphrases of eval questions: best cosine of each record's user text over all question
+        views, from the threshold (or the judge's candidate score) up, numbers agreeing."""
         cfg = self.cfg
         docs = np.flatnonzero(texts.str.strip_chars().str.len_chars().to_numpy() > 0)
         vectors = self.embedder.encode(texts.gather(docs).to_list())
@@ -137,17 +141,24 @@ class Matcher:
             sims = vectors[start : start + 4096] @ self.eval_vectors.T
             best_view[start : start + 4096] = sims.argmax(axis=1)
             best_score[start : start + 4096] = sims.max(axis=1)
+        lowest = cfg.judge_candidates if cfg.judge else cfg.embedding_threshold
+        found = np.flatnonzero(best_score >= lowest)
+        matches = texts.gather(docs[found])
+        if cfg.embedding_numbers_agree:
+            agree = [
+                _share_numbers(numbers_in(text), self.view_numbers[view])
+                for text, view in zip(matches, best_view[found], strict=True)
+            ]
+            found, matches = found[agree], matches.filter(pl.Series(agree, dtype=pl.Boolean))
         hits = pl.DataFrame(
             {
-                "doc": docs,
-                "item": self.view_item[best_view],
-                "score": best_score.astype(np.float64),
-                "match": texts.gather(docs),
+                "doc": docs[found],
+                "item": self.view_item[best_view[found]],
+                "score": best_score[found].astype(np.float64),
+                "match": matches,
             }
         )
-        if not cfg.judge:
-            return hits.filter(pl.col("score") >= cfg.embedding_threshold)
-        return self._judged(hits.filter(pl.col("score") >= cfg.judge_candidates))
+        return self._judged(hits) if cfg.judge else hits
 
     def _judged(self, candidates: pl.DataFrame) -> pl.DataFrame:
         """The candidates an LLM confirms as restating their eval question (each request cached)."""
@@ -288,6 +299,27 @@ def _views(question: str) -> list[str]:
     if last and last != question.strip():
         views.append(last)
     return views
+
+
+def numbers_in(text: str) -> frozenset[str]:
+    """The numbers a text states, each written one way ("1,000", "1000" and "1000.0" alike); a
+    decade also as its short form, since paraphrases write "the 1980s" as "the 80s"."""
+    out = set()
+    for number, decade in _NUMBER.findall(text):
+        number = number.replace(",", "")
+        if "." in number:
+            number = number.rstrip("0").rstrip(".")
+        out.add(number.lstrip("0") or "0")
+        if decade and len(number) == 4:
+            out.add(number[2:])
+    return frozenset(out)
+
+
+def _share_numbers(record: frozenset[str], question: frozenset[str]) -> bool:
+    """False only when both state numbers and none is shared: a paraphrase keeps its quantities (a
+    tip on $50 at 15% is not the eval's tip on $47.50 at 14%), while a restatement may drop them
+    all (a HumanEval task without its doctest examples)."""
+    return not (record and question) or bool(record & question)
 
 
 _JUDGE_SYSTEM = "You check training data for benchmark contamination. Answer with one word: yes or no."

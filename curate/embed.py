@@ -85,9 +85,12 @@ class Embedder:
     def _load(self):
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
+            from curate.quiet import quiet_libraries
 
-            self._model = SentenceTransformer(str(self.model_path), device=self.device or "cpu")
+            with quiet_libraries():  # no loading bar or library notices inside curate's progress
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(str(self.model_path), device=self.device or "cpu")
             if self.max_seq_length:
                 self._model.max_seq_length = self.max_seq_length
         return self._model

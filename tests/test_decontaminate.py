@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curate.contamination import EvalCopies, RecordTokens
+from curate.contamination import EvalCopies, RecordTokens, numbers_in
 from curate.evalsets import EvalSetSpec, load_eval_set
 from curate.formats import InputSpec, read_input
 from curate.pipeline import run_recipe
@@ -241,7 +241,9 @@ def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, cac
     right = [
         i for i in hit if (verdicts[i].evidence["eval_set"], verdicts[i].evidence["eval_id"]) == truth[i]
     ]
-    assert (len(hit), len(right)) == (447, 443)  # recall 0.922 (0.913 on the right item)
+    # recall 0.920 (0.911 on the right item); without the numbers check 447 and 443: the one lost
+    # writes "the late 1800s" as "the last part of the 19th century"
+    assert (len(hit), len(right)) == (446, 442)
     assert len(right) / len(texts) >= 0.9
     e = verdicts[hit[0]].evidence
     assert (
@@ -263,6 +265,28 @@ def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, cac
     raw_verdicts = run(sample, MMLU_SETS, shared_data, cache, methods=["embedding"])
     assert sample.height == 343
     assert len(flagged(raw_verdicts)) == 0 <= 0.01 * sample.height
+
+
+def test_embedding_matches_need_a_shared_number_when_both_state_numbers(cache, tmp_path):
+    """AlpacaEval's tip item against real glaive/code_alpaca requests: a tip on other amounts is
+    another question, while a restatement with no numbers, or with the same ones, still matches."""
+    assert numbers_in("1,000 or 1000.0 items, 007, the 1980s") == {"1000", "7", "1980", "80"}
+    (tmp_path / "eval.jsonl").write_text(
+        json.dumps({"question": "Using a given amount, determine an appropriate tip.\n\n14% tip on $47.50"})
+        + "\n"
+        + json.dumps({"question": "python function to determine whether a number is prime."})
+        + "\n"
+    )
+    texts = [
+        "Hi, I need help with calculating a tip. My bill amount is $50 and I want to leave a 20% tip.",
+        "My bill is $47.50. What is a 14% tip on it?",
+        "Write a Python function to check if a given number is a prime number.\n\n13",
+    ]
+    sets = [{"name": "alpaca_eval", "path": "eval.jsonl"}]
+    plain = run(prompts(texts), sets, tmp_path, cache, methods=["embedding"], embedding_numbers_agree=False)
+    assert all(v is not None for v in plain)  # all three are above 0.7
+    checked = run(prompts(texts), sets, tmp_path, cache, methods=["embedding"])
+    assert [v is not None for v in checked] == [False, True, True]
 
 
 class _FakeOpenAI(http.server.BaseHTTPRequestHandler):

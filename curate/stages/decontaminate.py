@@ -66,6 +66,11 @@ class DecontaminateConfig:
         exclusiveMinimum=0,
         maximum=1.0,
     )
+    embedding_numbers_agree: bool = option(
+        True,
+        help="An embedding match counts only when the record and the eval question, if both state "
+        "numbers, share one: a question about other quantities is another question.",
+    )
     embedding_model: str = option(
         "", help="sentence-transformers model folder; empty: bundled all-MiniLM-L6-v2."
     )

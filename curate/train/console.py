@@ -1,36 +1,23 @@
 """What `curate train` and `curate eval` show: one progress display, and nothing from the libraries
 underneath unless asked (-v).
 
-transformers, datasets, TRL, peft and bitsandbytes each print to the terminal on their own: a log
-dict per step (transformers' PrinterCallback, on stdout, which broke `--json`), tqdm bars for
-loading weights and packing, deprecation warnings about arguments curate sets correctly, and a
-bitsandbytes notice about an optional CPU kernel package. A run inside `TrainConsole` turns all of
-that off and restores it afterwards; everything it measured is in metrics.json.
+Besides what curate.quiet silences, the trainer prints a log dict per step (transformers'
+PrinterCallback, on stdout, which broke `--json`); a run inside `TrainConsole` shows one bar per
+phase instead and restores the libraries' settings afterwards. Everything it measured is in
+metrics.json.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import warnings
 from types import SimpleNamespace
 from typing import Any
 
-# the libraries whose loggers and warnings a quiet run silences
-_LIBRARIES = (
-    "transformers",
-    "datasets",
-    "huggingface_hub",
-    "trl",
-    "peft",
-    "accelerate",
-    "bitsandbytes",
-    "torch",
-)
+from curate.quiet import quiet_libraries
 
 
 class TrainConsole:
-    """The terminal of a training or eval run: `task()` for bars, `callback()` for the trainer."""
+    """The terminal of a training or eval run: `task()` for bars, `prepare(trainer)` for training."""
 
     def __init__(self, show_progress: bool = True, verbose: bool = False) -> None:
         self.verbose = verbose
@@ -39,7 +26,7 @@ class TrainConsole:
 
     def __enter__(self) -> TrainConsole:
         if not self.verbose:
-            self._stack.enter_context(_quiet_libraries())
+            self._stack.enter_context(quiet_libraries())
         if self._progress is not None:
             self._stack.enter_context(self._progress)
         return self
@@ -109,35 +96,3 @@ def _progress() -> Any:
     except ImportError:
         return None
     return Progress()
-
-
-@contextlib.contextmanager
-def _quiet_libraries():
-    """Library loggers at ERROR, their progress bars off, their warnings ignored; all restored after."""
-    loggers = {name: logging.getLogger(name) for name in _LIBRARIES}
-    levels = {name: lg.level for name, lg in loggers.items()}
-    for lg in loggers.values():  # before the imports below, which load bitsandbytes
-        lg.setLevel(logging.ERROR)
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_level, hf_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    ds_bars = datasets.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            for name in _LIBRARIES:
-                warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
-            yield
-    finally:
-        hf_logging.set_verbosity(hf_level)
-        if hf_bars:
-            hf_logging.enable_progress_bar()
-        if ds_bars:
-            datasets.enable_progress_bars()
-        for name, lg in loggers.items():
-            lg.setLevel(levels[name])
