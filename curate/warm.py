@@ -1,4 +1,4 @@
-"""Compiling a run's kernels while it starts, in a second process, once per machine.
+"""Compiling a run's kernels while it starts, in a second process, once per install.
 
 The text kernels are compiled by numba on first use and cached on disk, so only a first run pays:
 22 s of the demo's first 24 on 2 cores, most of it dedup's MinHash kernel. While the runner reads
@@ -6,7 +6,8 @@ the inputs and runs the first stage, one background process per later stage runs
 few made-up records, which compiles (and caches) exactly the kernels and type specialisations its
 options need; each stage waits for its own warm-up before it starts, and then finds its kernels in
 the cache. A marker per stage and options, in the shared cache, keeps later runs from starting a
-process at all.
+process at all; the marker names the install's folder, since numba's cache lives beside the
+modules and a new install (or clone) compiles again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import numba
 
 from curate.cache import digest, module_fingerprint
+
+_INSTALLED_AT = str(Path(__file__).resolve().parent)
 
 # made-up records: enough words for shingles, n-grams and content keys, and two near copies (so
 # that the kernels which compare candidate pairs run too)
@@ -86,6 +89,7 @@ class Warmer:
             module_fingerprint(STAGES[name].__module__),
             numba.__version__,
             os.uname().machine,
+            _INSTALLED_AT,  # numba caches beside the modules: another install compiles again
         )
         return self.folder / key
 

@@ -1,4 +1,4 @@
-"""The kernel warm-up: a second process compiles the later stages' kernels once per machine."""
+"""The kernel warm-up: a second process compiles the later stages' kernels once per install."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def test_a_first_run_warms_the_later_stages_once(tmp_path: Path, monkeypatch):
         (i, s.name, s.config, StageContext(base_dir=tmp_path)) for i, s in enumerate(recipe.stages) if i
     ]
     assert Warmer(stages, shared).start() == []  # nothing left to compile: no process
+    # numba caches beside the modules, so another install (a fresh clone) warms up again
+    with monkeypatch.context() as patched:
+        patched.setattr("curate.warm._INSTALLED_AT", str(tmp_path / "another-clone"))
+        assert sorted(Warmer(stages, shared).pending) == [1, 2]
     again = run_recipe(recipe, tmp_path / "out2")
     assert again.manifest["version"] == first.manifest["version"]
     assert sorted(p.name for p in (shared / "kernels").iterdir()) == markers
