@@ -228,6 +228,11 @@ class Entry:
     def edits(self) -> list[Part]:
         return self._parts("edits")
 
+    @property
+    def artifacts(self) -> list[Path]:
+        """Files the stage made for the version folder (a plot), named `<stage>-<name>`."""
+        return [self.folder / name for name in self.done.get("artifacts", [])]
+
 
 class StageCache:
     """Content-addressed stage outputs under `root`, least recently used first out past `max_bytes`."""

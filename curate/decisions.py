@@ -107,7 +107,9 @@ class Decisions:
 
     Rows nobody drops are kept. `replace` gives a whole new column (the runner records what it
     changed in each kept record); `add` appends new records, which the runner places after all
-    kept records of the stage, in the order of the batches that made them.
+    kept records of the stage, in the order of the batches that made them. A global stage may
+    also leave a `report` (figures for the manifest's stage entry) and `artifacts` (files, by
+    name, that the version folder gets beside its data, e.g. a plot).
     """
 
     def __init__(self, rows: int) -> None:
@@ -116,6 +118,8 @@ class Decisions:
         self._single: dict[str, tuple[list[int], list[dict]]] = {}  # drop() calls, grouped on reading
         self.columns: dict[str, pa.Array] = {}
         self.added: list[pa.Table] = []
+        self.report: dict = {}
+        self.artifacts: dict[str, bytes] = {}
 
     def drop(self, row: int, reason: str, evidence: Mapping | None = None) -> None:
         """Drop one row."""
@@ -205,6 +209,7 @@ class Applied:
     added: pa.Table  # records the stage added (RECORD_SCHEMA)
     drop_rows: np.ndarray  # input rows dropped, ascending
     rows_in: int
+    report: dict = field(default_factory=dict)  # a global stage's figures (Decisions.report)
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -249,4 +254,4 @@ def apply_decisions(stage: str, batch: pa.Table, decisions: Decisions) -> Applie
     if added.num_rows:
         edits.append(added_edits(stage, added))
     edits_table = pa.concat_tables(edits) if edits else EDITS_SCHEMA.empty_table()
-    return Applied(kept, dropped, edits_table, added, rows, batch.num_rows)
+    return Applied(kept, dropped, edits_table, added, rows, batch.num_rows, decisions.report)

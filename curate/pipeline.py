@@ -49,6 +49,7 @@ class StageResult:
     cached: bool
     run: str  # the run that computed this output (an earlier one when cached)
     llm: dict = field(default_factory=dict)  # requests and tokens of the LLM calls the stage made
+    report: dict = field(default_factory=dict)  # a global stage's own figures (e.g. coverage)
 
     def as_manifest(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class StageResult:
             "cached": self.cached,
             "run": self.run,
             **({"llm": self.llm} if self.llm.get("requests") or self.llm.get("cached") else {}),
+            **({"report": self.report} if self.report else {}),
         }
 
 
@@ -124,7 +126,7 @@ class Runner:
         stages = [
             (i, step.name, step.config, self._context(step.cls))
             for i, step in enumerate(self.recipe.stages)
-            if i
+            if i and step.cls.compiles
         ]
         warmer = Warmer(stages, self.shared_cache)
         names = warmer.start()
@@ -263,6 +265,8 @@ class Runner:
         kinds: dict[str, list[Part]] = {"records": [], "added": [], "dropped": [], "edits": []}
         reasons: Counter = Counter()
         llm: Counter = Counter()
+        report: dict = {}
+        artifacts: list[str] = []
         rows_in = 0
         try:
             if step.cls.row_local:
@@ -281,6 +285,8 @@ class Runner:
                         kinds[kind].append(part)
                 reasons.update(receipt.reasons)
                 llm.update(receipt.llm)
+                report.update(receipt.report)
+                artifacts.extend(receipt.artifacts)
                 if step.cls.row_local:
                     task.advance(receipt.rows_in)
             task.done()
@@ -306,10 +312,12 @@ class Runner:
                 cached=False,
                 run=self.run_id,
                 llm=dict(llm),
+                report=report,
             )
             done = {
                 "result": dataclasses.asdict(result),
                 "parts": {kind: _names(parts, tmp) for kind, parts in kinds.items()},
+                "artifacts": artifacts,
                 "run": self.run_id,
                 "created": time.time(),
             }
@@ -420,6 +428,7 @@ def run_recipe(
         [e.dropped for e in entries],
         [e.edits for e in entries],
         ingest.folder / "quarantine.jsonl",
+        [a for e in entries for a in e.artifacts],
     )
     cache.prune(protect=frozenset([ingest.key, *(e.key for e in entries)]))
     run = {

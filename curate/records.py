@@ -8,6 +8,7 @@ in tables and as a dict in Python (see `meta_of`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
 
@@ -222,6 +223,17 @@ def meta_of(record: dict) -> dict:
     """The record's meta as a dict (it is stored as JSON text)."""
     raw = record.get("meta")
     return json.loads(raw) if raw else {}
+
+
+def meta_numbers(meta: Iterable[str | None], key: str) -> np.ndarray:
+    """A numeric meta field of each record (meta as stored, JSON text); NaN where it is missing or
+    not a number (a bool is not a score)."""
+    out = []
+    for raw in meta:
+        value = json.loads(raw).get(key) if raw else None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        out.append(float(value) if number else np.nan)
+    return np.array(out, dtype=np.float64)
 
 
 def to_table(records: list[dict]) -> pa.Table:

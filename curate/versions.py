@@ -109,6 +109,7 @@ def write_version(
     dropped: list[list[Part]],
     edits: list[list[Part]],
     quarantine: Path | None,
+    artifacts: list[Path] = (),
 ) -> tuple[Path, bool]:
     """Write all files of a version atomically and point `latest` at it: the version folder, and
     whether it was written now (a version that exists already is left untouched, byte for byte:
@@ -135,6 +136,8 @@ def write_version(
             shutil.copyfile(quarantine, tmp / "quarantine.jsonl")
         else:
             (tmp / "quarantine.jsonl").write_bytes(b"")
+        for artifact in artifacts:  # stages' own files, e.g. diversity-map.png
+            shutil.copyfile(artifact, tmp / artifact.name)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, final)
     except BaseException:

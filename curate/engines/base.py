@@ -85,6 +85,8 @@ class BatchReceipt:
     edits: Part | None
     reasons: dict[str, int]
     llm: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)  # a global stage's figures for the manifest
+    artifacts: list[str] = field(default_factory=list)  # files it wrote beside its parts
 
 
 class Engine(ABC):
@@ -182,12 +184,18 @@ def decide(call: StageCall, features: RecordFiles, source: RecordFiles, progress
 
 
 def added_receipt(name: str, decisions: Decisions, out: Path, index: int) -> BatchReceipt:
-    """The records a global stage added, written after every batch."""
+    """What a global stage made besides decisions, after every batch: the records it added, its
+    report and its artifacts (written as `<stage>-<name>` beside the parts)."""
+    artifacts = []
+    for file_name, content in sorted(decisions.artifacts.items()):
+        (out / f"{name}-{file_name}").write_bytes(content)
+        artifacts.append(f"{name}-{file_name}")
     added = pa.concat_tables(decisions.added) if decisions.added else None
-    if added is None:
-        return BatchReceipt(index, 0, None, None, None, None, {})
-    edits = write_part(out / f"edits-{index:06d}.arrow", added_edits(name, added))
-    return BatchReceipt(index, 0, None, write_part(out / f"added-{index:06d}.arrow", added), None, edits, {})
+    added_part = edits = None
+    if added is not None:
+        edits = write_part(out / f"edits-{index:06d}.arrow", added_edits(name, added))
+        added_part = write_part(out / f"added-{index:06d}.arrow", added)
+    return BatchReceipt(index, 0, None, added_part, None, edits, {}, {}, decisions.report, artifacts)
 
 
 def _store(

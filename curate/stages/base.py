@@ -66,6 +66,7 @@ class Stage:
     Config: ClassVar[type]
     row_local: ClassVar[bool] = True
     uses_eval_sets: ClassVar[bool] = False  # the recipe's eval sets reach the context (and the key)
+    compiles: ClassVar[bool] = True  # has numba kernels that a first run compiles (curate.warm)
 
     def __init__(self, config: Any, context: StageContext) -> None:
         self.config = config

@@ -72,10 +72,14 @@ class DecontaminateConfig:
         "numbers, share one: a question about other quantities is another question.",
     )
     embedding_model: str = option(
-        "", help="sentence-transformers model folder; empty: bundled all-MiniLM-L6-v2."
+        "",
+        help="Empty: the bundled all-MiniLM-L6-v2; `static`: it distilled into a static model (fast, "
+        "less exact); or a local sentence-transformers or model2vec folder.",
     )
     embedding_max_tokens: int = option(128, help="Tokens of each text the embedding model reads.", minimum=1)
-    embedding_batch_size: int = option(64, help="Texts per embedding batch.", minimum=1)
+    embedding_batch_size: int | None = option(
+        None, help="Texts per embedding batch (default: 64 on a CPU, 1024 on a GPU).", minimum=1
+    )
     judge: bool = option(
         False,
         help="Ask an LLM whether each embedding candidate restates its eval question (as LMSYS's "
@@ -149,10 +153,11 @@ class DecontaminateStage(Stage):
             from curate.embed import Embedder
 
             embedder = Embedder(
-                str(self.reads()[0]),
+                cfg.embedding_model,
                 self.context.shared_cache,
                 batch_size=cfg.embedding_batch_size,
                 max_seq_length=cfg.embedding_max_tokens,
+                base_dir=self.context.base_dir,
             )
         self.matcher = Matcher(catalog, cfg, embedder, client)
 

@@ -13,7 +13,6 @@ records that share an LSH bucket are the only ones ever loaded.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +23,7 @@ import pyarrow as pa
 
 from curate.dataset import FeatureTable, fixed_size_column
 from curate.errors import CurateError
+from curate.records import meta_numbers
 from curate.stages.base import Decisions, GlobalStage, option, register
 from curate.text import lsh
 from curate.text.conversation import conversation_text
@@ -365,13 +365,7 @@ def _keep_value(table: pl.DataFrame, keep: str, score_column: str | None) -> np.
     (records without a score lose to any scored one)."""
     if keep == "longest":
         return -conversation_text(table, "assistant").str.len_chars().to_numpy().astype(np.float64)
-    scores = []
-    for raw in table["meta"].to_list():
-        value = json.loads(raw).get(score_column) if raw else None
-        scores.append(
-            float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
-        )
-    primary = -np.array(scores, dtype=np.float64)
+    primary = -meta_numbers(table["meta"].to_list(), score_column)
     primary[np.isnan(primary)] = np.inf
     return primary
 
