@@ -337,6 +337,37 @@ def decontam_report(version: Path, as_json: bool) -> None:
         render(report, out)
 
 
+@main.command()
+@click.argument("a", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--sample", default=3, show_default=True, help="Records shown from each bucket.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_friendly_errors
+def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool) -> None:
+    """Compare two versions A and B (version folders, or output dirs meaning their latest).
+
+    \b
+    Records are matched by content id, copies counted, then by source row: the same
+    input row with other content is "changed". For each removed record, the stage
+    and reason that dropped it in B; for each added one, what had dropped it in A.
+    Then each stage's counts side by side, the recipe options that differ, shifts
+    in source, format and origin mix and in lengths, and a seeded sample of each
+    bucket.
+
+    \b
+      curate diff runs/sft/3f2a09c1 runs/sft/9c1d4e77
+      curate diff runs/sft-strict runs/sft --json | jq .removed_by
+    """
+    from curate.report.diff import diff_versions, render
+
+    report = diff_versions(a, b, sample=sample, seed=seed)
+    if as_json:
+        _print_json(report)
+    else:
+        render(report, out)
+
+
 @main.group()
 def cache() -> None:
     """The stage cache of an output folder, and the shared cache of LLM answers and embeddings.
