@@ -115,11 +115,23 @@ def main() -> None:
     help="Fail when an input file yields no records or mostly unreadable rows (else: a warning).",
 )
 @click.option(
+    "--parent",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The version this one is derived from (a version folder, or an output folder for its latest); "
+    "default: the recipe's output.parent, else the output folder's latest. `curate log` shows it.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout; no progress bars."
 )
 @_friendly_errors
 def run(
-    recipe: Path, out_dir: Path | None, workers: int | None, engine: str, strict: bool, as_json: bool
+    recipe: Path,
+    out_dir: Path | None,
+    workers: int | None,
+    engine: str,
+    strict: bool,
+    parent: Path | None,
+    as_json: bool,
 ) -> None:
     """Run RECIPE and write a new dataset version.
 
@@ -134,7 +146,7 @@ def run(
     loaded = load_recipe(recipe)
     loaded.strict = loaded.strict or strict
     with Progress(enabled=not as_json) as progress:
-        result = run_recipe(loaded, out_dir, progress, workers, engine)
+        result = run_recipe(loaded, out_dir, progress, workers, engine, parent)
     if as_json:
         _print_json({**result.manifest, "path": str(result.folder), "this_run": result.run})
         return
@@ -366,6 +378,26 @@ def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool) -> None:
         _print_json(report)
     else:
         render(report, out)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_friendly_errors
+def log(out_dir: Path, as_json: bool) -> None:
+    """The versions in OUT_DIR, oldest first: parent, kept records and what changed against the parent.
+
+    \b
+    A version's parent is the one `curate run --parent` or the recipe's output.parent
+    named, else the folder's latest before the run.
+    """
+    from curate.report.log import render, version_log
+
+    entries = version_log(out_dir)
+    if as_json:
+        _print_json(entries)
+    else:
+        render(entries, out)
 
 
 @main.group()

@@ -364,8 +364,10 @@ def run_recipe(
     progress: Progress | None = None,
     workers: int | None = None,
     engine: Engine | str | None = None,
+    parent: Path | str | None = None,
 ) -> RunResult:
-    """Run a recipe and write its version (or find it written already)."""
+    """Run a recipe and write its version (or find it written already). Its parent is `parent` (a
+    version or output folder), else the recipe's `output.parent`, else the output folder's latest."""
     from curate import versions
 
     out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
@@ -377,7 +379,7 @@ def run_recipe(
         engine = cls(workers) if cls.name == "local" else cls()
     versions.check_writable(out_dir)
     cache = StageCache(out_dir / ".cache", recipe.cache_max_bytes)
-    previous = _previous_version(out_dir)
+    lineage = _parent(parent, recipe, out_dir)
     runner = Runner(recipe, engine, cache, progress, run_id)
     with engine:
         ingest, entries, results = runner.run()
@@ -405,7 +407,9 @@ def run_recipe(
         raise CurateError(f"internal error: counts do not add up {counts}; please report this")
     manifest = {
         "version": version,
-        "parent": previous if previous != version else None,
+        "parent": lineage["parent"] if lineage["parent"] != version else None,
+        "parent_path": lineage["path"] if lineage["parent"] != version else None,
+        "parent_from": lineage["from"] if lineage["parent"] not in (None, version) else None,
         "created": versions.now_iso(),
         "run": run_id,
         "recipe": recipe.raw,
@@ -454,13 +458,24 @@ def _llm_totals(stages: list[StageResult]) -> dict:
     return {**totals, "cost": None}
 
 
-def _previous_version(out_dir: Path) -> str | None:
+def _parent(given: Path | str | None, recipe: Recipe, out_dir: Path) -> dict:
+    """{"parent": version id, "path": its folder, "from": "--parent" | "recipe" | "latest"}: the
+    version a user names (which must exist), else the one the output folder pointed at."""
     from curate import versions
 
+    for where, origin in ((given, "--parent"), (recipe.parent, "recipe")):
+        if where is not None:
+            try:
+                folder = versions.resolve_version(where)
+            except CurateError as exc:
+                hint = "give a version folder or an output folder"
+                raise CurateError(f"parent {where}: {exc}", hint=hint) from None
+            return {"parent": folder.name, "path": str(folder.resolve()), "from": origin}
     try:
-        return versions.resolve_version(out_dir).name
+        folder = versions.resolve_version(out_dir)
     except CurateError:
-        return None
+        return {"parent": None, "path": None, "from": None}
+    return {"parent": folder.name, "path": str(folder.resolve()), "from": "latest"}
 
 
 def _eval_overlap_check(recipe: Recipe, records: RecordFiles) -> dict:

@@ -37,6 +37,12 @@ class OutputSpec:
     dir: str | None = option(
         None, help="Output folder, relative to the recipe (default: runs/<name> beside it)."
     )
+    parent: str | None = option(
+        None,
+        help="The version this one is derived from, recorded as its parent: a version folder, or an "
+        "output folder for its latest (default: the output folder's latest before the run; "
+        "`curate run --parent` overrides both).",
+    )
 
 
 @dataclass
@@ -83,6 +89,7 @@ class Recipe:
     stages: list[StageStep]
     eval_sets: list[dict] = field(default_factory=list)
     output_dir: Path | None = None
+    parent: Path | None = None  # the version recorded as this one's parent (output.parent)
     seed: int = 0
     allow_eval_overlap: bool = False
     strict: bool = False
@@ -232,12 +239,14 @@ def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Re
     cache, found = make_config(CacheSpec, raw.get("cache"), "cache")
     issues += found
     out = (raw.get("output") or {}).get("dir")
+    parent = (raw.get("output") or {}).get("parent")
     recipe = Recipe(
         name=raw.get("name") or (path.stem if path else "recipe"),
         inputs=inputs,
         stages=steps,
         eval_sets=eval_sets,
         output_dir=(base_dir / out).resolve() if out else None,
+        parent=(base_dir / parent).resolve() if parent else None,
         seed=int(raw.get("seed", 0)),
         allow_eval_overlap=bool(raw.get("allow_eval_overlap", False)),
         strict=bool(raw.get("strict", False)),

@@ -47,7 +47,7 @@ def diff_versions(a: str | Path, b: str | Path, sample: int = 3, seed: int = 0) 
         "added_by": _by_reason(added),
         "distributions": _distributions(old, new),
         "stages": _stages(manifests),
-        "recipe_changes": _recipe_changes(manifests[0].get("recipe") or {}, manifests[1].get("recipe") or {}),
+        "recipe_changes": recipe_changes(manifests[0].get("recipe") or {}, manifests[1].get("recipe") or {}),
         "diversity": [_diversity(m) for m in manifests],
         "samples": _samples(folders, removed, added, changed, sample, seed),
     }
@@ -202,7 +202,7 @@ def _flatten(value, prefix: str = "") -> dict[str, object]:
     return {prefix: value}
 
 
-def _recipe_changes(a: dict, b: dict) -> list[dict]:
+def recipe_changes(a: dict, b: dict) -> list[dict]:
     """Every recipe option whose value differs, with both values (absent: null); first the order of
     the stages when it differs."""
     order = [" > ".join(next(iter(s)) for s in r.get("stages") or [] if s) for r in (a, b)]
