@@ -355,8 +355,14 @@ def decontam_report(version: Path, as_json: bool) -> None:
 @click.option("--sample", default=3, show_default=True, help="Records shown from each bucket.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the comparison as a self-contained HTML page to this file.",
+)
 @_friendly_errors
-def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool) -> None:
+def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool, html_file: Path | None) -> None:
     """Compare two versions A and B (version folders, or output dirs meaning their latest).
 
     \b
@@ -371,13 +377,45 @@ def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool) -> None:
       curate diff runs/sft/3f2a09c1 runs/sft/9c1d4e77
       curate diff runs/sft-strict runs/sft --json | jq .removed_by
     """
-    from curate.report.diff import diff_versions, render
+    from curate.report.diff import diff_versions, render, render_html
 
     report = diff_versions(a, b, sample=sample, seed=seed)
+    if html_file is not None:
+        html_file.write_text(render_html(report))
     if as_json:
         _print_json(report)
     else:
         render(report, out)
+
+
+@main.command()
+@click.argument("version", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write (default: <version folder>.html beside the version; the version itself is "
+    "never changed).",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the examples shown per drop reason.")
+@_friendly_errors
+def report(version: Path, out_file: Path | None, seed: int) -> None:
+    """Write a self-contained HTML report of VERSION (a version folder, or an output dir for its latest).
+
+    \b
+    The stage funnel, drops by reason with examples and their evidence, length and
+    turn histograms, the source mix, eval-set contamination, the diversity map and
+    LLM usage. It opens offline: plots are embedded, nothing is fetched, and no
+    script runs (record texts are escaped, and the page forbids scripts). The
+    version's README.md is its dataset card.
+    """
+    from curate.report.version import report_html
+    from curate.versions import resolve_version
+
+    folder = resolve_version(version)
+    target = out_file or folder.with_name(f"{folder.name}.html")
+    target.write_text(report_html(folder, seed))
+    out.print(f"report -> {target}")
 
 
 @main.command()

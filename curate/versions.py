@@ -117,6 +117,7 @@ def write_version(
     from curate.decisions import DROPPED_SCHEMA
     from curate.edits import EDITS_SCHEMA
     from curate.records import RECORD_SCHEMA
+    from curate.report.card import dataset_card
 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / vid
@@ -138,6 +139,7 @@ def write_version(
             (tmp / "quarantine.jsonl").write_bytes(b"")
         for artifact in artifacts:  # stages' own files, e.g. diversity-map.png
             shutil.copyfile(artifact, tmp / artifact.name)
+        (tmp / "README.md").write_text(dataset_card(manifest))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, final)
     except BaseException:

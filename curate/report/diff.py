@@ -358,3 +358,59 @@ def _short(value, limit: int = 100) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_html(report: dict) -> str:
+    """The comparison as a self-contained HTML page (see curate.report.html)."""
+    from curate.report import html
+
+    a, b, counts = report["a"], report["b"], report["counts"]
+    body = [
+        html.table(
+            ["", "version", "records", "folder"],
+            [("A", a["version"], a["records"], a["folder"]), ("B", b["version"], b["records"], b["folder"])],
+            (2,),
+        ),
+        html.table(["kept", "removed", "added", "changed"], [tuple(counts.values())], (0, 1, 2, 3)),
+    ]
+    for key, title in (
+        ("removed_by", "Removed: what dropped them in B"),
+        ("added_by", "Added: what dropped them in A"),
+    ):
+        rows = [(r["stage"], r["reason"], r["records"]) for r in report[key]]
+        if rows:
+            body += [f"<h2>{title}</h2>", html.table(["stage", "reason", "records"], rows, (2,))]
+    stages = [(s["name"], *s["in"], *s["out"]) for s in report["stages"]]
+    body += ["<h2>Stages</h2>", html.table(["stage", "in A", "in B", "out A", "out B"], stages, (1, 2, 3, 4))]
+    if report["recipe_changes"]:
+        rows = [(c["key"], _short(c["a"], 300), _short(c["b"], 300)) for c in report["recipe_changes"]]
+        body += ["<h2>Recipe options that differ</h2>", html.table(["option", "A", "B"], rows)]
+    dist = report["distributions"]
+    for key in ("origin", "format", "source"):
+        rows = [
+            (name or "-", x, y, f"{y - x:+,}")
+            for name, (x, y) in sorted(dist[key].items(), key=lambda kv: -kv[1][1])
+        ]
+        body += [f"<h2>Records by {key}</h2>", html.table([key, "A", "B", "change"], rows, (1, 2, 3))]
+    rows = [
+        (f"{label} {stat}", *dist[key][stat])
+        for key, label in (("turns", "turns"), ("chars", "characters"))
+        for stat in ("mean", "p50", "p90", "max")
+    ]
+    body += ["<h2>Lengths</h2>", html.table(["", "A", "B"], rows, (1, 2))]
+    if any(report["diversity"]):
+        keys = ("coverage_radius_mean", "coverage_radius_max", "clusters_covered")
+        rows = [(k, *((d or {}).get(k) for d in report["diversity"])) for k in keys]
+        body += ["<h2>Diversity coverage</h2>", html.table(["", "A", "B"], rows, (1, 2))]
+    body.append("<h2>Samples</h2>")
+    for bucket, rows in report["samples"].items():
+        for row in rows:
+            why = f" ({row['stage']}: {row['reason']})" if bucket == "removed" else ""
+            body.append(
+                f"<p><b>{bucket}</b> {html.esc(row['id'])} {html.esc(row['source'])}{html.esc(why)}</p>"
+            )
+            if bucket == "changed":
+                body += [html.text_block(row["text_a"]), html.text_block(row["text_b"])]
+            else:
+                body.append(html.text_block(row["text"]))
+    return html.page(f"curate diff {a['version']} -> {b['version']}", body)
