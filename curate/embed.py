@@ -8,7 +8,7 @@ Two kinds of model:
   (an H200), because batches are tokenized on all cores.
 - a static model (model2vec): a vector per token, averaged. `static` is MiniLM distilled into one
   (model2vec's distillation, 256 dimensions), built once per machine into the shared cache
-  (15 to 45 s) and then loaded in a moment; it embeds about 11,000 texts/s on two CPU cores. Any
+  (15 to 45 s) and then loaded in a moment; it embeds about 10,000 texts/s on two CPU cores. Any
   local model2vec folder works too.
 
 Both kinds keep their vectors in the cache (a lookup is several times faster than even the static
