@@ -265,9 +265,33 @@ def stages(name: str | None, as_json: bool) -> None:
     "--source", "source_ref", metavar="PATH:ROW", help="Find records by input file and row instead."
 )
 @click.option("--full", is_flag=True, help="Show every turn's text whole (it is cut at 600 characters).")
+@click.option(
+    "--template",
+    metavar="NAME_OR_TOKENIZER",
+    help="With --id/--source: render the record as the trainer will (chatml, llama-3, or a tokenizer folder "
+    "with a chat template), trained text highlighted.",
+)
+@click.option(
+    "--tokenizer", metavar="PATH", help="Count tokens with this tokenizer (for a named --template)."
+)
+@click.option(
+    "--max-len",
+    default=2048,
+    show_default=True,
+    help="The trainer's sequence length: tokens past it are cut.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @_friendly_errors
-def show(version: Path, record_id: str | None, source_ref: str | None, full: bool, as_json: bool) -> None:
+def show(
+    version: Path,
+    record_id: str | None,
+    source_ref: str | None,
+    full: bool,
+    template: str | None,
+    tokenizer: str | None,
+    max_len: int,
+    as_json: bool,
+) -> None:
     """Summarise a dataset VERSION (a version folder, or an output dir: its latest), or explain a record.
 
     \b
@@ -280,8 +304,13 @@ def show(version: Path, record_id: str | None, source_ref: str | None, full: boo
     from curate.versions import read_manifest, resolve_version
 
     folder = resolve_version(version)
+    if template and not (record_id or source_ref):
+        raise CurateError("--template shows one record", hint="add --id ID or --source PATH:ROW")
     if record_id or source_ref:
         found = explain_mod.explain(folder, record_id=record_id, source_ref=source_ref)
+        if template:
+            _show_training_view(found, template, tokenizer, max_len, as_json)
+            return
         if as_json:
             _print_json(found)
         else:
@@ -292,6 +321,26 @@ def show(version: Path, record_id: str | None, source_ref: str | None, full: boo
         _print_json(manifest)
     else:
         _print_summary(manifest, folder)
+
+
+def _show_training_view(
+    found: dict, template: str, tokenizer: str | None, max_len: int, as_json: bool
+) -> None:
+    from curate.training_view import render_view, tokenizer_for, view
+
+    if not found["kept"]:
+        raise CurateError(
+            "the record was dropped, so training never sees it",
+            hint="curate show without --template says why",
+        )
+    tok = tokenizer_for(template, tokenizer)
+    views = [{"id": rec["id"], **view(rec["messages"], template, tok, max_len)} for rec in found["kept"]]
+    if as_json:
+        _print_json(views)
+        return
+    for seen in views:
+        out.print(f"[bold]{seen['id']}[/bold] as the trainer sees it with {escape(template)}:")
+        render_view(seen, out)
 
 
 @main.command()
@@ -398,8 +447,27 @@ def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool, html_file: Pat
     "never changed).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the examples shown per drop reason.")
+@click.option(
+    "--template",
+    metavar="NAME_OR_TOKENIZER",
+    help="Add what training will see with this template (chatml, llama-3 or a tokenizer folder): trained "
+    "tokens per record, records with nothing trained or cut by --max-len, tool calls the template loses.",
+)
+@click.option(
+    "--tokenizer", metavar="PATH", help="Count tokens with this tokenizer (for a named --template)."
+)
+@click.option("--max-len", default=2048, show_default=True, help="The trainer's sequence length.")
+@click.option("--sample", default=2000, show_default=True, help="Records checked with --template (seeded).")
 @_friendly_errors
-def report(version: Path, out_file: Path | None, seed: int) -> None:
+def report(
+    version: Path,
+    out_file: Path | None,
+    seed: int,
+    template: str | None,
+    tokenizer: str | None,
+    max_len: int,
+    sample: int,
+) -> None:
     """Write a self-contained HTML report of VERSION (a version folder, or an output dir for its latest).
 
     \b
@@ -413,8 +481,14 @@ def report(version: Path, out_file: Path | None, seed: int) -> None:
     from curate.versions import resolve_version
 
     folder = resolve_version(version)
+    training = None
+    if template:
+        from curate.training_view import tokenizer_for, version_stats
+
+        tok = tokenizer_for(template, tokenizer)
+        training = version_stats(folder, template, tok, max_len, sample, seed)
     target = out_file or folder.with_name(f"{folder.name}.html")
-    target.write_text(report_html(folder, seed))
+    target.write_text(report_html(folder, seed, training))
     out.print(f"report -> {target}")
 
 

@@ -20,7 +20,8 @@ def first_user(messages: pl.Expr) -> pl.Expr:
     return messages.list.eval(pl.element().filter(user).struct.field("content")).list.first().fill_null("")
 
 
-def report_html(version: str | Path, seed: int = 0) -> str:
+def report_html(version: str | Path, seed: int = 0, training: dict | None = None) -> str:
+    """The page; `training` (from curate.training_view.version_stats) adds what training will see."""
     folder = resolve_version(version)
     manifest = read_manifest(folder)
     records = _lengths(folder)
@@ -32,6 +33,8 @@ def report_html(version: str | Path, seed: int = 0) -> str:
         _diversity(folder, manifest),
         _llm(manifest),
     ]
+    if training is not None:
+        body.append(_training(training))
     return html.page(title, [b for b in body if b])
 
 
@@ -208,3 +211,36 @@ def _llm(m: dict) -> str:
     if not usage.get("requests") and not usage.get("cached"):
         return ""
     return "<h2>LLM usage</h2>" + html.table(["", ""], sorted(usage.items()))
+
+
+def _training(stats: dict) -> str:
+    unit = stats["unit"]
+    limit = f", max_len {stats['max_len']:,}" if stats["max_len"] else ""
+    out = [
+        f"<h2>What training will see: {html.esc(stats['template'])}{html.esc(limit)}</h2>",
+        html.table(
+            ["records checked", "nothing trained", "cut by max_len", "cannot be rendered", "tool calls lost"],
+            [(stats["records"], len(stats["nothing_trained"]), len(stats["cut"]), len(stats["unrenderable"]),
+              len(stats["tool_call_problems"]))],
+            (0, 1, 2, 3, 4),
+        ),
+    ]  # fmt: skip
+    if stats["trained"]:
+
+        def draw(ax):
+            ax.hist(stats["trained"], bins=50, color="#4a7fb5")
+            ax.set_xlabel(f"trained {unit} per record")
+            ax.set_ylabel("records")
+
+        out.append(html.image(html.figure_png(draw), f"histogram of trained {unit} per record"))
+    for key, title in (
+        ("nothing_trained", "Records with nothing trained"),
+        ("cut", "Records cut by max_len"),
+    ):
+        if stats[key]:
+            out.append(f"<p>{title}: {html.esc(', '.join(stats[key][:20]))}</p>")
+    problems = [(u["id"], u["reason"]) for u in stats["unrenderable"]]
+    problems += [(p["id"], p["problem"]) for p in stats["tool_call_problems"]]
+    if problems:
+        out.append(html.table(["record", "problem"], problems[:50]))
+    return "\n".join(out)
