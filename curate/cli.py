@@ -410,8 +410,11 @@ def decontam_report(version: Path, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the comparison as a self-contained HTML page to this file.",
 )
+@click.option("--tokenizer", metavar="PATH", help="A tokenizer folder: lengths in tokens too.")
 @_friendly_errors
-def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool, html_file: Path | None) -> None:
+def diff(
+    a: Path, b: Path, sample: int, seed: int, as_json: bool, html_file: Path | None, tokenizer: str | None
+) -> None:
     """Compare two versions A and B (version folders, or output dirs meaning their latest).
 
     \b
@@ -428,7 +431,7 @@ def diff(a: Path, b: Path, sample: int, seed: int, as_json: bool, html_file: Pat
     """
     from curate.report.diff import diff_versions, render, render_html
 
-    report = diff_versions(a, b, sample=sample, seed=seed)
+    report = diff_versions(a, b, sample=sample, seed=seed, tokenizer=tokenizer)
     if html_file is not None:
         html_file.write_text(render_html(report))
     if as_json:

@@ -111,3 +111,24 @@ def test_cli_prints_tables_at_80_columns_and_json(versions):
     assert json.loads(as_json.output)["counts"]["removed"] > 1000
     missing = CliRunner().invoke(main, ["diff", str(versions["loose"]), str(versions["loose"].parent.parent)])
     assert missing.exit_code == 1 and "Traceback" not in missing.output
+
+
+def test_token_lengths_with_a_tokenizer(tmp_path):
+    from tests.test_first_use import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    rows = [{"instruction": f"Count to {n} in words.", "output": " ".join(["one"] * n)} for n in (1, 5, 40)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"inputs": [{"path": "a.jsonl"}], "stages": [{"normalize": {}}]}
+    folder = run_recipe(recipe_from_dict(raw, tmp_path), tmp_path / "out").folder
+    report = diff_versions(folder, folder, tokenizer=str(tmp_path / "tok"))
+    texts = [
+        "\n".join(m["content"] for m in messages)
+        for messages in pl.read_parquet(folder / "data.parquet")["messages"].to_list()
+    ]
+    counts = sorted(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    tokens = report["distributions"]["tokens"]
+    assert tokens["max"] == [counts[-1]] * 2 and tokens["p50"] == [counts[1]] * 2
+    assert tokens["mean"] == [round(sum(counts) / 3, 1)] * 2
+    assert "tokens" not in diff_versions(folder, folder)["distributions"]

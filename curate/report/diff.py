@@ -26,11 +26,14 @@ SOURCE_ROW = ["path", "row"]
 NOT_DROPPED = "(not among the other version's drops: its input was not read there)"
 
 
-def diff_versions(a: str | Path, b: str | Path, sample: int = 3, seed: int = 0) -> dict:
-    """The comparison as plain data (what `curate diff --json` prints)."""
+def diff_versions(
+    a: str | Path, b: str | Path, sample: int = 3, seed: int = 0, tokenizer: str | None = None
+) -> dict:
+    """The comparison as plain data (what `curate diff --json` prints); with `tokenizer` (a
+    tokenizer folder) the lengths include tokens."""
     folders = [resolve_version(a), resolve_version(b)]
     manifests = [read_manifest(f) for f in folders]
-    old, new = (_records(f) for f in folders)
+    old, new = (_records(f, tokenizer) for f in folders)
     kept, removed, added, changed = _pair_all(old, new)
     removed = _explain(removed, folders[1])
     added = _explain(added, folders[0])
@@ -53,7 +56,7 @@ def diff_versions(a: str | Path, b: str | Path, sample: int = 3, seed: int = 0) 
     }
 
 
-def _records(folder: Path) -> pl.DataFrame:
+def _records(folder: Path, tokenizer: str | None = None) -> pl.DataFrame:
     """One row per kept record: id, source row and the figures the distributions need."""
     path = folder / "data.parquet"
     if not path.is_file():
@@ -62,7 +65,7 @@ def _records(folder: Path) -> pl.DataFrame:
         )
     source = pl.col("source").struct
     content = pl.element().struct.field("content").str.len_chars().fill_null(0)
-    return (
+    table = (
         pl.scan_parquet(path)
         .select(
             "id",
@@ -77,6 +80,24 @@ def _records(folder: Path) -> pl.DataFrame:
         )
         .collect(engine="streaming")
     )
+    if tokenizer is None:
+        return table
+    return table.with_columns(pl.Series("tokens", _token_counts(path, tokenizer), pl.Int64))
+
+
+def _token_counts(path: Path, tokenizer: str) -> list[int]:
+    """Tokens of every record's turns (contents joined by newlines), by the Rust tokenizer on all
+    cores, a batch of rows at a time."""
+    from curate.templates import _load_tokenizer
+
+    fast = _load_tokenizer(tokenizer).backend_tokenizer
+    counts: list[int] = []
+    texts = pl.col("messages").list.eval(pl.element().struct.field("content").fill_null("")).list.join("\n")
+    for batch in pl.scan_parquet(path).select(texts).collect_batches():
+        counts += [
+            len(e.ids) for e in fast.encode_batch(batch.to_series().to_list(), add_special_tokens=False)
+        ]
+    return counts
 
 
 def _pair(left: pl.DataFrame, right: pl.DataFrame, keys: list[str]):
@@ -162,6 +183,7 @@ def _distributions(old: pl.DataFrame, new: pl.DataFrame) -> dict:
         "origin": shares("origin"),
         "turns": spread("turns"),
         "chars": spread("chars"),
+        **({"tokens": spread("tokens")} if "tokens" in old.columns else {}),
     }
 
 
@@ -328,8 +350,9 @@ def render(report: dict, console=None) -> None:
                 t.add_row(escape(name or "-"), f"{x:,}", f"{y:,}", f"{y - x:+,}")
             console.print(t, "")
     t = table("lengths", "", "mean A", "mean B", "p50 A", "p50 B", "p90 A", "p90 B")
-    for key, label in (("turns", "turns"), ("chars", "characters")):
-        t.add_row(label, *(_count(v) for k in ("mean", "p50", "p90") for v in dist[key][k]))
+    for key, label in (("turns", "turns"), ("chars", "characters"), ("tokens", "tokens")):
+        if key in dist:
+            t.add_row(label, *(_count(v) for k in ("mean", "p50", "p90") for v in dist[key][k]))
     console.print(t, "")
     if any(report["diversity"]):
         t = table("diversity coverage", "", "A", "B")
@@ -394,7 +417,8 @@ def render_html(report: dict) -> str:
         body += [f"<h2>Records by {key}</h2>", html.table([key, "A", "B", "change"], rows, (1, 2, 3))]
     rows = [
         (f"{label} {stat}", *dist[key][stat])
-        for key, label in (("turns", "turns"), ("chars", "characters"))
+        for key, label in (("turns", "turns"), ("chars", "characters"), ("tokens", "tokens"))
+        if key in dist
         for stat in ("mean", "p50", "p90", "max")
     ]
     body += ["<h2>Lengths</h2>", html.table(["", "A", "B"], rows, (1, 2))]
