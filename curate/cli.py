@@ -418,8 +418,8 @@ def diff(
     """Compare two versions A and B (version folders, or output dirs meaning their latest).
 
     \b
-    Records are matched by content id, copies counted, then by source row: the same
-    input row with other content is "changed". For each removed record, the stage
+    Records are matched by id and content, copies counted, then by source row: the
+    same input row with other content is "changed". For each removed record, the stage
     and reason that dropped it in B; for each added one, what had dropped it in A.
     Then each stage's counts side by side, the recipe options that differ, shifts
     in source, format and origin mix and in lengths, and a seeded sample of each
