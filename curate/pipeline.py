@@ -420,6 +420,7 @@ def run_recipe(
         "counts": counts,
         "stages": [r.as_manifest() for r in results],
         "eval_overlap": overlap,
+        "languages": _languages(records, recipe.seed),
         "warnings": runner.warnings,
         "llm": _llm_totals(results),
         "seconds": round(time.perf_counter() - started, 3),
@@ -456,6 +457,17 @@ def _llm_totals(stages: list[StageResult]) -> dict:
             for key in totals:
                 totals[key] += s.llm.get(key, 0)
     return {**totals, "cost": None}
+
+
+def _languages(records: RecordFiles, seed: int, sample: int = 10_000) -> dict:
+    """{"sample": n, "shares": {code: share}}: the languages (CLD2) of a seeded sample of the kept
+    records' user and assistant turns (system prompts left out: a default one would count)."""
+    from curate.text.language import language_shares
+
+    rows = np.random.default_rng(seed).choice(records.num_rows, min(records.num_rows, sample), replace=False)
+    conversations = records.take(np.sort(rows), ["messages"])["messages"].to_pylist() if rows.size else []
+    texts = [" ".join(m["content"] or "" for m in c if m["role"] != "system") for c in conversations]
+    return {"sample": len(texts), "shares": language_shares(texts)}
 
 
 def _parent(given: Path | str | None, recipe: Recipe, out_dir: Path) -> dict:

@@ -26,6 +26,7 @@ def test_card_front_matter_loads_the_version_with_datasets(tmp_path: Path, share
     meta = yaml.safe_load(front)
     kept = manifest["counts"]["kept"]
     assert meta["size_categories"] == [size_category(kept)] == ["n<1K"]
+    assert meta["language"] == ["en"] and "Languages (CLD2 on a sample of" in body
     assert f"{kept:,} conversations" in body and "seed \\| tasks" in body  # a | cannot break the table
     assert yaml.safe_load(body.split("```yaml\n")[1].split("```")[0]) == manifest["recipe"]
 

@@ -62,6 +62,11 @@ def test_counts_agree_with_both_manifests_and_every_removal_is_explained(version
     stages = {s["name"]: s for s in report["stages"]}
     assert stages["dedup"]["out"] == [loose["counts"]["kept"], strict["counts"]["kept"]]
     assert report["recipe_changes"] == [{"key": "stages[1].dedup.minhash.threshold", "a": 0.9, "b": 0.8}]
+    # languages of a 10,000-record sample of each: mostly English, and the Chinese alpaca demo's share
+    languages = report["distributions"]["language"]
+    assert languages["en"][0] > 0.85 and languages["en"][1] > 0.85
+    assert 0.005 < languages["zh"][0] < 0.05 and 0.005 < languages["zh"][1] < 0.05
+    assert loose["languages"]["sample"] == 10_000
 
 
 def test_a_normalize_change_shows_as_changed_records(tmp_path, shared_data):

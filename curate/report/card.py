@@ -25,7 +25,13 @@ def dataset_card(manifest: dict) -> str:
     holds, where it came from and how it was made."""
     counts = manifest["counts"]
     recipe = manifest.get("recipe") or {}
+    languages = (manifest.get("languages") or {}).get("shares") or {}
     front = {
+        **(
+            {"language": [c for c, share in languages.items() if share >= 0.01 and c != "un"]}
+            if languages
+            else {}
+        ),
         "size_categories": [size_category(counts["kept"])],
         "task_categories": ["text-generation"],
         "tags": ["instruction-tuning", "chat", "curate"],
@@ -45,8 +51,10 @@ def dataset_card(manifest: dict) -> str:
         f"(each with its reason and evidence in `dropped.parquet`), {counts['quarantined']:,} unreadable",
         f"(`quarantine.jsonl`), {counts['synthetic']:,} synthetic.",
         "",
-        "Languages are not detected by curate; licences are those of the sources below, which this card",
-        "cannot state for you: check each before you publish.",
+        _languages_line(manifest.get("languages")),
+        "",
+        "Licences are those of the sources below, which this card cannot state for you: check each",
+        "before you publish.",
         "",
         "## Sources",
         "",
@@ -75,6 +83,13 @@ def dataset_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _languages_line(languages: dict | None) -> str:
+    if not languages or not languages.get("shares"):
+        return "Languages: not measured."
+    shares = ", ".join(f"{code} {share:.1%}" for code, share in list(languages["shares"].items())[:8])
+    return f"Languages (CLD2 on a sample of {languages['sample']:,} records; un: not sure): {shares}."
 
 
 def _cell(text: str) -> str:

@@ -48,7 +48,7 @@ def diff_versions(
         },
         "removed_by": _by_reason(removed),
         "added_by": _by_reason(added),
-        "distributions": _distributions(old, new),
+        "distributions": {**_distributions(old, new), "language": _languages(manifests)},
         "stages": _stages(manifests),
         "recipe_changes": recipe_changes(manifests[0].get("recipe") or {}, manifests[1].get("recipe") or {}),
         "diversity": [_diversity(m) for m in manifests],
@@ -185,6 +185,13 @@ def _distributions(old: pl.DataFrame, new: pl.DataFrame) -> dict:
         "chars": spread("chars"),
         **({"tokens": spread("tokens")} if "tokens" in old.columns else {}),
     }
+
+
+def _languages(manifests: list[dict]) -> dict:
+    """Each language's share in A and B, from the manifests' samples (null where a version has none)."""
+    shares = [(m.get("languages") or {}).get("shares") for m in manifests]
+    codes = list(dict.fromkeys(code for s in shares if s for code in s))
+    return {code: [None if s is None else s.get(code, 0.0) for s in shares] for code in codes}
 
 
 def _round(value) -> float | None:
@@ -349,6 +356,12 @@ def render(report: dict, console=None) -> None:
             for name, (x, y) in sorted(dist[key].items(), key=lambda kv: -kv[1][1])[:15]:
                 t.add_row(escape(name or "-"), f"{x:,}", f"{y:,}", f"{y - x:+,}")
             console.print(t, "")
+    if dist["language"]:
+        t = table("language (share of a sample)", "language", "A", "B", "change")
+        for code, (x, y) in list(dist["language"].items())[:10]:
+            change = "-" if x is None or y is None else f"{(y - x) * 100:+.1f} pt"
+            t.add_row(code, *(_share(v) for v in (x, y)), change)
+        console.print(t, "")
     t = table("lengths", "", "mean A", "mean B", "p50 A", "p50 B", "p90 A", "p90 B")
     for key, label in (("turns", "turns"), ("chars", "characters"), ("tokens", "tokens")):
         if key in dist:
@@ -367,6 +380,10 @@ def render(report: dict, console=None) -> None:
                 console.print(f"  A: {escape(_short(row['text_a']))}\n  B: {escape(_short(row['text_b']))}")
             else:
                 console.print(f"  {escape(_short(row['text']))}")
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _count(value) -> str:
@@ -415,6 +432,9 @@ def render_html(report: dict) -> str:
             for name, (x, y) in sorted(dist[key].items(), key=lambda kv: -kv[1][1])
         ]
         body += [f"<h2>Records by {key}</h2>", html.table([key, "A", "B", "change"], rows, (1, 2, 3))]
+    if dist["language"]:
+        rows = [(code, *(_share(v) for v in pair)) for code, pair in dist["language"].items()]
+        body += ["<h2>Language (share of a sample)</h2>", html.table(["language", "A", "B"], rows, (1, 2))]
     rows = [
         (f"{label} {stat}", *dist[key][stat])
         for key, label in (("turns", "turns"), ("chars", "characters"), ("tokens", "tokens"))
