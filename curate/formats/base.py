@@ -10,6 +10,7 @@ chunk in Arrow columns and leaves the rest to `convert`; both must give the same
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -103,10 +104,13 @@ def register_batch(name: str) -> Callable:
 
 
 def text_of(value: Any, what: str) -> str:
-    """A field that must hold text; numbers are accepted as their text, anything else is an error."""
+    """A field that must hold text; numbers are accepted as their text, anything else is an error
+    (NaN and Infinity too: the json module reads them, but "nan" is no answer)."""
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecordError(f"{what} is {value}, expected text")
         return str(value)
     raise RecordError(f"{what} is {type(value).__name__}, expected text")
 

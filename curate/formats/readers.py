@@ -12,7 +12,6 @@ import bz2
 import contextlib
 import csv
 import glob
-import gzip
 import io
 import json
 import lzma
@@ -80,21 +79,31 @@ def is_data_file(path: Path) -> bool:
 
 
 def open_binary(path: Path) -> IO[bytes]:
-    """The decompressed bytes of a file, chosen by its compression suffix."""
-    compression = suffixes(path)[1]
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression in (".zst", ".zstd"):
-        import zstandard
-
-        raw = open(path, "rb")  # noqa: SIM115 - closed with the reader below
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    if compression == ".xz":
-        return lzma.open(path, "rb")
-    if compression == ".bz2":
-        return bz2.open(path, "rb")
+    """The decompressed bytes of a file as a file object; compressed streams are checked to their
+    end, so a file cut short is an error, never a short read."""
+    if suffixes(path)[1]:
+        return io.BufferedReader(_BlockReader(read_blocks(path)), buffer_size=_BLOCK)
     return open(path, "rb")  # noqa: SIM115
+
+
+class _BlockReader(io.RawIOBase):
+    """A read-only file over an iterator of byte blocks."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks, self._pending = blocks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            self._pending = next(self._blocks, b"")
+            if not self._pending:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 def open_text(path: Path) -> IO[str]:
@@ -103,13 +112,15 @@ def open_text(path: Path) -> IO[str]:
 
 def read_blocks(path: Path) -> Iterator[bytes]:
     """The decompressed bytes of a file, about a megabyte at a time."""
-    if suffixes(path)[1] == ".gz":
-        with open(path, "rb") as raw:
+    compression = suffixes(path)[1]
+    with open(path, "rb") as raw:
+        if compression == ".gz":
             yield from _gunzip(raw, path)
-        return
-    with open_binary(path) as stream:
-        while block := stream.read(_BLOCK):
-            yield block
+        elif compression:
+            yield from _unpack(raw, path, ".zst" if compression == ".zstd" else compression)
+        else:
+            while block := raw.read(_BLOCK):
+                yield block
 
 
 _GZIP_HINT = "check the file with `gzip -t FILE`; a damaged file must be fetched or written again"
@@ -141,6 +152,64 @@ def _gunzip(raw: IO[bytes], path: Path) -> Iterator[bytes]:
         raise FormatError(f"{path}: damaged gzip data ({exc})", hint=_GZIP_HINT) from None
     if started and not inflate.eof:
         raise FormatError(f"{path}: the gzip data ends early (file cut short?)", hint=_GZIP_HINT)
+
+
+def _zstd():
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+def _zstd_error() -> type[Exception]:
+    import zstandard
+
+    return zstandard.ZstdError
+
+
+# compression suffix -> (name, a new decompressor, the errors it raises on bad data, its test command)
+_STREAMS = {
+    ".zst": ("zstd", _zstd, _zstd_error, "zstd -t"),
+    ".xz": ("xz", lzma.LZMADecompressor, lambda: lzma.LZMAError, "xz -t"),
+    ".bz2": ("bzip2", bz2.BZ2Decompressor, lambda: OSError, "bzip2 -t"),
+}
+
+
+def _unpack(raw: IO[bytes], path: Path, compression: str) -> Iterator[bytes]:
+    """Every stream (frame) of a zstd, xz or bzip2 file, like _gunzip: damaged or cut data is an
+    error naming the file (the library readers would stop short without a word, or raise EOFError
+    deep inside a parser)."""
+    name, new, errors, tool = _STREAMS[compression]
+    hint = f"check the file with `{tool} FILE`; a damaged file must be fetched or written again"
+    unpacker, started = new(), False
+    try:
+        while data := raw.read(_BLOCK):
+            while data:
+                if unpacker.eof:  # another stream follows (after optional zero padding)
+                    data = data.lstrip(b"\x00")
+                    if not data:
+                        break
+                    unpacker = new()
+                started = True
+                yield from _drain(unpacker, data)
+                data = unpacker.unused_data if unpacker.eof else b""
+    except errors() as exc:
+        raise FormatError(f"{path}: damaged {name} data ({exc})", hint=hint) from None
+    if started and not unpacker.eof:
+        raise FormatError(f"{path}: the {name} data ends early (file cut short?)", hint=hint)
+
+
+def _drain(unpacker, data: bytes) -> Iterator[bytes]:
+    """The output of one input block; lzma and bz2 give it a few megabytes at a time."""
+    if isinstance(unpacker, (lzma.LZMADecompressor, bz2.BZ2Decompressor)):
+        out = unpacker.decompress(data, _BLOCK * 4)
+        while True:
+            if out:
+                yield out
+            if unpacker.eof or unpacker.needs_input:
+                return
+            out = unpacker.decompress(b"", _BLOCK * 4)
+    elif out := unpacker.decompress(data):
+        yield out
 
 
 def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
@@ -302,6 +371,8 @@ def iter_json(path: Path) -> Iterator[Row]:
         if first == "[":
             yield from _json_array(_Prepend(head, text), path)
             return
+    if not first:  # an empty file: no rows (the run warns about a file that yields none)
+        return
     if first == "{":
         first_line = head.split("\n", 1)[0]
         try:
@@ -376,14 +447,22 @@ def iter_csv(path: Path, delimiter: str) -> Iterator[Row]:
 
 
 def iter_parquet(path: Path, batch_size: int) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = 0
-    with pq.ParquetFile(path) as pf:
-        for batch in pf.iter_batches(batch_size=batch_size):
-            for value in batch.to_pylist():
-                yield index, value, None
-                index += 1
+    try:
+        with pq.ParquetFile(path) as pf:
+            for batch in pf.iter_batches(batch_size=batch_size):
+                for value in batch.to_pylist():
+                    yield index, value, None
+                    index += 1
+    except (OSError, pa.ArrowException) as exc:  # a broken footer, a cut file, a damaged page
+        where = f" after row {index - 1}" if index else ""
+        raise FormatError(
+            f"{path}: unreadable Parquet data{where} ({str(exc).strip()})",
+            hint="check it with pyarrow.parquet.read_metadata(FILE); a damaged file must be written again",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -437,11 +516,27 @@ def iter_hf(dataset: Any, batch_size: int) -> Iterator[Row]:
             index += 1
 
 
+def _json_array_inside(path: Path) -> bool:
+    """Whether a file holds one JSON array rather than lines: it starts with "[" and its first line
+    is not JSON by itself (a JSONL file whose rows are arrays parses line by line)."""
+    head = next(read_blocks(path), b"")[: 1 << 16]
+    if head.lstrip()[:1] != b"[":
+        return False
+    first_line = head.lstrip().split(b"\n", 1)[0]
+    try:
+        json.loads(first_line)
+    except ValueError:
+        return True
+    return False
+
+
 def iter_file(path: Path, batch_size: int = 4096) -> Iterator[Row]:
     """Rows of one input file, by its suffix."""
     data, compression = suffixes(path)
-    if data in (".jsonl", ".ndjson"):
+    if data in (".jsonl", ".ndjson") and not _json_array_inside(path):
         yield from iter_jsonl(read_blocks(path))
+    elif data in (".jsonl", ".ndjson"):  # a JSON array saved under a JSONL name
+        yield from iter_json(path)
     elif data == ".json":
         yield from iter_json(path)
     elif data in (".csv", ".tsv"):
