@@ -378,6 +378,22 @@ def run_recipe(
         cls = ENGINES[engine or "local"]
         engine = cls(workers) if cls.name == "local" else cls()
     versions.check_writable(out_dir)
+    with versions.output_lock(out_dir):
+        return _run_locked(recipe, out_dir, progress, engine, parent, run_id, started)
+
+
+def _run_locked(
+    recipe: Recipe,
+    out_dir: Path,
+    progress: Progress,
+    engine: Engine,
+    parent: Path | str | None,
+    run_id: str,
+    started: float,
+) -> RunResult:
+    """run_recipe's work, with the output folder's lock held."""
+    from curate import versions
+
     cache = StageCache(out_dir / ".cache", recipe.cache_max_bytes)
     lineage = _parent(parent, recipe, out_dir)
     runner = Runner(recipe, engine, cache, progress, run_id)

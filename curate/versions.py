@@ -6,13 +6,16 @@ never leaves a half version visible and never touches an earlier one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,6 +87,34 @@ def check_writable(out_dir: Path) -> None:
             f"cannot write to the output folder {out_dir}: {exc.strerror or exc}",
             hint="give a writable one with --out (or output.dir in the recipe), or make this one writable",
         ) from None
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder for one run: a second `curate run` into it refuses at once, naming
+    the first, instead of racing it over the stage cache and `latest`. The kernel drops the lock
+    when its process dies, however it dies, so a killed run never leaves the folder locked."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CurateError(
+                f"{out_dir} is in use by another curate run ({holder})",
+                hint="wait for it to finish, or give this run another --out",
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        for stale in [*out_dir.glob(".tmp-*"), *out_dir.glob(f".{LATEST}-*")]:  # left by killed runs
+            if stale.is_symlink() or stale.is_file():
+                stale.unlink()
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
 
 
 def code_version() -> str:
