@@ -496,6 +496,26 @@ def report(
 
 
 @main.command()
+@click.argument("version", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_friendly_errors
+def verify(version: Path) -> None:
+    """Check a VERSION's files against the sha256 its manifest recorded when it was written.
+
+    Exit status 1 names each file changed or missing. `curate train` makes the same check on
+    the file it reads.
+    """
+    from curate.versions import resolve_version, verify_version
+
+    folder = resolve_version(version)
+    problems = verify_version(folder)
+    if problems:
+        raise CurateError(
+            f"{folder.name}: " + "; ".join(problems), hint="rebuild the version with curate run"
+        )
+    out.print(f"{folder.name}: every file is as written")
+
+
+@main.command()
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @_friendly_errors

@@ -171,6 +171,7 @@ def write_version(
         for artifact in artifacts:  # stages' own files, e.g. diversity-map.png
             shutil.copyfile(artifact, tmp / artifact.name)
         (tmp / "README.md").write_text(dataset_card(manifest))
+        manifest = {**manifest, "files": {f.name: sha256_of(f) for f in sorted(tmp.iterdir())}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, final)
     except BaseException:
@@ -297,6 +298,32 @@ def resolve_version(path: str | Path) -> Path:
     if not (target / "manifest.json").is_file():
         raise CurateError(f"{path}: latest points at {target.name}, which has no manifest.json")
     return target
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_version(folder: Path, names: list[str] | None = None) -> list[str]:
+    """What differs from the checksums the manifest recorded when the version was written: a file
+    changed or missing (all files, or only `names`). Empty when all is as written."""
+    recorded = read_manifest(folder).get("files")
+    if recorded is None:
+        return ["manifest.json records no checksums (the version predates them): nothing to check"]
+    problems = []
+    for name, expected in recorded.items():
+        if names is not None and name not in names:
+            continue
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_of(path) != expected:
+            problems.append(f"{name}: changed since the version was written (sha256 differs)")
+    return problems
 
 
 def read_manifest(version: Path) -> dict:

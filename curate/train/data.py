@@ -58,7 +58,16 @@ def load_version(path: str | Path) -> Version:
     folder = resolve_version(path)
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if (folder / "data.parquet").is_file():
+    reading = "data.parquet" if (folder / "data.parquet").is_file() else "train.jsonl"
+    if manifest.get("files"):
+        from curate.versions import verify_version
+
+        if problems := verify_version(folder, [reading]):
+            raise CurateError(
+                f"{folder.name}: {'; '.join(problems)}",
+                hint="training reads a version only as written; rebuild it with curate run",
+            )
+    if reading == "data.parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(folder / "data.parquet", columns=["id", "messages"])
