@@ -84,6 +84,14 @@ CASES: dict[str, tuple[dict[str, bytes], str]] = {
         },
         "kept 3 quarantined 2",  # a raw NUL inside a JSON string is invalid JSON, as is a line of NULs
     ),
+    "lone surrogates": (
+        {
+            "a.jsonl": lines(GOOD) + b'{"instruction": "bad \\ud800 text", "output": "x"}\n',
+            "b.json": b'[{"instruction": "bad \\udfff", "output": "x"}, '
+            b'{"instruction": "Fine?", "output": "Yes."}]',
+        },
+        "kept 4 quarantined 2",
+    ),
     "nan and infinity": (
         {
             "a.jsonl": lines(GOOD)

@@ -237,6 +237,7 @@ def iter_jsonl(blocks: Iterable[bytes]) -> Iterator[Row]:
         except orjson.JSONDecodeError:
             try:
                 value = json.loads(line)
+                _check_unicode(value)
             except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, depth
                 if not line.strip():
                     continue
@@ -246,7 +247,26 @@ def iter_jsonl(blocks: Iterable[bytes]) -> Iterator[Row]:
         yield number, value, line
 
 
+def _check_unicode(value: Any) -> None:
+    """Raise UnicodeError for text no file can hold: a lone surrogate escape such as \\ud800, which
+    the json module accepts (orjson refuses it, so only its fallback paths need this)."""
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def _unicode_checked(rows: Iterator[Row]) -> Iterator[Row]:
+    """Rows parsed by the json module, each checked: a row of broken text is quarantined."""
+    for index, value, raw in rows:
+        try:
+            _check_unicode(value)
+        except UnicodeError as exc:
+            yield index, Unreadable(_why_unreadable(exc), json.dumps(value)[:2000]), None
+        else:
+            yield index, value, raw
+
+
 def _why_unreadable(exc: Exception) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return f"invalid text: {exc.object[exc.start : exc.end]!a} is a lone surrogate, not a character"
     if isinstance(exc, RecursionError):
         return f"invalid JSON: nested more than {sys.getrecursionlimit()} levels deep"
     return f"invalid JSON: {exc}"
@@ -369,7 +389,7 @@ def iter_json(path: Path) -> Iterator[Row]:
         head = text.read(1 << 16)
         first = head.lstrip()[:1]
         if first == "[":
-            yield from _json_array(_Prepend(head, text), path)
+            yield from _unicode_checked(_json_array(_Prepend(head, text), path))
             return
     if not first:  # an empty file: no rows (the run warns about a file that yields none)
         return
@@ -394,8 +414,7 @@ def iter_json(path: Path) -> Iterator[Row]:
                 ) from None
         lists = [v for v in doc.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
         rows = lists[0] if len(lists) == 1 else [doc]  # {"data": [...]} wrappers hold the rows
-        for index, value in enumerate(rows):
-            yield index, value, None
+        yield from _unicode_checked((index, value, None) for index, value in enumerate(rows))
         return
     raise FormatError(
         f"{path}: not a JSON array or object (starts with {head.lstrip()[:20]!r})",
