@@ -226,6 +226,16 @@ def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Re
                     "paths resolve against the recipe's folder",
                 )
             )
+    name = raw.get("name")
+    if name is not None and (name.strip() in (".", "..") or "/" in name or "\\" in name):
+        issues.append(
+            Issue(
+                "name",
+                f"{name!r} is not a plain name",
+                "the default output folder is runs/<name> beside the recipe, so a name holds no / or \\ "
+                "and is not . or .. (set output.dir to write elsewhere)",
+            )
+        )
     names = [e["name"] for e in eval_sets]
     if len(set(names)) != len(names):
         issues.append(Issue("eval_sets", "names must be unique", f"got {names}"))

@@ -105,3 +105,14 @@ def test_verify_names_a_changed_file_and_training_refuses_it(tmp_path: Path):
 
     with pytest.raises(CurateError, match="data.parquet: changed"):
         load_version(folder)
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "x\\y"])
+def test_a_recipe_name_cannot_lead_the_output_elsewhere(tmp_path: Path, name: str):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "rows.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text(json.dumps({"name": name, "inputs": [{"path": "rows.jsonl"}], "stages": []}))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1 and "is not a plain name" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]  # nothing written anywhere

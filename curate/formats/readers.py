@@ -257,7 +257,8 @@ def _unicode_checked(rows: Iterator[Row]) -> Iterator[Row]:
     """Rows parsed by the json module, each checked: a row of broken text is quarantined."""
     for index, value, raw in rows:
         try:
-            _check_unicode(value)
+            if not isinstance(value, Unreadable):
+                _check_unicode(value)
         except UnicodeError as exc:
             yield index, Unreadable(_why_unreadable(exc), json.dumps(value)[:2000]), None
         else:
