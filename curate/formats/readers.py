@@ -114,44 +114,15 @@ def read_blocks(path: Path) -> Iterator[bytes]:
     """The decompressed bytes of a file, about a megabyte at a time."""
     compression = suffixes(path)[1]
     with open(path, "rb") as raw:
-        if compression == ".gz":
-            yield from _gunzip(raw, path)
-        elif compression:
+        if compression:
             yield from _unpack(raw, path, ".zst" if compression == ".zstd" else compression)
         else:
             while block := raw.read(_BLOCK):
                 yield block
 
 
-_GZIP_HINT = "check the file with `gzip -t FILE`; a damaged file must be fetched or written again"
-
-
-def _gunzip(raw: IO[bytes], path: Path) -> Iterator[bytes]:
-    """Every member of a gzip stream, decompressed a megabyte at a time.
-
-    gzip.GzipFile steps through 8 KB reads in Python and checks the CRC in a second pass; here
-    ISA-L (or zlib) in gzip mode (wbits=31) checks each member's CRC and length itself, and on
-    raw/ the whole read takes 94 ms instead of GzipFile's 210 ms. Output per call is capped, so a
-    zip bomb stays bounded.
-    """
-    inflate = inflate_lib.decompressobj(wbits=31)
-    started = False
-    try:
-        while data := raw.read(_BLOCK):
-            while data:
-                if inflate.eof:  # another member follows (after optional zero padding)
-                    data = data.lstrip(b"\x00")
-                    if not data:
-                        break
-                    inflate = inflate_lib.decompressobj(wbits=31)
-                started = True
-                if out := inflate.decompress(data, _BLOCK * 4):
-                    yield out
-                data = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
-    except inflate_lib.error as exc:
-        raise FormatError(f"{path}: damaged gzip data ({exc})", hint=_GZIP_HINT) from None
-    if started and not inflate.eof:
-        raise FormatError(f"{path}: the gzip data ends early (file cut short?)", hint=_GZIP_HINT)
+def _gzip():
+    return inflate_lib.decompressobj(wbits=31)  # gzip mode: each member's CRC and length checked
 
 
 def _zstd():
@@ -166,19 +137,45 @@ def _zstd_error() -> type[Exception]:
     return zstandard.ZstdError
 
 
-# compression suffix -> (name, a new decompressor, the errors it raises on bad data, its test command)
+def _capped(unpacker, data: bytes) -> Iterator[bytes]:
+    """zlib: at most a few megabytes per call; the rest waits in unconsumed_tail."""
+    if out := unpacker.decompress(data, _BLOCK * 4):
+        yield out
+
+
+def _buffered(unpacker, data: bytes) -> Iterator[bytes]:
+    """lzma and bz2: at most a few megabytes per call; the rest waits inside the decompressor."""
+    out = unpacker.decompress(data, _BLOCK * 4)
+    while True:
+        if out:
+            yield out
+        if unpacker.eof or unpacker.needs_input:
+            return
+        out = unpacker.decompress(b"", _BLOCK * 4)
+
+
+def _whole(unpacker, data: bytes) -> Iterator[bytes]:
+    if out := unpacker.decompress(data):
+        yield out
+
+
+# compression suffix -> (name, a new decompressor, the errors it raises on bad data, how its output
+# is drawn, the command that tests a file)
 _STREAMS = {
-    ".zst": ("zstd", _zstd, _zstd_error, "zstd -t"),
-    ".xz": ("xz", lzma.LZMADecompressor, lambda: lzma.LZMAError, "xz -t"),
-    ".bz2": ("bzip2", bz2.BZ2Decompressor, lambda: OSError, "bzip2 -t"),
+    ".gz": ("gzip", _gzip, lambda: inflate_lib.error, _capped, "gzip -t"),
+    ".zst": ("zstd", _zstd, _zstd_error, _whole, "zstd -t"),
+    ".xz": ("xz", lzma.LZMADecompressor, lambda: lzma.LZMAError, _buffered, "xz -t"),
+    ".bz2": ("bzip2", bz2.BZ2Decompressor, lambda: OSError, _buffered, "bzip2 -t"),
 }
 
 
 def _unpack(raw: IO[bytes], path: Path, compression: str) -> Iterator[bytes]:
-    """Every stream (frame) of a zstd, xz or bzip2 file, like _gunzip: damaged or cut data is an
-    error naming the file (the library readers would stop short without a word, or raise EOFError
-    deep inside a parser)."""
-    name, new, errors, tool = _STREAMS[compression]
+    """Every stream (gzip member, zstd frame) of a compressed file, a megabyte of input at a time,
+    output per call capped where the library allows (a zip bomb stays bounded). Damaged or cut data
+    is an error naming the file: the library readers stop short without a word, or raise EOFError
+    deep inside a parser. For gzip, ISA-L (or zlib) checks CRCs and lengths itself: 94 ms for raw/
+    against gzip.GzipFile's 210 ms."""
+    name, new, errors, drain, tool = _STREAMS[compression]
     hint = f"check the file with `{tool} FILE`; a damaged file must be fetched or written again"
     unpacker, started = new(), False
     try:
@@ -190,26 +187,12 @@ def _unpack(raw: IO[bytes], path: Path, compression: str) -> Iterator[bytes]:
                         break
                     unpacker = new()
                 started = True
-                yield from _drain(unpacker, data)
-                data = unpacker.unused_data if unpacker.eof else b""
+                yield from drain(unpacker, data)
+                data = unpacker.unused_data if unpacker.eof else getattr(unpacker, "unconsumed_tail", b"")
     except errors() as exc:
         raise FormatError(f"{path}: damaged {name} data ({exc})", hint=hint) from None
     if started and not unpacker.eof:
         raise FormatError(f"{path}: the {name} data ends early (file cut short?)", hint=hint)
-
-
-def _drain(unpacker, data: bytes) -> Iterator[bytes]:
-    """The output of one input block; lzma and bz2 give it a few megabytes at a time."""
-    if isinstance(unpacker, (lzma.LZMADecompressor, bz2.BZ2Decompressor)):
-        out = unpacker.decompress(data, _BLOCK * 4)
-        while True:
-            if out:
-                yield out
-            if unpacker.eof or unpacker.needs_input:
-                return
-            out = unpacker.decompress(b"", _BLOCK * 4)
-    elif out := unpacker.decompress(data):
-        yield out
 
 
 def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
