@@ -35,12 +35,17 @@ def view(messages: list[dict], template: str, tokenizer: Any = None, max_len: in
     wire = train_messages(messages)
     rendered = render(wire, template if template in TEMPLATE_NAMES else tokenizer or template)
     problems = _tool_call_problems(wire, rendered.text)
+    trained_chars = sum(b - a for a, b in rendered.spans)
     if tokenizer is None:
-        marks = _char_marks(len(rendered.text), rendered.spans)
-        segments = _segments(rendered.text, [(i, i + 1) for i in range(len(rendered.text))], marks, None)
-        trained = sum(b - a for a, b in rendered.spans)
-        return {"text": rendered.text, "segments": segments, "tokens": None, "trained_tokens": None,
-                "trained_chars": trained, "cut": False, "problems": problems}  # fmt: skip
+        return {
+            "text": rendered.text,
+            "segments": _span_segments(rendered.text, rendered.spans),
+            "tokens": None,
+            "trained_tokens": None,
+            "trained_chars": trained_chars,
+            "cut": False,
+            "problems": problems,
+        }
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     labels = token_labels(offsets, rendered.spans)
@@ -50,18 +55,24 @@ def view(messages: list[dict], template: str, tokenizer: Any = None, max_len: in
         "segments": _segments(rendered.text, offsets, labels, limit),
         "tokens": len(offsets),
         "trained_tokens": sum(labels[:limit]),
-        "trained_chars": sum(b - a for a, b in rendered.spans),
+        "trained_chars": trained_chars,
         "cut": len(offsets) > limit,
         "max_len": limit,
         "problems": problems,
     }
 
 
-def _char_marks(n: int, spans: list[tuple[int, int]]) -> list[bool]:
-    marks = [False] * n
+def _span_segments(text: str, spans: list[tuple[int, int]]) -> list[dict]:
+    """Trained spans and the text between them (no tokenizer: characters, no cut)."""
+    out, end = [], 0
     for a, b in spans:
-        marks[a:b] = [True] * (b - a)
-    return marks
+        if a > end:
+            out.append({"text": text[end:a], "trained": False, "cut": False})
+        out.append({"text": text[a:b], "trained": True, "cut": False})
+        end = b
+    if end < len(text):
+        out.append({"text": text[end:], "trained": False, "cut": False})
+    return out
 
 
 def _segments(text: str, offsets, labels: list[bool], limit: int | None) -> list[dict]:
