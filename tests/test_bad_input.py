@@ -228,3 +228,24 @@ def test_a_mixed_folder_and_a_symlink_loop(tmp_path: Path):
     assert code == 0, output
     accounted(manifest)
     assert manifest["counts"]["kept"] == 3
+
+
+def test_a_file_that_vanishes_mid_run_is_one_clear_error(tmp_path: Path, monkeypatch):
+    import curate.formats
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (folder / name).write_bytes(lines(GOOD))
+    original = curate.formats.iter_file
+
+    def vanishing(path: Path, *args):
+        if path.name == "b.jsonl":  # listed and hashed, then gone when its turn to be read comes
+            path.unlink()
+        return original(path, *args)
+
+    monkeypatch.setattr(curate.formats, "iter_file", vanishing)
+    code, output, _ = run(tmp_path)
+    assert code == 1 and "Traceback" not in output
+    assert "b.jsonl: could not be read (No such file or directory)" in output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("v*"))

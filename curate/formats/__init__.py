@@ -177,9 +177,20 @@ def read_input(
             if is_hf_folder(path):
                 rows = iter_hf(load_hf(None, path, spec.split, None), step)
             else:
-                rows = iter_file(path, step)
+                rows = _readable(iter_file(path, step), path)
             yield from reader.read(relative(path, base_dir), spec.name or stem(path), rows)
     yield from reader.flush()
+
+
+def _readable(rows: Iterator, path: Path) -> Iterator:
+    """The rows of a file that may vanish or lose its permissions while the run reads it."""
+    try:
+        yield from rows
+    except OSError as exc:
+        raise FormatError(
+            f"{path}: could not be read ({exc.strerror or exc})",
+            hint="it was there when the run started: was it moved, deleted or made unreadable meanwhile?",
+        ) from None
 
 
 def inspect_input(spec: InputSpec, base_dir: Path) -> list[dict]:
