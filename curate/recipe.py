@@ -185,7 +185,11 @@ def load_recipe(path: str | Path) -> Recipe:
         )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {exc.start})", hint="a recipe is a YAML file"
+        ) from None
+    except (yaml.YAMLError, RecursionError) as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError(

@@ -173,6 +173,18 @@ CASES: dict[str, tuple[dict[str, bytes], str]] = {
         {"a.csv": b'instruction,output\n"Say ""hi""\non two lines",Hi\n"A, B",C\n'},
         "kept 2 quarantined 0",
     ),
+    "a json document that does not parse": (
+        {"a.json": b'{"instruction": "a", "output": "b"},\n{"instruction": "c", "output": "d"}]'},
+        "error: a.json: not valid JSON",
+    ),
+    "latin-1 json": (
+        {"a.json": '[{"instruction": "caf\u00e9?", "output": "x"}]'.encode("latin-1")},
+        "error: a.json: not UTF-8 text",
+    ),
+    "latin-1 csv": (
+        {"a.csv": "instruction,output\ncaf\u00e9?,x\n".encode("latin-1")},
+        "error: a.csv: not UTF-8",
+    ),
     "parquet with a broken footer": (
         {"a.parquet": b"PAR1" + b"\x00" * 64 + b"PAR1", "b.jsonl": lines(GOOD)},
         "error: a.parquet",
@@ -249,3 +261,9 @@ def test_a_file_that_vanishes_mid_run_is_one_clear_error(tmp_path: Path, monkeyp
     assert code == 1 and "Traceback" not in output
     assert "b.jsonl: could not be read (No such file or directory)" in output
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("v*"))
+
+
+def test_a_recipe_that_is_not_utf8_is_one_clear_error(tmp_path: Path):
+    (tmp_path / "r.yaml").write_bytes("name: caf\u00e9\ninputs: []\nstages: []\n".encode("latin-1"))
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 1 and "not UTF-8 text" in result.output and "Traceback" not in result.output

@@ -183,9 +183,17 @@ def read_input(
 
 
 def _readable(rows: Iterator, path: Path) -> Iterator:
-    """The rows of a file that may vanish or lose its permissions while the run reads it."""
+    """The rows of a file, with what can go wrong below the row level said as one error naming it:
+    it vanished or lost its permissions meanwhile, or a JSON document or CSV file is not UTF-8
+    (JSONL quarantines such a line on its own)."""
     try:
         yield from rows
+    except UnicodeDecodeError as exc:
+        raise FormatError(
+            f"{path}: not UTF-8 text ({exc.reason}, byte {exc.object[exc.start:exc.end]!r})",
+            hint="save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or as JSONL, where a bad line is "
+            "quarantined alone",
+        ) from None
     except OSError as exc:
         raise FormatError(
             f"{path}: could not be read ({exc.strerror or exc})",

@@ -396,6 +396,14 @@ def iter_json(path: Path) -> Iterator[Row]:
                     hint="a document that does not parse cannot be split into rows; JSONL quarantines "
                     "such a line on its own",
                 ) from None
+            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                raise FormatError(
+                    f"{path}: not valid JSON ({exc})",
+                    hint="a .json input is one array or object, or one object per line (JSONL); a "
+                    "document that does not parse cannot be split into rows",
+                ) from None
+        if not isinstance(doc, dict):  # e.g. {..., ...} that parsed as something else: not rows
+            raise FormatError(f"{path}: not a JSON array or object", hint="see docs/formats.md")
         lists = [v for v in doc.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
         rows = lists[0] if len(lists) == 1 else [doc]  # {"data": [...]} wrappers hold the rows
         yield from _unicode_checked((index, value, None) for index, value in enumerate(rows))
