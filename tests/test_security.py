@@ -116,3 +116,33 @@ def test_a_recipe_name_cannot_lead_the_output_elsewhere(tmp_path: Path, name: st
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 1 and "is not a plain name" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]  # nothing written anywhere
+
+
+def test_no_code_runs_from_data():
+    """The package never evaluates or unpickles: no eval/exec/compile, no pickle, marshal or
+    unsafe YAML loading, and torch.load only with weights_only=True (an AST scan of curate/)."""
+    import ast
+
+    forbidden_calls = {"eval", "exec", "compile", "__import__"}
+    forbidden_attrs = {("pickle", "load"), ("pickle", "loads"), ("marshal", "loads"), ("yaml", "load")}
+    forbidden_attrs |= {("yaml", "unsafe_load"), ("yaml", "full_load"), ("dill", "load"), ("dill", "loads")}
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "curate").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            fn = node.func
+            where = f"{path.name}:{node.lineno}"
+            if isinstance(fn, ast.Name) and fn.id in forbidden_calls:
+                found.append(f"{where} {fn.id}()")
+            if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name):
+                if (fn.value.id, fn.attr) in forbidden_attrs:
+                    found.append(f"{where} {fn.value.id}.{fn.attr}()")
+                if (fn.value.id, fn.attr) == ("torch", "load"):
+                    safe = any(
+                        k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                        for k in node.keywords
+                    )
+                    if not safe:
+                        found.append(f"{where} torch.load() without weights_only=True")
+    assert found == []
