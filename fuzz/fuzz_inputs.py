@@ -4,7 +4,8 @@ Reading any bytes must end in rows, quarantine entries, or a CurateError (a clea
 the file); loading any bytes as a recipe must end in a recipe or a RecipeError/CurateError. Any
 other exception is a crash, and libFuzzer saves the input that caused it.
 
-    python fuzz/fuzz_inputs.py -max_total_time=60 examples/raw     # seeds: the demo's files
+    cp -r examples/raw /tmp/corpus          # libFuzzer adds what it finds to the corpus folder
+    python fuzz/fuzz_inputs.py -max_total_time=600 /tmp/corpus
 """
 
 from __future__ import annotations
