@@ -152,7 +152,7 @@ def _render_named(messages: list[dict], name: str, add_generation_prompt: bool) 
 
 
 @lru_cache(maxsize=8)
-def _load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -165,7 +165,7 @@ def _load_tokenizer(path: str) -> Any:
 
 
 def _tokenizer(template: Any) -> Any:
-    tok = _load_tokenizer(str(template)) if isinstance(template, str) else template
+    tok = load_tokenizer(str(template)) if isinstance(template, str) else template
     if not getattr(tok, "chat_template", None):
         raise CurateError(
             "the tokenizer has no chat template",

@@ -20,11 +20,11 @@ from curate.templates import TEMPLATE_NAMES, UnrenderableError, render
 def tokenizer_for(template: str, tokenizer: str | None) -> Any:
     """The tokenizer that counts tokens: `tokenizer` when given, else the template when it is a
     tokenizer folder; None for a named template without one (characters only)."""
-    from curate.templates import _load_tokenizer
+    from curate.templates import load_tokenizer
 
     if tokenizer:
-        return _load_tokenizer(tokenizer)
-    return None if template in TEMPLATE_NAMES else _load_tokenizer(template)
+        return load_tokenizer(tokenizer)
+    return None if template in TEMPLATE_NAMES else load_tokenizer(template)
 
 
 def view(messages: list[dict], template: str, tokenizer: Any = None, max_len: int | None = None) -> dict:

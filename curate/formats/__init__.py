@@ -190,7 +190,7 @@ def _readable(rows: Iterator, path: Path) -> Iterator:
         yield from rows
     except UnicodeDecodeError as exc:
         raise FormatError(
-            f"{path}: not UTF-8 text ({exc.reason}, byte {exc.object[exc.start:exc.end]!r})",
+            f"{path}: not UTF-8 text ({exc.reason}, byte {exc.object[exc.start : exc.end]!r})",
             hint="save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or as JSONL, where a bad line is "
             "quarantined alone",
         ) from None

@@ -530,7 +530,8 @@ def iter_hf(dataset: Any, batch_size: int) -> Iterator[Row]:
 def _json_array_inside(path: Path) -> bool:
     """Whether a file holds one JSON array rather than lines: it starts with "[" and its first line
     is not JSON by itself (a JSONL file whose rows are arrays parses line by line)."""
-    head = next(read_blocks(path), b"")[: 1 << 16]
+    with contextlib.closing(read_blocks(path)) as blocks:
+        head = next(blocks, b"")[: 1 << 16]
     if head.lstrip()[:1] != b"[":
         return False
     first_line = head.lstrip().split(b"\n", 1)[0]

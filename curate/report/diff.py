@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from curate.errors import CurateError
+from curate.text.conversation import conversation_text
 from curate.versions import read_manifest, resolve_version
 
 SOURCE_ROW = ["path", "row"]
@@ -88,9 +89,9 @@ def _records(folder: Path, tokenizer: str | None = None) -> pl.DataFrame:
 def _token_counts(path: Path, tokenizer: str) -> list[int]:
     """Tokens of every record's turns (contents joined by newlines), by the Rust tokenizer on all
     cores, a batch of rows at a time."""
-    from curate.templates import _load_tokenizer
+    from curate.templates import load_tokenizer
 
-    fast = _load_tokenizer(tokenizer).backend_tokenizer
+    fast = load_tokenizer(tokenizer).backend_tokenizer
     counts: list[int] = []
     texts = pl.col("messages").list.eval(pl.element().struct.field("content").fill_null("")).list.join("\n")
     for batch in pl.scan_parquet(path).select(texts).collect_batches():
@@ -259,33 +260,37 @@ def _samples(folders: list[Path], removed, added, changed, size: int, seed: int)
             "at_a" if "at_a" in rows.columns else "at_b"
         )
 
-    texts = [_first_user(folder) for folder in folders]
+    removed, added, changed = pick(removed), pick(added), pick(changed)
+    texts = [
+        _first_user(folders[0], [*removed["at_a"], *changed["at_a"]]),
+        _first_user(folders[1], [*added["at_b"], *changed["at_b"]]),
+    ]
     out = {"removed": [], "added": [], "changed": []}
-    for row in pick(removed).iter_rows(named=True):
+    for row in removed.iter_rows(named=True):
         out["removed"].append(
             {
                 **_ref(row),
                 "stage": row["stage"],
                 "reason": row["reason"],
                 "evidence": json.loads(row["evidence"] or "{}"),
-                "text": texts[0](row["at_a"]),
+                "text": texts[0][row["at_a"]],
             }
         )
-    for row in pick(added).iter_rows(named=True):
+    for row in added.iter_rows(named=True):
         out["added"].append(
             {
                 **_ref(row),
                 "dropped_in_a": {"stage": row["stage"], "reason": row["reason"]},
-                "text": texts[1](row["at_b"]),
+                "text": texts[1][row["at_b"]],
             }
         )
-    for row in pick(changed).iter_rows(named=True):
+    for row in changed.iter_rows(named=True):
         out["changed"].append(
             {
                 **_ref(row),
                 "id_b": row["id_b"],
-                "text_a": texts[0](row["at_a"]),
-                "text_b": texts[1](row["at_b"]),
+                "text_a": texts[0][row["at_a"]],
+                "text_b": texts[1][row["at_b"]],
             }
         )
     return out
@@ -295,18 +300,16 @@ def _ref(row: dict) -> dict:
     return {"id": row["id"], "source": f"{row['path']}:{row['row']}"}
 
 
-def _first_user(folder: Path):
-    """row number -> the record's first user turn (read lazily, one row at a time)."""
-    scan = pl.scan_parquet(folder / "data.parquet").select(
-        pl.col("messages")
-        .list.eval(pl.element().filter(pl.element().struct.field("role") == "user").struct.field("content"))
-        .list.first()
+def _first_user(folder: Path, rows: list[int]) -> dict[int, str]:
+    """The first user turn of the records at `rows` of a version, in one read."""
+    table = (
+        pl.scan_parquet(folder / "data.parquet")
+        .with_row_index("at")
+        .filter(pl.col("at").is_in(rows))
+        .select("at", "messages")
+        .collect()
     )
-
-    def text(row: int) -> str:
-        return scan.slice(row, 1).collect().item() or ""
-
-    return text
+    return dict(zip(table["at"].to_list(), conversation_text(table, "first_user").to_list(), strict=True))
 
 
 def render(report: dict, console=None) -> None:

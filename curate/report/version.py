@@ -9,15 +9,10 @@ from pathlib import Path
 import polars as pl
 
 from curate.report import html
+from curate.text.conversation import conversation_text
 from curate.versions import read_manifest, resolve_version
 
 EXAMPLES = 2  # records shown per drop reason
-
-
-def first_user(messages: pl.Expr) -> pl.Expr:
-    """The content of the first user turn of a messages column ("" when there is none)."""
-    user = pl.element().struct.field("role") == "user"
-    return messages.list.eval(pl.element().filter(user).struct.field("content")).list.first().fill_null("")
 
 
 def report_html(version: str | Path, seed: int = 0, training: dict | None = None) -> str:
@@ -108,7 +103,7 @@ def _drops(folder: Path, seed: int) -> str:
         pl.format("{}:{}", pl.col("source").struct.field("path"), pl.col("source").struct.field("row")).alias(
             "ref"
         ),
-        first_user(pl.col("messages")).alias("text"),
+        "messages",
     )
     counts = dropped.group_by("stage", "reason").len().sort("len", descending=True).collect()
     if counts.is_empty():
@@ -119,6 +114,7 @@ def _drops(folder: Path, seed: int) -> str:
         .filter(pl.col("pick") < EXAMPLES)
         .collect()
     )
+    examples = examples.with_columns(conversation_text(examples, "first_user").alias("text"))
     for stage, reason, n in counts.iter_rows():
         out.append(f"<h3>{html.esc(stage)}: {html.esc(reason)} ({n:,})</h3>")
         for row in examples.filter((pl.col("stage") == stage) & (pl.col("reason") == reason)).iter_rows(
