@@ -162,7 +162,7 @@ def trl_reference(model_path: str, steps: int, checkpointing: bool, out: Path) -
 
 
 def train(model: str, out: Path, smoke: bool, reference_steps: int) -> None:
-    from curate.train import run_training
+    from curate.train.trainer import run_training
 
     out.mkdir(parents=True, exist_ok=True)
     recipe = {**RECIPE, "base_model": model}
@@ -236,7 +236,7 @@ def scale(tokenizer_dir: str, out: Path, steps: int, smoke: bool) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from curate.train import run_training
+    from curate.train.trainer import run_training
 
     shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
     if smoke:

@@ -679,10 +679,12 @@ def train(
     curate train train/tiny-cpu.yaml --data runs/demo              # CPU, tiny model, ~1 minute
     curate train train/qlora-default.yaml --data runs/sft-mix      # 7-8B on one 24 GB GPU
     """
-    from curate.train import require_training_extra, run_training
+    from curate.train import require_training_extra
     from curate.versions import resolve_version
 
-    require_training_extra()
+    require_training_extra()  # before torch and friends load
+    from curate.train.trainer import run_training
+
     metrics = run_training(
         recipe, resolve_version(data), out_dir, _overrides(overrides), not as_json, verbose
     )
@@ -729,10 +731,12 @@ def evaluate(
     verbose: bool,
 ) -> None:
     """Run the evaluation gates on an adapter, each figure beside the base model's; exit 1 if a gate fails."""
-    from curate.train import require_training_extra, run_eval
+    from curate.train import require_training_extra
     from curate.versions import resolve_version
 
-    require_training_extra()
+    require_training_extra()  # before torch and friends load
+    from curate.train.evaluation import run_eval
+
     report = run_eval(recipe, adapter, resolve_version(data) if data else None, out_dir, not as_json, verbose)
     if as_json:
         _print_json(report)

@@ -283,7 +283,7 @@ def demo_version(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(demo_version, tmp_path_factory):
-    from curate.train import run_training
+    from curate.train.trainer import run_training
 
     out = tmp_path_factory.mktemp("train")
     return out, run_training(TINY, demo_version, out, {**FAST, "merge": True})
@@ -341,7 +341,7 @@ def test_tiny_qlora_run_end_to_end(trained):
 
 
 def test_adapter_loads_back_and_the_gates_run_again(trained, version, tmp_path):
-    from curate.train import run_eval
+    from curate.train.evaluation import run_eval
 
     out, metrics = trained
     report = run_eval(None, out / "adapter", None, tmp_path)

@@ -1,9 +1,9 @@
-"""The bundled QLoRA trainer and its evaluation gates (torch and friends load only when called)."""
+"""The bundled QLoRA trainer (curate.train.trainer) and its evaluation gates (curate.train.evaluation);
+import them only after `require_training_extra`, so a missing extra is one clear error."""
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from curate.errors import CurateError
 
@@ -20,36 +20,3 @@ def require_training_extra() -> None:
             hint="pip install 'curate[train]' (without a GPU, install torch's CPU build first, as the "
             "README does: pip install torch==2.13.0)",
         )
-
-
-def run_training(
-    recipe_path: str | Path | None,
-    data_version: str | Path,
-    out_dir: str | Path,
-    overrides: dict | None = None,
-    show_progress: bool = True,
-    verbose: bool = False,
-) -> dict:
-    """Train a QLoRA adapter on a version (see curate.train.trainer)."""
-    require_training_extra()
-    from curate.train.trainer import run_training as train
-
-    return train(recipe_path, data_version, out_dir, overrides, show_progress, verbose)
-
-
-def run_eval(
-    recipe_path: str | Path | None,
-    adapter_dir: str | Path,
-    data_version: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    show_progress: bool = True,
-    verbose: bool = False,
-) -> dict:
-    """The evaluation gates of an adapter (see curate.train.evaluation)."""
-    require_training_extra()
-    from curate.train.evaluation import run_eval as evaluate
-
-    return evaluate(recipe_path, adapter_dir, data_version, out_dir, show_progress, verbose)
-
-
-__all__ = ["TRAINING_PACKAGES", "require_training_extra", "run_eval", "run_training"]
