@@ -121,11 +121,13 @@ def version_stats(
 ) -> dict:
     """Over a seeded sample of a version's records: trained tokens per record, how many train on
     nothing, how many the sequence length cuts, which cannot be rendered, and tool calls lost."""
+    import numpy as np
     import polars as pl
 
-    table = pl.read_parquet(folder / "data.parquet", columns=["id", "messages"])
-    if table.height > sample:
-        table = table.sample(sample, seed=seed)
+    scan = pl.scan_parquet(folder / "data.parquet")
+    n = scan.select(pl.len()).collect().item()
+    rows = np.random.default_rng(seed).choice(n, min(n, sample), replace=False)  # read only these
+    table = scan.with_row_index("at").filter(pl.col("at").is_in(rows)).select("id", "messages").collect()
     trained, nothing, cut, unrenderable, problems = [], [], [], [], []
     for rid, messages in table.iter_rows():
         try:
