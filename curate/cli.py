@@ -121,6 +121,12 @@ def main() -> None:
     "default: the recipe's output.parent, else the output folder's latest. `curate log` shows it.",
 )
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Send no LLM request: run the stages before the first generating one and print what the "
+    "generating stages are expected to send and spend (as `curate estimate`).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout; no progress bars."
 )
 @_friendly_errors
@@ -131,6 +137,7 @@ def run(
     engine: str,
     strict: bool,
     parent: Path | None,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Run RECIPE and write a new dataset version.
@@ -145,12 +152,79 @@ def run(
 
     loaded = load_recipe(recipe)
     loaded.strict = loaded.strict or strict
+    if dry_run:
+        _estimate(loaded, out_dir, workers, engine, as_json)
+        return
     with Progress(enabled=not as_json) as progress:
         result = run_recipe(loaded, out_dir, progress, workers, engine, parent)
     if as_json:
         _print_json({**result.manifest, "path": str(result.folder), "this_run": result.run})
         return
     _print_summary(result.manifest, result.folder, result.run)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder whose stage cache the stages before generation use (default: the recipe's).",
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Processes for the stages before generation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON on stdout.")
+@_friendly_errors
+def estimate(recipe: Path, out_dir: Path | None, workers: int | None, as_json: bool) -> None:
+    """Print the requests, tokens and cost RECIPE's generating stages (evol, respond) are expected to
+    take, before any paid call, and check them against each stage's budget.
+
+    The stages before the first generating one run (they are free, and cached for the real run);
+    generating stages are estimated at their worst: every answer as long as max_tokens, every
+    evolution surviving, tokens at about four characters each. Cost needs `prices` in the stage.
+    """
+    from curate.recipe import load_recipe
+
+    _estimate(load_recipe(recipe), out_dir, workers, "local", as_json)
+
+
+def _estimate(recipe, out_dir: Path | None, workers: int | None, engine: str, as_json: bool) -> None:
+    from curate.pipeline import estimate_recipe
+    from curate.progress import Progress
+
+    with Progress(enabled=not as_json) as progress:
+        figures = estimate_recipe(recipe, out_dir, progress, workers, engine)
+    if as_json:
+        _print_json(figures)
+        return
+    if not figures["stages"]:
+        out.print("no generating stage in this recipe: a run sends no LLM request")
+        return
+    out.print(f"\n{figures['records']:,} records reach the first generating stage; at most:")
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("stage", "model", "requests", "input tokens", "output tokens", "cost", "budget"):
+        table.add_column(col, justify="right" if col not in ("stage", "model", "budget") else "left")
+    for s in figures["stages"]:
+        cost = "-" if s["cost"] is None else f"{s['cost']:.4f}"
+        if s["budget"] is None:
+            verdict = "none"
+        elif s["over_budget"]:
+            verdict = f"[yellow]passed: {'; '.join(s['over_budget'])}[/yellow]"
+        else:
+            verdict = "[green]fits[/green]"
+        table.add_row(
+            s["stage"],
+            f"{s['provider']}:{s['model']}",
+            f"{s['requests']:,}",
+            f"{s['input_tokens']:,}",
+            f"{s['output_tokens']:,}",
+            cost,
+            verdict,
+        )
+    out.print(table)
+    if any(s["over_budget"] and not s["budget"]["allow_partial"] for s in figures["stages"]):
+        out.print(
+            "[yellow]a run would stop before its first request: raise the budget or allow_partial[/yellow]"
+        )
 
 
 def _print_summary(manifest: dict, folder: Path, run: dict | None = None) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from curate.errors import CurateError
 from curate.evalsets import EvalSet, load_eval_sets
 from curate.text.conversation import conversation_text
 from curate.text.minhash import jaccard_estimate, signatures
@@ -67,7 +68,7 @@ class Matcher:
     """The chosen methods, with every index over the eval items built once: `find(batch)` gives the
     hits of each method in a batch of records."""
 
-    def __init__(self, catalog: EvalCatalog, options, embedder=None, llm_client=None) -> None:
+    def __init__(self, catalog: EvalCatalog, options, embedder=None, judge=None) -> None:
         self.catalog, self.cfg = catalog, options
         methods = set(options.methods)
         questions = catalog.question_tokens()
@@ -76,7 +77,7 @@ class Matcher:
         if "ngram" in methods and options.match_answers:
             self.answers = SpanIndex(catalog.answers, options.ngram)
         self.shingles = SpanIndex(questions, options.minhash_ngram) if "minhash" in methods else None
-        self.embedder, self.llm_client = embedder, llm_client
+        self.embedder, self.judge = embedder, judge  # judge: a curate.llm RequestEngine
         if "embedding" in methods:
             views = [
                 (item, view) for item, question in enumerate(catalog.questions) for view in _views(question)
@@ -161,16 +162,29 @@ class Matcher:
         return self._judged(hits) if cfg.judge else hits
 
     def _judged(self, candidates: pl.DataFrame) -> pl.DataFrame:
-        """The candidates an LLM confirms as restating their eval question (each request cached)."""
-        verdicts = []
-        for item, example in candidates.select("item", "match").rows():
-            ask = _JUDGE_ASK.format(
-                question=self.catalog.questions[item][:4000], example=(example or "")[:4000]
+        """The candidates an LLM confirms as restating their eval question (asked all at once, each
+        answer cached). A candidate the judge could not answer is an error, never a silent keep."""
+        from curate.llm import Failure, Request
+
+        requests = [
+            Request(
+                [
+                    {"role": "system", "content": _JUDGE_SYSTEM},
+                    {
+                        "role": "user",
+                        "content": _JUDGE_ASK.format(
+                            question=self.catalog.questions[item][:4000], example=(example or "")[:4000]
+                        ),
+                    },
+                ]
             )
-            reply = self.llm_client.complete(
-                [{"role": "system", "content": _JUDGE_SYSTEM}, {"role": "user", "content": ask}]
-            )
-            verdicts.append(reply.strip().lower().startswith("yes"))
+            for item, example in candidates.select("item", "match").rows()
+        ]
+        replies = self.judge.run(requests)
+        failed = next((r for r in replies if isinstance(r, Failure)), None)
+        if failed is not None:
+            raise CurateError(f"the contamination judge could not answer: {failed.message}")
+        verdicts = [r.text.strip().lower().startswith("yes") for r in replies]
         return candidates.filter(pl.Series(verdicts, dtype=pl.Boolean)).with_columns(
             pl.lit(self.cfg.judge_model).alias("judge")
         )

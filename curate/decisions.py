@@ -107,9 +107,11 @@ class Decisions:
 
     Rows nobody drops are kept. `replace` gives a whole new column (the runner records what it
     changed in each kept record); `add` appends new records, which the runner places after all
-    kept records of the stage, in the order of the batches that made them. A global stage may
-    also leave a `report` (figures for the manifest's stage entry) and `artifacts` (files, by
-    name, that the version folder gets beside its data, e.g. a plot).
+    kept records of the stage, in the order of the batches that made them; `reject` records
+    records the stage made and threw away (an eliminated evolution): they count as added and as
+    dropped, so the books balance and each is findable with its reason. A global stage may also
+    leave a `report` (figures for the manifest's stage entry) and `artifacts` (files, by name,
+    that the version folder gets beside its data, e.g. a plot).
     """
 
     def __init__(self, rows: int) -> None:
@@ -118,7 +120,9 @@ class Decisions:
         self._single: dict[str, tuple[list[int], list[dict]]] = {}  # drop() calls, grouped on reading
         self.columns: dict[str, pa.Array] = {}
         self.added: list[pa.Table] = []
+        self.rejected: list[pa.Table] = []  # DROPPED_SCHEMA rows of records made and thrown away
         self.report: dict = {}
+        self.llm: dict = {}  # LLM usage while deciding (set by the engine that ran the stage)
         self.artifacts: dict[str, bytes] = {}
 
     def drop(self, row: int, reason: str, evidence: Mapping | None = None) -> None:
@@ -164,6 +168,13 @@ class Decisions:
         """Add records (of the record schema; origin and parent_id say where they come from)."""
         self.added.append(records.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA))
 
+    def reject(self, records: pa.Table, reasons: Sequence[str], evidence: Sequence[Mapping]) -> None:
+        """Records this stage made but does not keep, each with its reason and evidence."""
+        if len(reasons) != records.num_rows or len(evidence) != records.num_rows:
+            raise ValueError(f"reject: {records.num_rows} records need as many reasons and evidence")
+        records = records.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+        self.rejected.append(dropped_table(records, "", reasons, evidence))  # named when applied
+
     def dropped(self) -> tuple[np.ndarray, list[str], list[dict]]:
         """(rows ascending, reasons, evidence dicts) of every drop; a row dropped twice is an error."""
         groups = self._gather()
@@ -193,6 +204,33 @@ class Decisions:
                 part._groups.append((rows[lo:hi] - start, reason, taken))
         part.columns = {k: v.slice(start, stop - start) for k, v in self.columns.items()}
         return part
+
+
+def dropped_table(
+    records: pa.Table, stage: str, reasons: Sequence[str], evidence: Sequence[Mapping]
+) -> pa.Table:
+    """Records with the stage, reason and evidence of their drop (DROPPED_SCHEMA)."""
+    return pa.Table.from_arrays(
+        [
+            *records.columns,
+            pa.array([stage] * records.num_rows, pa.string()),
+            pa.array(list(reasons), pa.string()),
+            pa.array([evidence_json(e) for e in evidence], pa.string()),
+        ],
+        schema=DROPPED_SCHEMA,
+    )
+
+
+def rejected_table(decisions: Decisions, stage: str) -> pa.Table | None:
+    """The records a stage rejected, under its name, or None."""
+    if not decisions.rejected:
+        return None
+    return pa.concat_tables([_named(t, stage) for t in decisions.rejected])
+
+
+def _named(rejected: pa.Table, stage: str) -> pa.Table:
+    column = pa.array([stage] * rejected.num_rows, pa.string())
+    return rejected.set_column(DROPPED_SCHEMA.get_field_index("stage"), "stage", column)
 
 
 def _ascending(rows: np.ndarray) -> bool:
@@ -239,16 +277,9 @@ def apply_decisions(stage: str, batch: pa.Table, decisions: Decisions) -> Applie
     keep = np.ones(batch.num_rows, np.bool_)
     keep[rows] = False
     kept = new if keep.all() else new.filter(pa.array(keep))
-    dropped = batch.take(pa.array(rows, pa.int64()))
-    dropped = pa.Table.from_arrays(
-        [
-            *dropped.columns,
-            pa.array([stage] * rows.size, pa.string()),
-            pa.array(reasons, pa.string()),
-            pa.array([evidence_json(e) for e in evidence], pa.string()),
-        ],
-        schema=DROPPED_SCHEMA,
-    )
+    dropped = dropped_table(batch.take(pa.array(rows, pa.int64())), stage, reasons, evidence)
+    if decisions.rejected:
+        dropped = pa.concat_tables([dropped, *(_named(t, stage) for t in decisions.rejected)])
     added = pa.concat_tables(decisions.added) if decisions.added else RECORD_SCHEMA.empty_table()
     edits = [describe_changes(stage, batch, new, keep, list(decisions.columns))] if decisions.columns else []
     if added.num_rows:

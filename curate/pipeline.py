@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars
 import pyarrow
+import pyarrow.compute
 
 from curate.cache import Entry, FileDigests, StageCache, digest, module_fingerprint, shared_cache_dir
 from curate.dataset import BATCH_ROWS, Part, RecordFiles, read_part
@@ -61,7 +62,7 @@ class StageResult:
             "seconds": round(self.seconds, 3),
             "cached": self.cached,
             "run": self.run,
-            **({"llm": self.llm} if self.llm.get("requests") or self.llm.get("cached") else {}),
+            **({"llm": _usage_entry(self.llm)} if self.llm.get("requests") or self.llm.get("cached") else {}),
             **({"report": self.report} if self.report else {}),
         }
 
@@ -94,8 +95,9 @@ class Runner:
         self.shared_cache = shared_cache_dir(recipe.cache.shared_dir)
         self.warnings: list[dict] = []  # input files that gave nothing usable
 
-    def run(self) -> tuple[Entry, list[Entry], list[StageResult]]:
-        """The ingest entry, every stage's entry and result, in order."""
+    def run(self, until_generating: bool = False) -> tuple[Entry, list[Entry], list[StageResult]]:
+        """The ingest entry, every stage's entry and result, in order (with `until_generating`, only
+        those before the first stage that calls an LLM to make records)."""
         warmer = self._warm_up()
         try:
             ingest = self._ingest()
@@ -103,6 +105,8 @@ class Runner:
             entries, results = [], []
             current = ingest
             for index, step in enumerate(self.recipe.stages):
+                if until_generating and step.cls.generates:
+                    break
                 call = self._call(step, current.key)
                 entry = self.cache.get(call.key)
                 if entry is not None:
@@ -124,7 +128,7 @@ class Runner:
         """Compile the kernels of every stage but the first in a second process while ingest runs
         (the first starts right after ingest, which compiles the text cleanup it mostly uses)."""
         stages = [
-            (i, step.name, step.config, self._context(step.cls))
+            (i, step.name, step.config, self.context(step.cls))
             for i, step in enumerate(self.recipe.stages)
             if i and step.cls.compiles
         ]
@@ -153,7 +157,7 @@ class Runner:
         seed, the eval sets (if it uses them), the files it declares, and its code with the curate
         modules that code imports."""
         cls = step.cls
-        context = self._context(cls)
+        context = self.context(cls)
         reads = [self._contents(Path(p)) for p in cls(step.config, context).reads()]
         key = digest(
             "stage",
@@ -169,7 +173,7 @@ class Runner:
         )
         return StageCall(step.name, step.config, context, key)
 
-    def _context(self, cls: type) -> StageContext:
+    def context(self, cls: type) -> StageContext:
         """What a stage of this class may read besides its config (see StageContext)."""
         return StageContext(
             base_dir=self.recipe.base_dir,
@@ -267,7 +271,9 @@ class Runner:
         llm: Counter = Counter()
         report: dict = {}
         artifacts: list[str] = []
-        rows_in = 0
+        rows_in = rejected = 0
+        if not step.cls.row_local:  # a global stage decides here: its status shows beside its bar
+            call.context.status = task.status
         try:
             if step.cls.row_local:
                 receipts = self.engine.map_stage(call, source, tmp)
@@ -275,6 +281,7 @@ class Runner:
                 receipts = self.engine.run_global(call, source, tmp, task.advance)
             for receipt in receipts:
                 rows_in += receipt.rows_in
+                rejected += receipt.rejected
                 for kind, part in (
                     ("records", receipt.kept),
                     ("added", receipt.added),
@@ -295,19 +302,20 @@ class Runner:
             kept, added, dropped = (sum(p.rows for p in kinds[k]) for k in ("records", "added", "dropped"))
             if (
                 rows_in != source.num_rows
-                or rows_in != kept + sum(reasons.values())
+                or rows_in + rejected != kept + sum(reasons.values())
                 or dropped != sum(reasons.values())
             ):
                 raise CurateError(
                     f"internal error: stage {step.name} took {source.num_rows:,} records and accounted for "
-                    f"{rows_in:,} (kept {kept:,}, dropped {dropped:,}); please report this"
+                    f"{rows_in:,} (kept {kept:,}, dropped {dropped:,}, made and rejected {rejected:,}); "
+                    "please report this"
                 )
             result = StageResult(
                 name=step.name,
                 rows_in=rows_in,
                 rows_out=kept + added,
                 dropped=dict(sorted(reasons.items())),
-                added=added,
+                added=added + rejected,
                 seconds=time.perf_counter() - started,
                 cached=False,
                 run=self.run_id,
@@ -411,6 +419,7 @@ def _run_locked(
         table = read_part(part.path, ["id", "stage", "reason"])
         vid.dropped(list(zip(*(table[c].to_pylist() for c in ("id", "stage", "reason")), strict=True)))
     version = vid.hexdigest()
+    _real_share_check(recipe, records)
     overlap = _eval_overlap_check(recipe, records)
     counts = {
         "input": ingest.records.num_rows + quarantined,
@@ -438,7 +447,7 @@ def _run_locked(
         "eval_overlap": overlap,
         "languages": _languages(records, recipe.seed),
         "warnings": runner.warnings,
-        "llm": _llm_totals(results),
+        "llm": _llm_totals(results, recipe),
         "seconds": round(time.perf_counter() - started, 3),
     }
     folder, new = versions.write_version(
@@ -465,14 +474,70 @@ def _run_locked(
     return RunResult(folder, versions.read_manifest(folder), run)
 
 
-def _llm_totals(stages: list[StageResult]) -> dict:
-    """LLM usage of the stages computed for this version; cost is unknown (null) without prices."""
-    totals = {"requests": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0}
+def estimate_recipe(
+    recipe: Recipe,
+    out_dir: Path | None = None,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    engine: Engine | str | None = None,
+) -> dict:
+    """What a recipe's generating stages are expected to send and spend, before any request.
+
+    The stages before the first generating one run (or come from the cache: nothing they do is
+    paid); every generating stage is then estimated on the records that reach the first one, at
+    its worst (each answer as long as max_tokens, each evolution surviving), and held against its
+    budget."""
+    from curate import synthetic, versions
+
+    out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
+    progress = progress or Progress(enabled=False)
+    if engine is None or isinstance(engine, str):
+        cls = ENGINES[engine or "local"]
+        engine = cls(workers) if cls.name == "local" else cls()
+    versions.check_writable(out_dir)
+    with versions.output_lock(out_dir):
+        cache = StageCache(out_dir / ".cache", recipe.cache_max_bytes)
+        runner = Runner(recipe, engine, cache, progress, new_run_id())
+        with engine:
+            ingest, entries, _ = runner.run(until_generating=True)
+    records = (entries[-1] if entries else ingest).records
+    stages = []
+    for step in recipe.stages[len(entries) :]:
+        if not step.cls.generates:
+            continue
+        expected = step.cls(step.config, runner.context(step.cls)).estimate(records)
+        budget = step.config.budget
+        stages.append(
+            {
+                "stage": step.name,
+                "provider": step.config.provider,
+                "model": step.config.model,
+                **expected,
+                "budget": dataclasses.asdict(budget) if budget is not None else None,
+                "over_budget": synthetic.check_budget(step.name, step.config, expected),
+            }
+        )
+    return {"records": records.num_rows, "stages": stages, "total": synthetic.add_estimates(stages)}
+
+
+def _llm_totals(stages: list[StageResult], recipe: Recipe) -> dict:
+    """LLM usage of the stages computed for this version (a cached stage cost nothing this time);
+    cost is unknown (null) when no stage has prices."""
+    keys = ("requests", "answered", "cached", "retries", "failed", "input_tokens", "output_tokens", "cost")
+    totals = dict.fromkeys(keys, 0)
     for s in stages:
         if not s.cached:
-            for key in totals:
+            for key in keys:
                 totals[key] += s.llm.get(key, 0)
-    return {**totals, "cost": None}
+    priced = any(getattr(step.config, "prices", None) is not None for step in recipe.stages)
+    return {**totals, "cost": round(totals["cost"], 6) if priced else None}
+
+
+def _usage_entry(llm: dict) -> dict:
+    """A stage's LLM usage as the manifest shows it (whether its budget ran out, as true or false)."""
+    if "budget_exhausted" not in llm:
+        return llm
+    return {**llm, "budget_exhausted": bool(llm["budget_exhausted"])}
 
 
 def _languages(records: RecordFiles, seed: int, sample: int = 10_000) -> dict:
@@ -504,6 +569,28 @@ def _parent(given: Path | str | None, recipe: Recipe, out_dir: Path) -> dict:
     except CurateError:
         return {"parent": None, "path": None, "from": None}
     return {"parent": folder.name, "path": str(folder.resolve()), "from": "latest"}
+
+
+def _real_share_check(recipe: Recipe, records: RecordFiles) -> None:
+    """Refuse a version whose real share is below the recipe's blend minimum (0.2 without a blend):
+    a stage after the blend may have dropped real records, or added synthetic ones."""
+    from curate.stages.blend import MIN_REAL_FRACTION
+
+    if not any(step.cls.generates for step in recipe.stages):
+        return
+    blends = [step.config.min_real_fraction for step in recipe.stages if step.name == "blend"]
+    minimum = blends[-1] if blends else MIN_REAL_FRACTION
+    made = sum(
+        pyarrow.compute.sum(pyarrow.compute.equal(batch["origin"], "synthetic")).as_py() or 0
+        for batch in records.batches(BATCH_ROWS, ["origin"])
+    )
+    total = records.num_rows
+    if made and (total - made) < minimum * total - 1e-9:
+        raise CurateError(
+            f"refusing to write a version with {total - made:,} real records of {total:,} "
+            f"({(total - made) / total:.1%}): the minimum real share is {minimum:.0%}",
+            hint="put the blend stage last, after every stage that drops or adds records",
+        )
 
 
 def _eval_overlap_check(recipe: Recipe, records: RecordFiles) -> dict:

@@ -360,7 +360,7 @@ def test_llm_judge_confirms_embedding_candidates_once(shared_data, cache, monkey
         "embedding",
         "judge-1",
     )
-    stored = b"".join(p.read_bytes() for p in cache.rglob("*.sqlite"))
+    stored = b"".join(p.read_bytes() for p in cache.rglob("*.sqlite*"))  # WAL: answers may be in -wal yet
     assert b"sk-test-secret-123" not in stored and b"Oregon" in stored
 
 

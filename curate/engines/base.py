@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import gc
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from curate.dataset import FeatureTable, Part, RecordFiles, Segment, read_segments, write_part
-from curate.decisions import Decisions, apply_decisions
+from curate.decisions import Decisions, apply_decisions, rejected_table
 from curate.edits import added_edits
 from curate.stages.base import Stage, StageContext
 
@@ -87,6 +88,7 @@ class BatchReceipt:
     llm: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)  # a global stage's figures for the manifest
     artifacts: list[str] = field(default_factory=list)  # files it wrote beside its parts
+    rejected: int = 0  # records the stage made and dropped (counted in `added` and in `reasons`)
 
 
 class Engine(ABC):
@@ -173,11 +175,13 @@ def decide(call: StageCall, features: RecordFiles, source: RecordFiles, progress
     """A global stage's decisions about every record, made in this process."""
     stage = call.build()
     stage.context.progress = progress
+    before = stage.context.llm_usage()
     try:
         decisions = stage.process(FeatureTable(features, source))
     finally:
         stage.context.progress = None
         release_memory()
+    decisions.llm = _usage_since(before, stage.context.llm_usage())
     if decisions.rows != source.num_rows:
         raise ValueError(f"stage {call.name} decided about {decisions.rows} rows of {source.num_rows}")
     return decisions
@@ -185,7 +189,8 @@ def decide(call: StageCall, features: RecordFiles, source: RecordFiles, progress
 
 def added_receipt(name: str, decisions: Decisions, out: Path, index: int) -> BatchReceipt:
     """What a global stage made besides decisions, after every batch: the records it added, its
-    report and its artifacts (written as `<stage>-<name>` beside the parts)."""
+    report, its artifacts (written as `<stage>-<name>` beside the parts), the records it made and
+    rejected, and the LLM usage of its decisions."""
     artifacts = []
     for file_name, content in sorted(decisions.artifacts.items()):
         (out / f"{name}-{file_name}").write_bytes(content)
@@ -195,7 +200,24 @@ def added_receipt(name: str, decisions: Decisions, out: Path, index: int) -> Bat
     if added is not None:
         edits = write_part(out / f"edits-{index:06d}.arrow", added_edits(name, added))
         added_part = write_part(out / f"added-{index:06d}.arrow", added)
-    return BatchReceipt(index, 0, None, added_part, None, edits, {}, {}, decisions.report, artifacts)
+    rejected = rejected_table(decisions, name)
+    dropped = reasons = None
+    if rejected is not None:
+        dropped = write_part(out / f"dropped-{index:06d}.arrow", rejected)
+        reasons = dict(Counter(rejected["reason"].to_pylist()))
+    return BatchReceipt(
+        index,
+        0,
+        None,
+        added_part,
+        dropped,
+        edits,
+        reasons or {},
+        decisions.llm,
+        decisions.report,
+        artifacts,
+        rejected=rejected.num_rows if rejected is not None else 0,
+    )
 
 
 def _store(
@@ -211,6 +233,7 @@ def _store(
         edits=write_part(out / f"edits-{index:06d}.arrow", applied.edits),
         reasons=applied.reasons,
         llm=llm,
+        rejected=sum(t.num_rows for t in decisions.rejected),
     )
 
 

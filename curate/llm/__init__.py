@@ -1,5 +1,21 @@
-"""LLM providers behind one small client, with a durable request cache so no paid request is made twice."""
+"""LLM requests for generating stages: providers (openai, anthropic, local), the concurrent request
+engine with rate limits, retries and a budget, and the durable request cache."""
 
-from curate.llm.client import LLMClient, Usage
+from curate.llm.cache import RequestCache
+from curate.llm.config import Budget, LLMConfig, Prices
+from curate.llm.engine import Answer, Failure, Request, RequestEngine, Usage, usage_totals
+from curate.llm.providers import make_provider
 
-__all__ = ["LLMClient", "Usage"]
+__all__ = [
+    "Answer",
+    "Budget",
+    "Failure",
+    "LLMConfig",
+    "Prices",
+    "Request",
+    "RequestCache",
+    "RequestEngine",
+    "Usage",
+    "make_provider",
+    "usage_totals",
+]

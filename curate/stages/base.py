@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from curate.configs import build_config, describe_config, option
 from curate.decisions import Applied, Decisions, Drop, apply_decisions
+from curate.records import RECORD_SCHEMA
 
 if TYPE_CHECKING:
     from curate.dataset import FeatureTable
@@ -36,27 +37,40 @@ class StageContext:
     eval_sets: list[dict] = field(default_factory=list)  # eval set entries of the recipe
     shared_cache: Path | None = None  # user-level folder for LLM answers and embeddings (curate.cache)
     progress: Any = None  # callable(n) while a global stage decides in the runner's process
-    llm_clients: list = field(default_factory=list)  # every client a stage made, for the usage report
+    status: Any = None  # callable(text): how the stage's work goes, beside its progress bar
+    llm_engines: list = field(default_factory=list)  # every request engine a stage made, for usage
+
+    def __getstate__(self) -> dict:
+        """Progress and status are this process's callables: a worker gets the context without them,
+        and without the engines (it counts its own usage)."""
+        return {**self.__dict__, "progress": None, "status": None, "llm_engines": []}
 
     def advance(self, n: int = 1) -> None:
         if self.progress is not None:
             self.progress(n)
 
-    def llm_client(self, provider: str, model: str, **options: Any) -> Any:
-        """An LLM client answering from the shared request cache; its usage reaches the manifest."""
-        from curate.cache import shared_cache_dir
-        from curate.llm import LLMClient
+    def say(self, text: str) -> None:
+        if self.status is not None:
+            self.status(text)
 
-        client = LLMClient(provider, model, self.shared_cache or shared_cache_dir(), **options)
-        self.llm_clients.append(client)
-        return client
+    def llm_engine(self, config: Any) -> Any:
+        """A request engine for an LLMConfig, answering from the shared request cache; its usage
+        reaches the manifest, from whichever process it runs in."""
+        from curate.cache import shared_cache_dir
+        from curate.llm import RequestCache, RequestEngine, make_provider
+
+        shared = self.shared_cache or shared_cache_dir()
+        provider = make_provider(config, shared, self.base_dir)
+        cache = RequestCache.at(shared / "llm" / "requests.sqlite")
+        engine = RequestEngine(provider, config, cache, status=self.say, seed=self.seed)
+        self.llm_engines.append(engine)
+        return engine
 
     def llm_usage(self) -> dict:
-        totals = {"requests": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0}
-        for client in self.llm_clients:
-            for key in totals:
-                totals[key] += getattr(client.usage, key)
-        return totals
+        """Usage of every engine so far, summed (numbers only, so usage since a point is a difference)."""
+        from curate.llm import usage_totals
+
+        return usage_totals([engine.usage for engine in self.llm_engines])
 
 
 class Stage:
@@ -67,6 +81,7 @@ class Stage:
     row_local: ClassVar[bool] = True
     uses_eval_sets: ClassVar[bool] = False  # the recipe's eval sets reach the context (and the key)
     compiles: ClassVar[bool] = True  # has numba kernels that a first run compiles (curate.warm)
+    generates: ClassVar[bool] = False  # makes records with an LLM: needs a blend after it, has `estimate`
 
     def __init__(self, config: Any, context: StageContext) -> None:
         self.config = config
@@ -124,6 +139,20 @@ class GlobalStage(Stage):
         from curate.dataset import FeatureTable, InMemory
 
         return self.process(FeatureTable(InMemory(self.features(table)), InMemory(table)))
+
+    def feature_table(self, records: Any) -> FeatureTable:
+        """The FeatureTable `process` would get for records on disk (RecordFiles), built here: for
+        estimates and notebooks."""
+        from curate.dataset import FeatureTable, InMemory
+
+        features = [self.features(batch) for batch in records.batches()]
+        table = pa.concat_tables(features) if features else self.features(RECORD_SCHEMA.empty_table())
+        return FeatureTable(InMemory(table), records)
+
+    def estimate(self, records: Any) -> dict:
+        """A generating stage's expected spend on these records (RecordFiles), before any request:
+        {requests, input_tokens, output_tokens, cost} (`curate estimate`, the budget check)."""
+        raise NotImplementedError
 
 
 STAGES: dict[str, type[Stage]] = {}

