@@ -260,7 +260,17 @@ class LocalProvider:
             tmp = converted.with_name(converted.name + f".tmp-{os.getpid()}")
             kwargs = {"gguf_file": self.path.name}
             AutoTokenizer.from_pretrained(str(self.path.parent), **kwargs).save_pretrained(tmp)
-            AutoModelForCausalLM.from_pretrained(str(self.path.parent), **kwargs).save_pretrained(tmp)
+            # a model loaded from GGUF (dequantized) refuses save_pretrained: copy its weights into
+            # a plain model of the same config, which saves
+            loaded = AutoModelForCausalLM.from_pretrained(str(self.path.parent), **kwargs)
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                delattr(config, "quantization_config")
+            plain = AutoModelForCausalLM.from_config(config)
+            plain.load_state_dict(loaded.state_dict(), strict=False)
+            if getattr(config, "tie_word_embeddings", False):
+                plain.tie_weights()
+            plain.save_pretrained(tmp)
             try:
                 tmp.rename(converted)
             except OSError:  # another process converted it first
@@ -272,6 +282,9 @@ class LocalProvider:
     def _load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # curate's own bar shows the stage's progress
 
         folder = self._folder()
         cuda = torch.cuda.is_available()
