@@ -71,13 +71,15 @@ def main() -> None:
             rates = [measure(url, args.provider, c, n, f"c{c}r{r}")[0] for r in range(2)]
             best = max(rates)
             rows.append((c, n, ideal, best, best / ideal))
-            print(f"concurrency {c:>4}: {best:8.1f} requests/s of ideal {ideal:8.1f} ({best / ideal:.0%})", flush=True)
+            print(f"concurrency {c:>4}: {best:8.1f} req/s, ideal {ideal:8.1f}", flush=True)
     finally:
         server.kill()
-    print(f"\n| concurrency | requests | ideal req/s | measured req/s | of ideal |\n|---:|---:|---:|---:|---:|")
+    print("\n| concurrency | requests | ideal req/s | measured req/s | of ideal |")
+    print("|---:|---:|---:|---:|---:|")
     for c, n, ideal, best, share in rows:
         print(f"| {c} | {n} | {ideal:,.0f} | {best:,.0f} | {share:.0%} |")
-    print(f"\n{args.provider} SDK, latency {args.latency * 1000:.0f} ms, {os.cpu_count()} cores; best of 2 runs per level")
+    latency = f"{args.latency * 1000:.0f} ms"
+    print(f"\n{args.provider} SDK, latency {latency}, {os.cpu_count()} cores; best of 2 runs per level")
 
 
 if __name__ == "__main__":
