@@ -7,17 +7,22 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 from curate.pipeline import run_recipe
-from curate.recipe import load_recipe
+from curate.recipe import load_recipe, recipe_from_dict
 from tests.conftest import REPO
+
+GENERATING = ("evol", "blend")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    result = run_recipe(
-        load_recipe(REPO / "pipelines" / "demo.yaml"), tmp_path_factory.mktemp("demo") / "out"
-    )
+    """The demo recipe without its generation step: the real-data part every test below checks."""
+    raw = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    raw["stages"] = [s for s in raw["stages"] if next(iter(s)) not in GENERATING]
+    recipe = recipe_from_dict(raw, REPO / "pipelines")
+    result = run_recipe(recipe, tmp_path_factory.mktemp("demo") / "out")
     return result.folder, result.manifest
 
 
@@ -25,9 +30,36 @@ def test_demo_version_id_is_stable(demo):
     """The id is a digest of the recipe, the input bytes, every kept and dropped record and the
     version files' format (versions.FILES_FORMAT): a change of behaviour would change it. It was
     v741d460cb039 before the files' format 2, the same before and after the runner moved to
-    streaming parts."""
+    streaming parts, and the same without the generation step the demo gained later."""
     _, manifest = demo
     assert manifest["version"] == "ve178e7e4fe13"
+
+
+def test_the_whole_demo_generates_offline_and_blends(tmp_path_factory, demo):
+    """The demo as users run it: its evol step runs SmolLM2 on this machine (no key, no network),
+    eliminates what failed, keeps lineage, and a second run makes no new generation."""
+    out = tmp_path_factory.mktemp("whole-demo") / "out"
+    result = run_recipe(load_recipe(REPO / "pipelines" / "demo.yaml"), out)
+    m = result.manifest
+    real_part = {s["name"]: s for s in demo[1]["stages"]}
+    for stage in m["stages"][:4]:  # the stages before generation are those of the checked run
+        assert (stage["in"], stage["out"], stage["dropped"]) == tuple(
+            real_part[stage["name"]][k] for k in ("in", "out", "dropped")
+        )
+    evol = m["stages"][4]
+    report = evol["report"]
+    assert (report["seeds"], report["provider"], report["model"]) == (3, "local", "smollm2")
+    assert report["kept"] + sum(report["eliminated"].values()) + report["failed"] == 3 == evol["added"]
+    assert evol["llm"]["answered"] > 0 and m["llm"]["cost"] is None
+    made = pl.read_parquet(result.folder / "data.parquet").filter(pl.col("origin") == "synthetic")
+    assert made.height == report["kept"] == m["counts"]["kept"] - 270
+    kept_real = set(pl.read_parquet(result.folder / "data.parquet")["id"].to_list())
+    assert set(made["parent_id"].to_list()) <= kept_real
+    c = m["counts"]
+    assert c["input"] == c["kept"] + c["dropped"] + c["quarantined"] - c["synthetic"]
+    assert m["stages"][5]["report"]["real"] == 270
+    again = run_recipe(load_recipe(REPO / "pipelines" / "demo.yaml"), out)
+    assert again.manifest["version"] == m["version"] and not again.run["new"]
 
 
 def dropped_rows(folder: Path) -> dict[tuple[str, int], dict]:

@@ -16,9 +16,12 @@ PROVIDERS = ("openai", "anthropic", "local")
 
 @dataclass
 class Budget:
-    """What a stage may spend; it stops sending when the next request could pass any limit."""
+    """What a stage may spend; it stops sending when the next request could pass any limit (prompt
+    tokens are estimated until the first answers show how the provider counts them)."""
 
-    requests: int | None = option(None, help="Requests sent (retries count).", minimum=0)
+    requests: int | None = option(
+        None, help="Answered requests (failed attempts are not billed and do not count).", minimum=0
+    )
     tokens: int | None = option(None, help="Input plus output tokens.", minimum=0)
     cost: float | None = option(None, help="Money, in the unit of `prices` (needs prices).", minimum=0)
     allow_partial: bool = option(

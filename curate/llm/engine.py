@@ -6,10 +6,11 @@ cache cost nothing; identical requests are sent once. The rest go out on one asy
 most `concurrency` in flight, paced by request and token rate limits, each with a timeout and
 retries with exponential backoff on 429, 5xx, timeouts, dropped connections and malformed bodies
 (a server's Retry-After wins over the backoff). A budget is checked before every send against what
-was spent plus what is in flight, so it is never passed; once it would be, nothing more is sent and
-the requests left get a `Failure("budget")`. An authentication or unknown-model error ends the run
-at once (every other request would fail the same way); other errors fail one request, are never
-cached, and are counted.
+was spent plus the worst that requests in flight can cost; once the next request could pass it,
+nothing more is sent and the requests left get a `Failure("budget")` (prompt tokens are estimated
+until answers say how the provider counts them; see `_allows`). An authentication or unknown-model
+error ends the run at once (every other request would fail the same way); other errors fail one
+request, are never cached, and are counted.
 """
 
 from __future__ import annotations
@@ -127,7 +128,12 @@ class RequestEngine:
         self.usage = Usage()
         self.status = status  # callable(text) that shows how the requests go, or None
         self._random = random.Random(seed)  # backoff jitter
-        self._reserved = {"tokens": 0, "cost": 0.0, "requests": 0}
+        self._reserved = {"tokens": 0, "cost": 0.0, "requests": 0}  # what requests in flight may cost
+        self._held: dict[str, tuple[int, float]] = {}  # per request in flight: its tokens and cost held
+        self._scale = 1.0  # largest ratio of real to estimated prompt tokens seen (estimates learn)
+        # rate limits hold across runs of this engine (a stage runs it several times)
+        self._requests_bucket = _Bucket(config.requests_per_minute) if config.requests_per_minute else None
+        self._tokens_bucket = _Bucket(config.tokens_per_minute) if config.tokens_per_minute else None
 
     # what a request is ------------------------------------------------------------------------
 
@@ -142,7 +148,7 @@ class RequestEngine:
     def key_of(self, request: Request) -> tuple[str, dict]:
         described = {
             **self.provider.identity(),
-            **self.params(request),
+            **self.provider.sent(self.params(request)),
             "messages": [{"role": m["role"], "content": m["content"]} for m in request.messages],
             "sample": request.sample,
         }
@@ -173,31 +179,48 @@ class RequestEngine:
                     results[i] = answers[key]
         return results  # type: ignore[return-value]
 
+    def _worst(self, request: Request) -> tuple[int, float]:
+        """The most a request can cost: its prompt (estimated, scaled by what answers showed) and
+        max_tokens out, in tokens and money."""
+        tokens_in = int(prompt_tokens(request.messages) * self._scale + 0.999)
+        tokens_out = self.params(request)["max_tokens"]
+        return tokens_in + tokens_out, self.cost(tokens_in, tokens_out)
+
     def _allows(self, request: Request) -> bool:
-        """Whether sending `request` keeps the budget whatever it costs (at most max_tokens out)."""
+        """Whether sending `request` keeps the budget whatever it costs. Prompt tokens are estimated
+        before the first answer says how the provider counts them; after that the estimate is scaled
+        to the largest ratio seen, so only the first requests in flight can pass a token budget, by
+        their misestimate. Answered requests count (failed attempts are not billed)."""
         budget = self.config.budget
         if budget is None:
             return True
         reserved, usage = self._reserved, self.usage
-        tokens_in = prompt_tokens(request.messages)
-        tokens_out = self.params(request)["max_tokens"]
+        tokens, cost = self._worst(request)
         if budget.requests is not None and usage.answered + reserved["requests"] + 1 > budget.requests:
             return False
         spent_tokens = usage.input_tokens + usage.output_tokens + reserved["tokens"]
-        if budget.tokens is not None and spent_tokens + tokens_in + tokens_out > budget.tokens:
+        if budget.tokens is not None and spent_tokens + tokens > budget.tokens:
             return False
         if budget.cost is not None:
-            return usage.cost + reserved["cost"] + self.cost(tokens_in, tokens_out) <= budget.cost
+            return usage.cost + reserved["cost"] + cost <= budget.cost
         return True
 
-    def _reserve(self, request: Request, sign: int) -> None:
-        tokens_in = prompt_tokens(request.messages)
-        tokens_out = self.params(request)["max_tokens"]
-        self._reserved["requests"] += sign
-        self._reserved["tokens"] += sign * (tokens_in + tokens_out)
-        self._reserved["cost"] += sign * self.cost(tokens_in, tokens_out)
+    def _hold(self, key: str, request: Request) -> None:
+        tokens, cost = self._held[key] = self._worst(request)
+        self._reserved["requests"] += 1
+        self._reserved["tokens"] += tokens
+        self._reserved["cost"] += cost
 
-    def _count(self, answer: Answer) -> None:
+    def _release(self, key: str) -> None:
+        tokens, cost = self._held.pop(key, (None, None))
+        if tokens is not None:
+            self._reserved["requests"] -= 1
+            self._reserved["tokens"] -= tokens
+            self._reserved["cost"] -= cost
+
+    def _count(self, answer: Answer, request: Request) -> None:
+        if answer.input_tokens:
+            self._scale = max(self._scale, answer.input_tokens / prompt_tokens(request.messages))
         usage = self.usage
         usage.answered += 1
         usage.input_tokens += answer.input_tokens
@@ -218,9 +241,6 @@ class RequestEngine:
             items.sort(key=lambda item: prompt_tokens(item[1][0].messages))
         groups = [items[i : i + batch] for i in range(0, len(items), batch)]
         out: dict[str, Answer | Failure] = {}
-        cfg = self.config
-        requests_bucket = _Bucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
-        tokens_bucket = _Bucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
         in_flight: set[asyncio.Task] = set()
         finished: asyncio.Queue = asyncio.Queue()  # tasks as they end: O(1) per answer at any concurrency
         pending = iter(groups)
@@ -237,9 +257,10 @@ class RequestEngine:
                         for key, _ in group:
                             out[key] = Failure("budget", "the stage's budget was spent")
                         break
-                    for _, (request, _) in group:
-                        self._reserve(request, +1)
-                    task = asyncio.ensure_future(self._one(group, requests_bucket, tokens_bucket))
+                    for key, (request, _) in group:
+                        self._hold(key, request)
+                    task = asyncio.ensure_future(self._one(group))
+                    task.keys = [key for key, _ in group]  # type: ignore[attr-defined]
                     task.add_done_callback(finished.put_nowait)
                     in_flight.add(task)
                 if not in_flight:
@@ -256,6 +277,9 @@ class RequestEngine:
             if in_flight:
                 done, _ = await asyncio.wait(in_flight)
                 self._finish({t for t in done if not t.cancelled() and t.exception() is None}, todo, out)
+                for task in done:
+                    for key in task.keys:
+                        self._release(key)
             raise
         finally:
             await self.provider.close()
@@ -270,29 +294,30 @@ class RequestEngine:
         after the answers that came with it are stored)."""
         stored, fatal = [], None
         for task in done:
+            for key in task.keys:
+                self._release(key)
             try:
                 results = task.result()
             except ProviderError as exc:
                 fatal = fatal or exc
                 continue
             for key, result in results:
-                request = todo[key][0]
-                self._reserve(request, -1)
                 out[key] = result
                 if isinstance(result, Answer):
-                    self._count(result)
+                    self._count(result, todo[key][0])
                     stored.append((key, todo[key][1], _stored(result)))
         if self.cache is not None:
             self.cache.put_many(stored)
         if fatal is not None:
             raise CurateError(fatal.message, hint="nothing more is sent; the answers received are cached")
 
-    async def _one(self, group: list, requests_bucket, tokens_bucket) -> list[tuple[str, Answer | Failure]]:
+    async def _one(self, group: list) -> list[tuple[str, Answer | Failure]]:
         """One request (or one local batch), retried as its errors allow."""
         requests = [request for _, (request, _) in group]
         params = [self.params(r) for r in requests]
         attempt = 0
         while True:
+            requests_bucket, tokens_bucket = self._requests_bucket, self._tokens_bucket
             if requests_bucket is not None:
                 await requests_bucket.take(len(requests))
             if tokens_bucket is not None:

@@ -92,6 +92,10 @@ class RemoteProvider:
     def identity(self) -> dict:
         return {"provider": self.name, "base_url": self.config.base_url, "model": self.config.model}
 
+    def sent(self, params: dict) -> dict:
+        """The generation parameters as this provider sends them (what the cache key holds)."""
+        return params
+
     def _key(self) -> str:
         key = os.environ.get(self.key_env)
         if not key:
@@ -180,13 +184,22 @@ class AnthropicProvider(RemoteProvider):
     name = "anthropic"
     _options: frozenset | None = None
 
-    def _accepted(self) -> frozenset:
+    @staticmethod
+    def _accepted() -> frozenset:
         """The keyword options this SDK's messages.create takes."""
         if AnthropicProvider._options is None:
             import inspect
 
-            AnthropicProvider._options = frozenset(inspect.signature(self.client.messages.create).parameters)
+            import anthropic
+
+            create = anthropic.resources.messages.AsyncMessages.create
+            AnthropicProvider._options = frozenset(inspect.signature(create).parameters)
         return AnthropicProvider._options
+
+    def sent(self, params: dict) -> dict:
+        """Sampling options this API version has no field for are not sent, so not in the key."""
+        accepted = self._accepted()
+        return {k: v for k, v in params.items() if k not in ("temperature", "top_p") or k in accepted}
 
     def _sdk_client(self, **kwargs: Any) -> Any:
         import anthropic
@@ -263,6 +276,9 @@ class LocalProvider:
         self.batch_size = config.batch_size
         self.model: Any = None
         self.tokenizer: Any = None
+
+    def sent(self, params: dict) -> dict:
+        return params
 
     def identity(self) -> dict:
         files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
