@@ -223,7 +223,13 @@ def test_the_api_key_is_written_nowhere(tmp_path, shared_data, server, shared_ca
     ran = CliRunner().invoke(main, ["run", str(recipe), "--json"], catch_exceptions=False)
     server.faults.append({"status": 401, "message": f"Incorrect API key provided: {KEY}"})
     refused = CliRunner().invoke(
-        main, ["run", str(evol_recipe(tmp_path, shared_data, server, seeds=6, rounds=1)), "--out", "x"]
+        main,
+        [
+            "run",
+            str(evol_recipe(tmp_path, shared_data, server, seeds=6, rounds=1)),
+            "--out",
+            str(tmp_path / "x"),
+        ],
     )
     assert ran.exit_code == 0 and refused.exit_code == 1
     assert "was refused (401)" in refused.output and "Traceback" not in refused.output
