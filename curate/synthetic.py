@@ -39,6 +39,9 @@ TEMPLATE_WORDS = (
     "new instruction",
     "given prompt",
     "rewritten prompt",
+    "rewrite the instruction",
+    "between the markers",
+    "reply with the new instruction",
 )
 
 

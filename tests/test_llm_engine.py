@@ -616,3 +616,40 @@ def test_anthropic_keys_hold_only_what_is_sent(serve, tmp_path):
     takes_temperature = "temperature" in AnthropicProvider._accepted()
     assert len(fake.log) == (6 if takes_temperature else 3)
     assert all(("temperature" in e["body"]) == takes_temperature for e in fake.log)
+
+
+class _BatchRecorder:
+    """A provider that generates in batches (as the local one does) and records each batch."""
+
+    batch_size = 4
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict]] = []
+
+    def identity(self) -> dict:
+        return {"provider": "recorder"}
+
+    def sent(self, params: dict) -> dict:
+        return params
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, requests: list[Request], params: list[dict]) -> list[Answer]:
+        self.batches.append(params)
+        return [Answer(f"{r.messages[-1]['content']}!", 1, 1) for r in requests]
+
+
+def test_local_batches_never_mix_sampling_settings(tmp_path):
+    """A judge's greedy 8-token asks and 256-token sampled answers are generated in separate batches."""
+    provider = _BatchRecorder()
+    cfg = LLMConfig(provider="local", model="x", temperature=0.7, max_tokens=256)
+    engine = RequestEngine(provider, cfg, RequestCache(tmp_path / "r.sqlite"))
+    asks = [Request(user(f"answer {i}")) for i in range(6)]
+    asks += [Request(user(f"judge {i}"), max_tokens=8, temperature=0.0) for i in range(5)]
+    results = engine.run(asks)
+    assert [r.text for r in results] == [f"{r.messages[-1]['content']}!" for r in asks]
+    assert sorted(len(b) for b in provider.batches) == [1, 2, 4, 4]
+    for batch in provider.batches:
+        assert len({(p["temperature"], p["max_tokens"]) for p in batch}) == 1

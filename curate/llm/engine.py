@@ -237,9 +237,7 @@ class RequestEngine:
         batch = max(1, getattr(self.provider, "batch_size", 1))
         limit = 1 if batch > 1 else self.config.concurrency
         items = list(todo.items())
-        if batch > 1:  # local generation: prompts of similar length together, less padding
-            items.sort(key=lambda item: prompt_tokens(item[1][0].messages))
-        groups = [items[i : i + batch] for i in range(0, len(items), batch)]
+        groups = [items[i : i + 1] for i in range(len(items))] if batch == 1 else self._batches(items, batch)
         out: dict[str, Answer | Failure] = {}
         in_flight: set[asyncio.Task] = set()
         finished: asyncio.Queue = asyncio.Queue()  # tasks as they end: O(1) per answer at any concurrency
@@ -288,6 +286,19 @@ class RequestEngine:
                 out[key] = Failure("budget", "the stage's budget was spent")
         self.usage.unsent += sum(isinstance(v, Failure) and v.reason == "budget" for v in out.values())
         return out
+
+    def _batches(self, items: list, size: int) -> list[list]:
+        """Local generation: a batch shares its sampling settings (a judge's greedy 8 tokens never
+        ride with 256-token sampled answers), and prompts of similar length go together (less
+        padding)."""
+        by_params: dict[tuple, list] = {}
+        for item in items:
+            by_params.setdefault(tuple(sorted(self.params(item[1][0]).items(), key=str)), []).append(item)
+        batches = []
+        for _, same in sorted(by_params.items(), key=lambda kv: str(kv[0])):
+            same.sort(key=lambda item: prompt_tokens(item[1][0].messages))
+            batches += [same[i : i + size] for i in range(0, len(same), size)]
+        return batches
 
     def _finish(self, done: set[asyncio.Task], todo: dict, out: dict) -> None:
         """Count finished groups and store their answers in one transaction (a fatal error raises,

@@ -35,8 +35,23 @@ _KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 _RETRY_NAMES = {"APIConnectionError", "APITimeoutError", "APIResponseValidationError", "JSONDecodeError"}
 
 
+_EXTRAS = {
+    "openai": ("llm", ["openai"]),
+    "anthropic": ("llm", ["anthropic"]),
+    "local": ("local", ["torch", "transformers"]),
+}
+
+
 def make_provider(config: LLMConfig, cache_dir: Path, base_dir: Path | None = None) -> Any:
     """The provider a config names (the SDK or model loads when it is first used)."""
+    extra, modules = _EXTRAS[config.provider]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CurateError(
+            f"the {config.provider} provider needs {', '.join(missing)}, which is not installed",
+            hint=f"pip install 'curate[{extra}]'"
+            + (" (torch first: pip install torch, the CPU wheel is enough)" if extra == "local" else ""),
+        )
     if config.provider == "local":
         return LocalProvider(config, cache_dir, base_dir)
     return (OpenAIProvider if config.provider == "openai" else AnthropicProvider)(config)
@@ -263,8 +278,10 @@ class LocalProvider:
     """transformers generation on this machine (GPU when there is one), a batch of prompts at a time.
 
     A .gguf model is converted once into a normal model folder in the shared cache; later runs load
-    that. Sampling at temperature > 0 is seeded per batch from its requests, so a batch generates the
-    same text in any run (and the cache keeps it anyway).
+    that. Every request of a batch has the same sampling settings (the engine groups them). Sampling
+    at temperature > 0 is seeded per batch from its prompts; on a CPU a batch then generates the same
+    text in any run, on a GPU not always (bf16 kernels differ from run to run, measured on an H200):
+    what makes a rerun repeat itself is the request cache.
     """
 
     name = "local"
@@ -360,7 +377,7 @@ class LocalProvider:
             for r in requests
         ]
         batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        first = params[0]
+        first = params[0]  # the engine batches requests of equal settings
         sampling = first["temperature"] > 0
         seed = int(hashlib.sha256("".join(prompts).encode()).hexdigest()[:8], 16)
         torch.manual_seed(seed)

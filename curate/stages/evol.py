@@ -8,6 +8,7 @@ Then the elimination step that most tools skip. An evolution is thrown out when 
 
 - repeats its prompt template (a marker, "rewritten instruction", ...): `copied_prompt`;
 - is only punctuation and stop words: `empty_instruction`;
+- was cut off at max_tokens (with `drop_cut_off`): `instruction_cut_off`;
 - adds no information over its parent (identical text, or the LLM judge finds them the same):
   `no_new_information`;
 - gets an answer that is an apology (a decline in under 80 words), has fewer than `min_answer_words`
@@ -55,7 +56,7 @@ class EvolConfig(LLMConfig):
         help="Ask the LLM whether an evolution adds anything over its parent (else only identical text).",
     )
     min_answer_words: int = option(3, help="Answers with fewer words eliminate their evolution.", minimum=0)
-    drop_cut_off: bool = option(True, help="Eliminate evolutions whose answer hit max_tokens.")
+    drop_cut_off: bool = option(True, help="Eliminate evolutions whose instruction or answer hit max_tokens.")
     prompts: str = option("", help="Folder with your own evol_<operation>.txt / evol_judge.txt templates.")
 
     def check(self) -> None:
@@ -235,6 +236,8 @@ class EvolStage(GlobalStage):
             return "empty_instruction", {"instruction": text[:300]}
         if " ".join(text.split()).lower() == " ".join(chain.instruction.split()).lower():
             return "no_new_information", {"rule": "identical to its parent"}
+        if self.config.drop_cut_off and reply.finish == "length":
+            return "instruction_cut_off", {"output_tokens": reply.output_tokens}
         return None
 
     def _answer_problem(
