@@ -306,7 +306,13 @@ class LocalProvider:
 
     async def open(self) -> None:
         if self.model is None:
-            await asyncio.to_thread(self._load)
+            try:
+                await asyncio.to_thread(self._load)
+            except (OSError, ValueError, ImportError, RuntimeError) as exc:
+                raise CurateError(
+                    f"cannot load the local model {self.config.model} ({self.path}): {exc}",
+                    hint="a causal LM folder or .gguf file; the local extra: pip install 'curate[local]'",
+                ) from None
 
     async def close(self) -> None:
         """The model stays loaded for the next run of the same stage."""
