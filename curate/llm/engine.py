@@ -231,7 +231,7 @@ class RequestEngine:
         if self.status is not None:
             u = self.usage
             spent = f", cost {u.cost:.4f}" if self.config.prices is not None else ""
-            self.status(f"(LLM requests {done:,}/{total:,}, retries {u.retries:,}, failed {u.failed:,}{spent})")
+            self.status(f"(LLM requests {done:,}/{total:,}, retries {u.retries}, failed {u.failed}{spent})")
 
     async def _send_all(self, todo: dict[str, tuple[Request, dict]]) -> dict[str, Answer | Failure]:
         batch = max(1, getattr(self.provider, "batch_size", 1))
