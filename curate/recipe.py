@@ -25,7 +25,7 @@ from curate.configs import config_schema, key_path, make_config, option, schema_
 from curate.errors import CurateError, Issue, RecipeError
 from curate.evalsets import EvalSetSpec, eval_set_schema
 from curate.formats import InputSpec, input_files, input_schema
-from curate.stages import STAGES, Stage
+from curate.stages import PLUGIN_PROBLEMS, STAGES, Stage
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # links to schemas/ at the repository's top
 
@@ -210,7 +210,7 @@ def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Re
     """The recipe, or every issue that keeps `raw` from being one."""
     issues = schema_issues(recipe_schema(), raw)
     if issues:
-        return None, issues
+        return None, issues + _plugin_issues(raw)
     inputs = []
     for i, entry in enumerate(raw["inputs"]):
         spec, found = InputSpec.parse(entry, f"inputs[{i}]")
@@ -274,6 +274,23 @@ def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Re
             where = f"stages[{i}].{step.name}"
             issues += [Issue(where, message) for message in step.cls.recipe_issues(step.config, recipe)]
     return (None if issues else recipe), issues
+
+
+def _plugin_issues(raw: Any) -> list[Issue]:
+    """Stages a recipe names that an installed package declares but that failed to load."""
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    found = []
+    for i, item in enumerate(stages if isinstance(stages, list) else []):
+        for name in item if isinstance(item, dict) else []:
+            if name in PLUGIN_PROBLEMS:
+                found.append(
+                    Issue(
+                        f"stages[{i}].{name}",
+                        f"the stage {name!r} is installed but could not be loaded: {PLUGIN_PROBLEMS[name]}",
+                        "fix or reinstall the package that declares it (entry point group curate.stages)",
+                    )
+                )
+    return found
 
 
 def _input_file_issues(spec: InputSpec, base_dir: Path, where: str) -> list[Issue]:

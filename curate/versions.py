@@ -266,7 +266,8 @@ def train_lines(batch: pa.Table) -> memoryview | bytes:
     return chat_lines(batch["messages"], given)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all (a temporary file beside it, then renamed over it)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

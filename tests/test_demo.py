@@ -50,7 +50,9 @@ def test_the_whole_demo_generates_offline_and_blends(tmp_path_factory, demo):
     report = evol["report"]
     assert (report["seeds"], report["provider"], report["model"]) == (3, "local", "smollm2")
     assert report["kept"] + sum(report["eliminated"].values()) + report["failed"] == 3 == evol["added"]
-    assert evol["llm"]["answered"] > 0 and m["llm"]["cost"] is None
+    assert (
+        evol["llm"]["answered"] + evol["llm"]["cached"] >= 3 and m["llm"]["cost"] is None
+    )  # an earlier test may have asked
     made = pl.read_parquet(result.folder / "data.parquet").filter(pl.col("origin") == "synthetic")
     assert made.height == report["kept"] == m["counts"]["kept"] - 270
     kept_real = set(pl.read_parquet(result.folder / "data.parquet")["id"].to_list())

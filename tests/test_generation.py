@@ -335,3 +335,18 @@ def test_blend_keeps_the_real_share(tmp_path, server, shared_cache):
     only = [{"filter": {"keep_prompt_only": True}}, {"respond": llm(server)}, {"blend": {}}]
     with pytest.raises(CurateError, match="no real records to blend"):
         run_recipe(load_recipe(write_recipe(tmp_path, only, prompts)), out_dir=tmp_path / "none")
+
+
+def test_the_judges_verdict_is_read_whatever_its_formatting():
+    from curate.stages.evol import judged_same
+
+    same = ["Same", "same.", "**Same**", '"Same"', "The two ask for the same thing.", "SAME - no change"]
+    different = [
+        "Different",
+        "**Different**",
+        "Different: it adds a constraint",
+        "Not the same, different",
+        "",
+    ]
+    assert [judged_same(t) for t in same] == [True] * len(same)
+    assert [judged_same(t) for t in different] == [False] * len(different)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -405,3 +406,62 @@ def test_train_json_prints_metrics_and_nothing_else(demo_version, tmp_path):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["steps"] == 2
     assert done.stderr == ""
+
+
+def test_a_killed_training_run_resumes_from_its_last_checkpoint(demo_version, tmp_path):
+    """SIGKILL mid-training: the next run of the same command resumes from the last complete
+    checkpoint and says so; changed settings start over and say that; a finished run leaves no
+    checkpoints behind."""
+    import signal
+    import subprocess
+    import sys
+
+    settings = [
+        "max_steps=24",
+        "save_steps=4",
+        "eval_steps=100",
+        "gates.max_new_tokens=4",
+        "gates.max_items=2",
+    ]
+
+    def command(out: Path, *more: str) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "curate",
+            "train",
+            str(TINY),
+            "--data",
+            str(demo_version),
+            "--out",
+            str(out),
+        ]
+        return cmd + [a for s in [*settings, *more] for a in ("--set", s)]
+
+    def killed_after(out: Path, step: int) -> None:
+        proc = subprocess.Popen(command(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        saved = out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+        deadline = time.time() + 600
+        while not saved.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL and saved.is_file()
+        assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+
+    killed_after(tmp_path, 8)
+    again = subprocess.run(command(tmp_path), cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 8 and metrics["steps"] == 24
+    assert f"resuming from step {metrics['resumed_from_step']}" in again.stderr
+    assert (
+        not (tmp_path / "checkpoints").exists() and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    )
+
+    other = tmp_path / "other"
+    killed_after(other, 4)
+    changed = subprocess.run(command(other, "learning_rate=0.005"), cwd=REPO, capture_output=True, text=True)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "starting over" in changed.stderr
+    assert json.loads((other / "metrics.json").read_text())["resumed_from_step"] is None

@@ -23,6 +23,7 @@ files (curate/llm/prompts/evol_*.txt) that `prompts: FOLDER` overrides one by on
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,7 +244,7 @@ class EvolStage(GlobalStage):
     def _answer_problem(
         self, answer: Answer, verdict: Answer | None, chain: _Chain
     ) -> tuple[str, dict] | None:
-        if verdict is not None and verdict.text.strip().lower().startswith("same"):
+        if verdict is not None and judged_same(verdict.text):
             return "no_new_information", {
                 "judge": verdict.text.strip()[:40],
                 "parent": chain.instruction[:300],
@@ -287,6 +288,15 @@ class _Book:
             "provider": cfg.provider,
             "model": cfg.model,
         }
+
+
+def judged_same(reply: str) -> bool:
+    """Whether the judge said the two instructions are the same: its first word when that is a
+    verdict (`**Same**`, "Same."), else `same` said and `different` not."""
+    words = re.findall(r"[a-z]+", reply.lower())
+    if words and words[0] in ("same", "different"):
+        return words[0] == "same"
+    return "same" in words and "different" not in words
 
 
 def _first_user_chars(batch: pa.Table) -> pa.Array:

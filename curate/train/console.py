@@ -40,6 +40,11 @@ class TrainConsole:
             return SimpleNamespace(advance=lambda n=1: None, done=lambda: None, status=lambda text: None)
         return self._progress.task(name, total, unit)
 
+    def note(self, text: str) -> None:
+        """A line for the user (on stderr, beside the bars; nothing when progress is off)."""
+        if self._progress is not None:
+            self._progress.note(text)
+
     def prepare(self, trainer: Any) -> None:
         """Our bar instead of the trainer's own output (its log dicts stay with -v)."""
         from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -90,6 +90,7 @@ class TrainRecipe:
     fully_masked: str = "error"
     holdout: Holdout = field(default_factory=Holdout)
     eval_steps: int | None = None
+    save_steps: int | None = None
     logging_steps: int = 1
     merge: bool = False
     eval_sets: list[dict] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from curate.errors import CurateError
 from curate.templates import TEMPLATE_NAMES
 from curate.train.data import Version, encode_all, eval_references, load_version, split_holdout
 from curate.train.recipe import TrainRecipe, load_recipe
+from curate.versions import write_atomic
 
 # Eval-set loss is cheap next to generation, so it reads this many times the gates' max_items.
 EVAL_LOSS_ITEMS_PER_GATE_ITEM = 4
@@ -125,6 +127,7 @@ def _train(
 
     on_gpu = device() == "cuda"
     config = _sft_config(recipe, out, tokenizer, train_rows, on_gpu)
+    resume = resume_point(out / "checkpoints", _run_fingerprint(recipe, version, base), console)
     log = RunLog(recipe.max_tokens)
     trainer_cls = _trainer_class(SFTTrainer, model_loss=bool(added))
     trainer = trainer_cls(
@@ -143,13 +146,12 @@ def _train(
         torch.cuda.reset_peak_memory_stats()
     trainer.eval_seconds = 0.0
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     train_seconds = time.perf_counter() - t0 - trainer.eval_seconds  # periodic evals are not training
     memory = peak_memory()
     after = trainer.evaluate()
 
-    model.save_pretrained(out / "adapter")
-    tokenizer.save_pretrained(out / "adapter")
+    _save_adapter(model, tokenizer, out / "adapter")
     saved = {
         **recipe.raw,
         "base_model": base.model_path,
@@ -183,6 +185,7 @@ def _train(
         "epochs": trainer.state.epoch,
         "tokens_seen": tokens,
         "trained_label_tokens_per_epoch": trained_labels,
+        "resumed_from_step": resume[0] if resume else None,
         "train_seconds": train_seconds,
         "periodic_eval_seconds": trainer.eval_seconds,
         "tokens_per_second": tokens / train_seconds if train_seconds else None,
@@ -198,8 +201,61 @@ def _train(
     model.eval()
     metrics["gates"] = gate_mod.evaluate(model, tokenizer, tmpl, recipe, held_rows, version, console)
     metrics["wall_seconds"] = time.perf_counter() - wall0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete: nothing to resume
     return metrics
+
+
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def _run_fingerprint(recipe: TrainRecipe, version: Version, base: Any) -> dict:
+    """What a checkpoint must have been made with to be resumed: the recipe as run, the data
+    version and the base model."""
+    return {
+        "recipe": recipe.raw,
+        "version": version.manifest.get("version", str(version.path)),
+        "base_model": base.model_path,
+    }
+
+
+def resume_point(folder: Path, fingerprint: dict, console: Any) -> tuple[int, Path] | None:
+    """(step, checkpoint) to resume from, when a killed run of the same recipe, version and base
+    left a complete checkpoint; otherwise None, and the folder is made ready for this run. Either
+    way the console says which."""
+    stamp = folder / "run.json"
+    same = stamp.is_file() and json.loads(stamp.read_text()) == json.loads(
+        json.dumps(fingerprint, default=str)
+    )
+    complete = []
+    if same:
+        for path in folder.glob("checkpoint-*"):
+            if all((path / name).is_file() for name in CHECKPOINT_FILES) and path.name[11:].isdigit():
+                complete.append((int(path.name[11:]), path))
+    if complete:
+        step, path = max(complete)
+        console.note(
+            f"resuming from step {step}: a checkpoint an interrupted run of this recipe left ({path})"
+        )
+        return step, path
+    if folder.exists():
+        why = "none is complete" if same else "they were made with another recipe, version or base model"
+        console.note(f"starting over: an interrupted run left checkpoints, but {why}")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    stamp.write_text(json.dumps(fingerprint, default=str))
+    return None
+
+
+def _save_adapter(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The adapter written beside its final place and moved there whole: a killed run never leaves
+    a half-written adapter that looks finished."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def _encode_splits(recipe: TrainRecipe, version: Version, tokenizer: Any, template: Any) -> tuple:
@@ -270,7 +326,10 @@ def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list
         eval_strategy="steps",
         eval_steps=recipe.eval_steps or max(1, steps // 10),
         logging_steps=recipe.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=recipe.save_steps or max(1, steps // 10),
+        save_total_limit=1,
+        save_only_model=False,
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
