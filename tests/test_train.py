@@ -290,14 +290,14 @@ def trained(demo_version, tmp_path_factory):
     return out, run_training(TINY, demo_version, out, {**FAST, "merge": True})
 
 
-def test_tiny_qlora_run_end_to_end(trained):
+def test_tiny_qlora_run_end_to_end(trained, demo_version):
     out, metrics = trained
     assert metrics["steps"] == 12
     assert (
         metrics["records"]["train"]
         + metrics["records"]["heldout"]
         + len(metrics["records"]["fully_masked_dropped"])
-        == 270  # the demo version's kept records
+        == json.loads((demo_version / "latest" / "manifest.json").read_text())["counts"]["kept"]
     )
     assert metrics["template"] == "chatml" and metrics["records"]["eval_sets"] == {"demo_eval": 16}
     before, after = metrics["eval_loss_before"]["heldout"], metrics["eval_loss_after"]["heldout"]

@@ -39,7 +39,7 @@ class BlendConfig:
 
 @register
 class BlendStage(GlobalStage):
-    """Keep at least min_real_fraction real records by down-sampling synthetic ones (seeded)."""
+    """Keep at least min_real_fraction real records (seeded)."""
 
     name = "blend"
     Config = BlendConfig

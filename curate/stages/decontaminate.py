@@ -106,7 +106,7 @@ class DecontaminateConfig:
 
 @register
 class DecontaminateStage(Stage):
-    """Drop records that overlap a declared eval set (exact, n-gram, MinHash, embedding paraphrase)."""
+    """Drop records that overlap a declared eval set (n-gram, ...)."""
 
     name = "decontaminate"
     Config = DecontaminateConfig

@@ -84,7 +84,7 @@ class DedupConfig:
 
 @register
 class DedupStage(GlobalStage):
-    """Drop exact and near-duplicate records (MinHash LSH, datasketch-compatible), keeping one per cluster."""
+    """Drop exact and near-duplicate records (MinHash LSH)."""
 
     name = "dedup"
     Config = DedupConfig

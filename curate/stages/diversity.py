@@ -95,7 +95,7 @@ class DiversityConfig:
 
 @register
 class DiversityStage(GlobalStage):
-    """Keep a diverse subset to a budget (k-center, k-means, SemDeDup, score); drops name the nearest kept."""
+    """Keep a diverse subset to a budget (k-center, SemDeDup, ...)."""
 
     name = "diversity"
     Config = DiversityConfig

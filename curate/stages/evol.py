@@ -82,7 +82,7 @@ class _Chain:
 
 @register
 class EvolStage(GlobalStage):
-    """Evol-Instruct: evolve instructions with an LLM (in depth and breadth), eliminate failures, answer."""
+    """Evol-Instruct: evolve, eliminate and answer instructions."""
 
     name = "evol"
     Config = EvolConfig

@@ -72,7 +72,7 @@ class FilterConfig:
 
 @register
 class FilterStage(Stage):
-    """Drop records that no curation should keep: empty turns, no answer, out-of-bounds length, refusals."""
+    """Drop empty, unanswered, out-of-bounds and refusal records."""
 
     name = "filter"
     Config = FilterConfig

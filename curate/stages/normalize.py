@@ -65,7 +65,7 @@ class NormalizeConfig:
 
 @register
 class NormalizeStage(Stage):
-    """Give every record the same chat format: roles, Unicode, whitespace, system prompt, merged turns."""
+    """One chat format: roles, Unicode, whitespace, system prompt."""
 
     name = "normalize"
     Config = NormalizeConfig

@@ -38,7 +38,7 @@ class RespondConfig(LLMConfig):
 
 @register
 class RespondStage(GlobalStage):
-    """Answer prompt-only records with an LLM; each kept answer is a synthetic record."""
+    """Answer prompt-only records with an LLM."""
 
     name = "respond"
     Config = RespondConfig
