@@ -8,6 +8,7 @@ inputs and the measurement are bench/memory.py's; the figures are printed (pytes
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -19,6 +20,7 @@ PEAK_BOUND_MIB = 2048  # README, "Reliability": a 1M-record run stays under 2 GB
 def _bench_memory():
     spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "memory.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_memory"] = module  # its input writers run in worker processes, found by name
     spec.loader.exec_module(module)
     return module
 
