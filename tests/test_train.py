@@ -18,6 +18,7 @@ from curate.train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO.parent / "shared" / "models"
+SHARED_DATA = REPO.parent / "shared" / "data"
 TINY = REPO / "train" / "tiny-cpu.yaml"
 # tests run the tiny recipe shorter still: a few packed steps, short generations
 FAST = {
@@ -287,7 +288,13 @@ def trained(demo_version, tmp_path_factory):
     from curate.train.trainer import run_training
 
     out = tmp_path_factory.mktemp("train")
-    return out, run_training(TINY, demo_version, out, {**FAST, "merge": True})
+    capability = [
+        {"name": "arc", "path": str(SHARED_DATA / "eval/foundry_arc_challenge.jsonl.gz"), "layout": "arc",
+         "max_items": 8},
+        {"name": "algebra", "path": str(SHARED_DATA / "eval/mmlu_abstract_algebra_test.csv.gz"),
+         "layout": "mmlu", "subject": "abstract algebra", "max_items": 8},
+    ]  # fmt: skip
+    return out, run_training(TINY, demo_version, out, {**FAST, "merge": True, "gates.capability": capability})
 
 
 def test_tiny_qlora_run_end_to_end(trained, demo_version):
@@ -323,6 +330,8 @@ def test_tiny_qlora_run_end_to_end(trained, demo_version):
     assert list(gates) == [
         "heldout_loss",
         "heldout_perplexity",
+        "capability:arc",
+        "capability:algebra",
         "accuracy:demo_eval",
         "format_compliance",
         "refusal_rate",
@@ -339,6 +348,69 @@ def test_tiny_qlora_run_end_to_end(trained, demo_version):
         gates["format_compliance"]["value"] == 0.0
     )  # a story model writes no JSON; the recipe does not judge it
     assert gates["format_compliance"]["threshold"] is None
+
+
+def test_capability_gates_score_tuned_and_base(trained):
+    _, metrics = trained
+    gates = {g["name"]: g for g in metrics["gates"]["gates"]}
+    arc, algebra = gates["capability:arc"], gates["capability:algebra"]
+    assert (arc["metric"], arc["items"], algebra["metric"], algebra["items"]) == ("acc_norm", 8, "acc", 8)
+    for gate in (arc, algebra):
+        assert (
+            gate["value"] == gate["tuned_scores"][gate["metric"]]
+            and gate["base"] == gate["base_scores"][gate["metric"]]
+        )
+        assert all(round(gate[k] * 8) == gate[k] * 8 for k in ("value", "base"))  # a share of 8 items
+        assert gate["worse_than_base"] == (gate["value"] < gate["base"] - 0.02)
+
+
+def test_multiple_choice_items_load_as_lm_eval_renders_them(shared_data):
+    from curate.train.capability import load_items
+
+    arc = load_items(shared_data / "eval/foundry_arc_challenge.jsonl.gz", "arc")
+    assert len(arc) == 1172 and arc[0].gold == 2
+    assert arc[0].context.startswith("Question: An astronomer observes") and arc[0].context.endswith(
+        "\nAnswer:"
+    )
+    assert arc[0].choices[0] == " Planetary density will decrease." and arc[0].lengths[0] == 32
+    algebra = load_items(shared_data / "eval/mmlu_abstract_algebra_test.csv.gz", "mmlu", "abstract algebra")
+    assert len(algebra) == 100 and algebra[0].gold == 1 and algebra[0].choices == [" A", " B", " C", " D"]
+    assert algebra[0].context == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q."
+        "\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
+    )
+
+
+def test_batched_loglikelihoods_equal_one_pair_at_a_time(stories, tokenizer, shared_data):
+    """Padding, batching and the split of context and continuation change no score: every pair is
+    compared with a forward pass of that pair alone."""
+    from transformers import AutoModelForCausalLM
+
+    from curate.train.capability import accuracy, load_items, loglikelihoods, pair_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(str(stories), dtype=torch.float32).eval()
+    model.resize_token_embeddings(len(tokenizer))
+    items = load_items(shared_data / "eval/foundry_arc_challenge.jsonl.gz", "arc")[:6]
+    items += load_items(shared_data / "eval/mmlu_sociology_test.csv.gz", "mmlu", "sociology")[:4]
+    pairs = [(item.context, choice) for item in items for choice in item.choices]
+    batched = loglikelihoods(model, tokenizer, pairs, batch_size=5, max_len=512)
+    alone = []
+    with torch.inference_mode():
+        for context, continuation in pairs:
+            ids, n = pair_tokens(tokenizer, context, continuation)
+            logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float()
+            logprobs = torch.log_softmax(logits[len(ids) - 1 - n :], dim=-1)
+            alone.append(float(logprobs.gather(1, torch.tensor(ids[-n:])[:, None]).sum()))
+    assert batched == pytest.approx(alone, abs=1e-3)
+    scores = accuracy(model, tokenizer, items, batch_size=7, max_len=512)
+    picks = []
+    at = 0
+    for item in items:
+        mine = alone[at : at + len(item.choices)]
+        at += len(item.choices)
+        picks.append(mine.index(max(mine)) == item.gold)
+    assert scores["acc"] == sum(picks) / len(items) and scores["items"] == 10
 
 
 def test_adapter_loads_back_and_the_gates_run_again(trained, version, tmp_path):

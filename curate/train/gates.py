@@ -148,6 +148,7 @@ def _gate(
     higher_is_better: bool,
     fail_if_worse: bool,
     tolerance: float = 1.0,
+    margin: float = 0.0,
     **extra: Any,
 ) -> dict:
     if value is None:
@@ -157,7 +158,7 @@ def _gate(
         meets = value >= threshold if higher_is_better else value <= threshold
     worse = False
     if base is not None:
-        worse = value < base if higher_is_better else value > base * tolerance
+        worse = value < base - margin if higher_is_better else value > base * tolerance
     # Without a threshold there is nothing to pass: the figure is reported, and it fails only by
     # falling behind the base model when the recipe asks for that.
     fails_base = fail_if_worse and worse
@@ -203,6 +204,8 @@ def evaluate(
             fail,
         )
     )
+
+    gates += capability_gates(model, tokenizer, recipe, console)
 
     # (name, prompts, references or None) for every prompt set the gates generate on
     prompt_sets = []
@@ -283,6 +286,49 @@ def evaluate(
         "gates": gates,
         "samples": samples,
     }
+
+
+def capability_gates(model: Any, tokenizer: Any, recipe: TrainRecipe, console: TrainConsole) -> list[dict]:
+    """Multiple-choice accuracy on each of the recipe's capability sets, adapter on and off
+    (curate.train.capability): ARC is judged by acc_norm, MMLU by acc, each beside the base."""
+    from curate.train.capability import accuracy, load_items
+
+    g = recipe.gates
+    sets = [
+        (
+            spec,
+            load_items(recipe.path(spec["path"]), spec["layout"], spec.get("subject", ""))[
+                : spec.get("max_items")
+            ],
+        )
+        for spec in g.capability
+    ]
+    task = console.task("capability", 2 * sum(len(items) for _, items in sets), "items")
+    gates = []
+    for spec, items in sets:
+        tuned = accuracy(model, tokenizer, items, g.batch_size, recipe.sequence_len)
+        task.advance(len(items))
+        with model.disable_adapter():
+            base = accuracy(model, tokenizer, items, g.batch_size, recipe.sequence_len)
+        task.advance(len(items))
+        key = "acc_norm" if spec["layout"] == "arc" else "acc"
+        gates.append(
+            _gate(
+                f"capability:{spec['name']}",
+                tuned[key],
+                base[key],
+                spec.get("min_accuracy"),
+                True,
+                g.fail_if_worse_than_base,
+                margin=g.capability_margin,
+                metric=key,
+                items=len(items),
+                tuned_scores=tuned,
+                base_scores=base,
+            )
+        )
+    task.done()
+    return gates
 
 
 def _compliance(specs: list[dict], answers: list[dict]) -> float:

@@ -58,6 +58,8 @@ class Gates:
     max_new_tokens: int = 256
     max_items: int = 50
     batch_size: int = 16
+    capability: list[dict] = field(default_factory=list)  # [{name, path, layout, subject, max_items}]
+    capability_margin: float = 0.02
 
 
 @dataclass
