@@ -571,6 +571,50 @@ def report(
 
 @main.command()
 @click.argument("version", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The frozen eval file to write (JSONL; its sha256 and origin go to <file>.json).",
+)
+@click.option("-n", "--n", "count", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Records to freeze, stratified by source.")  # fmt: skip
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Which records: a seeded hash of their ids."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar (hash, counts) as JSON.")
+@_friendly_errors
+def freeze(version: Path, out_file: Path, count: int, seed: int, as_json: bool) -> None:
+    """Set aside N records of VERSION (a version or output folder) as a frozen eval set.
+
+    Freeze it first, before any change you want to measure: every later version is decontaminated
+    against it and every arm of an ablation is judged on the same frozen items. Add it to the
+    recipe's eval_sets (the line to add is printed); the next run drops those records and the runner
+    refuses a version that still holds one. The same version, N and seed always freeze the same
+    records; a frozen file is never overwritten with other records.
+    """
+    from curate.freeze import freeze_records, write_frozen
+
+    items, info = freeze_records(version, count, seed)
+    sidecar = write_frozen(out_file, items, info)
+    if as_json:
+        _print_json(sidecar)
+        return
+    per = ", ".join(f"{k}: {v}" for k, v in sidecar["per_source"].items())
+    out.print(
+        f"froze {sidecar['n']} records of {sidecar['version']} -> {out_file} "
+        f"(sha256 {sidecar['sha256'][:12]})"
+    )
+    out.print(f"per source: {per}")
+    out.print(
+        "add to the recipe's eval_sets:\n"
+        f"  - {{name: frozen, path: {out_file}, fields: {{question: question, answer: answer, id: id}}}}"
+    )
+
+
+@main.command()
+@click.argument("version", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_friendly_errors
 def verify(version: Path) -> None:
     """Check a VERSION's files against the sha256 its manifest recorded when it was written.
