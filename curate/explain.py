@@ -40,12 +40,17 @@ def explain(version: Path, record_id: str | None = None, source_ref: str | None 
             hint="ids are in data.parquet and dropped.parquet; unreadable lines are in quarantine.jsonl",
         )
     result = {"kept": kept.to_dicts(), "dropped": [], "edits": edits.to_dicts()}
+    for row in result["kept"]:
+        if row.get("parent_id"):
+            row["parent_record"] = _summary(version, row["parent_id"])
     for row in dropped.to_dicts():
         row["evidence"] = json.loads(row["evidence"] or "{}")
         for key in _POINTERS:
             target = row["evidence"].get(key)
             if target:
                 row[key + "_record"] = _summary(version, target)
+        if row.get("parent_id"):
+            row["parent_record"] = _summary(version, row["parent_id"])
         result["dropped"].append(row)
     return result
 
@@ -111,3 +116,28 @@ def _render_record(rec: dict, status: str, colour: str, console: Console, full: 
         lines.append("[dim]texts were cut: curate show --full shows them whole[/dim]")
     title = f"{rec['id']}  [{colour}]{escape(status)}[/{colour}]"
     console.print(Panel("\n".join(lines), title=title, title_align="left", expand=True))
+    if rec.get("origin") == "synthetic":
+        _render_lineage(rec, console)
+
+
+def _render_lineage(rec: dict, console: Console) -> None:
+    """Where a synthetic record comes from: its parent (and that parent's first turn), and how it
+    was made (the generating stage's op, round, provider and model from meta)."""
+    made = json.loads(rec.get("meta") or "{}")
+    how = "; ".join(
+        f"{stage}: " + ", ".join(f"{k} {v}" for k, v in sorted(info.items()) if k != "root_id")
+        for stage, info in made.items()
+        if isinstance(info, dict)
+    )
+    console.print(escape(f"  synthetic, made by {how or 'a generating stage'}"))
+    parent = rec.get("parent_record")
+    if parent:
+        src = parent["source"]
+        console.print(
+            escape(
+                f"  parent {parent['id']} ({src['path']}:{src['row']}, {parent['where']}): "
+                f"{parent['first_turn'][:120]!r}  (curate show --id {parent['id']})"
+            )
+        )
+    elif rec.get("parent_id"):
+        console.print(escape(f"  parent {rec['parent_id']} (not in this version)"))

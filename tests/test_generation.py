@@ -164,6 +164,17 @@ def test_evol_eliminates_what_failed_and_keeps_lineage(tmp_path, shared_data, se
         (llm_usage["input_tokens"] * 1.0 + llm_usage["output_tokens"] * 2.0) / 1e6, abs=1e-6
     )
 
+    # `curate show` tells where a synthetic record comes from and how it was made
+    record = kept[0]
+    shown = CliRunner().invoke(
+        main, ["show", str(result.folder), "--id", record["id"]], catch_exceptions=False
+    )
+    meta = json.loads(record["meta"])["evol"]
+    assert f"synthetic, made by evol: model fake-1, op {meta['op']}, provider openai, round" in " ".join(
+        shown.output.split()
+    )
+    assert f"parent {record['parent_id']}" in shown.output
+
     # a second run in a new output folder: every answer from the request cache, the same version
     sent = server.requests
     again = run_recipe(load_recipe(evol_recipe(tmp_path, shared_data, server)), out_dir=tmp_path / "again")
