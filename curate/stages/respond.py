@@ -81,7 +81,7 @@ class RespondStage(GlobalStage):
         engine = self.context.llm_engine(cfg)
         self.context.say(f"answering {len(prompts):,} prompts x {cfg.samples}")
         replies = engine.run(requests)
-        kept, rejected, failures = [], [], {"error": 0, "budget": 0}
+        kept, rejected, failures, first_error = [], [], {"error": 0, "budget": 0}, ""
         seen = set(table.column("id").to_pylist())
         for i, (row, prompt) in enumerate(zip(rows.tolist(), prompts, strict=True)):
             answered, why = [], []
@@ -90,6 +90,7 @@ class RespondStage(GlobalStage):
                 reply = replies[i * cfg.samples + sample]
                 if isinstance(reply, Failure):
                     failures[reply.reason] += 1
+                    first_error = first_error or (reply.message if reply.reason == "error" else "")
                     why.append(reply.reason if reply.reason == "budget" else f"error: {reply.message[:200]}")
                     continue
                 record = synthetic.synthetic_record(
@@ -121,6 +122,7 @@ class RespondStage(GlobalStage):
             "failed": failures["error"],
             "unsent_budget": failures["budget"],
             "budget_exhausted": engine.usage.budget_exhausted,
+            "first_error": first_error,
             "estimate": expected,
             "provider": cfg.provider,
             "model": cfg.model,
