@@ -814,6 +814,49 @@ def train(
         _print_gates(metrics["gates"])
 
 
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the runs and the report go (default: the spec's out, else runs/ablations/<spec name>).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON; no progress display.")
+@_friendly_errors
+def ablate(spec: Path, out_dir: Path | None, as_json: bool) -> None:
+    """Train one recipe on several dataset versions (arms) and seeds on an equal token budget, and
+    say which arm is better, with the noise shown.
+
+    \b
+    name: dedup-ablation
+    train: ../train/tiny-cpu.yaml
+    arms: [{name: raw, version: ../runs/raw}, {name: dedup, version: ../runs/dedup}]
+    baseline: raw            # default: the first arm
+    seeds: 3
+    eval_sets: [{name: frozen, path: frozen.jsonl, fields: {question: question, answer: answer, id: id}}]
+
+    Every arm is judged on the same items (each item's loss, averaged over seeds, against the
+    baseline's: a paired bootstrap interval and a verdict), and checked for eval items in its
+    training data: such an arm is flagged and the items named. Writes report.md, report.json and
+    ablation.png; finished runs are not run again, so an interrupted ablation resumes.
+    """
+    from curate.train import require_training_extra
+
+    require_training_extra()
+    from curate.train.ablation import load_spec, run_ablation
+
+    loaded = load_spec(spec, out_dir)
+    say = (lambda text: None) if as_json else (lambda text: out.print(f"[dim]{escape(text)}[/dim]"))
+    report = run_ablation(loaded, show_progress=not as_json, say=say)
+    if as_json:
+        _print_json(report)
+        return
+    for line in report["verdicts"]:
+        out.print(escape(line))
+    out.print(f"report: {loaded.out / 'report.md'} (and report.json, ablation.png)")
+
+
 @main.command("eval")
 @click.option(
     "--adapter",

@@ -57,14 +57,28 @@ def json_of(text: str) -> Any:
 
 def heldout_loss(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> float:
     """Mean loss per trained token over the held-out rows (token-weighted, like the trainer's)."""
+    total, count = _summed_losses(model, rows, pad_id, batch_size)
+    return float(total.sum()) / max(int(count.sum()), 1)
+
+
+def row_losses(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> list[float]:
+    """Each row's mean loss per trained token, in the rows' order."""
+    total, count = _summed_losses(model, rows, pad_id, batch_size)
+    return [float(t) / max(int(n), 1) for t, n in zip(total.tolist(), count.tolist(), strict=True)]
+
+
+def _summed_losses(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> tuple:
+    """(summed loss, trained tokens) of every row, as arrays in the rows' order."""
+    import numpy as np
     import torch
 
     dev = next(model.parameters()).device
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # batches of similar length pad little
-    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths pad little
+    total, count = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
+        for i in range(0, len(order), batch_size):
+            picked = order[i : i + batch_size]
+            chunk = [rows[k] for k in picked]
             width = max(len(r["input_ids"]) for r in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
@@ -77,11 +91,11 @@ def heldout_loss(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> 
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(dev)
             loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="sum"
-            )
-            total += float(loss)
-            count += int((shift_labels != IGNORE).sum())
-    return total / max(count, 1)
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none"
+            ).view(len(chunk), -1)
+            total[picked] = loss.sum(dim=1).cpu().numpy()
+            count[picked] = (shift_labels != IGNORE).sum(dim=1).cpu().numpy()
+    return total, count
 
 
 def generate(

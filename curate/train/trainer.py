@@ -47,17 +47,22 @@ def template_object(template: str, tokenizer: Any) -> Any:
     return tokenizer if template == "tokenizer" else template
 
 
-def eval_set_conversations(recipe: TrainRecipe, version: Version | None) -> dict[str, list[list[dict]]]:
-    """Each eval set with references as question -> answer conversations, for eval loss."""
+def eval_set_conversations(
+    recipe: TrainRecipe, version: Version | None
+) -> dict[str, list[tuple[str, list[dict]]]]:
+    """Each eval set with references as (item id, question -> answer conversation), for eval loss."""
     out = {}
     for name, items in eval_references(recipe, version):
         if items:
             items = items[: recipe.gates.max_items * EVAL_LOSS_ITEMS_PER_GATE_ITEM]
             out[name] = [
-                [
-                    {"role": "user", "content": str(it["question"])},
-                    {"role": "assistant", "content": str(it["answer"])},
-                ]
+                (
+                    str(it["id"]),
+                    [
+                        {"role": "user", "content": str(it["question"])},
+                        {"role": "assistant", "content": str(it["answer"])},
+                    ],
+                )
                 for it in items
             ]
     return out
@@ -113,7 +118,7 @@ def _train(
     tokenizer, added = load_tokenizer(base.tokenizer_path, template)
     tmpl = template_object(template, tokenizer)
 
-    train_rows, held_rows, eval_data, dropped = _encode_splits(recipe, version, tokenizer, tmpl)
+    train_rows, held_rows, eval_data, eval_rows, dropped = _encode_splits(recipe, version, tokenizer, tmpl)
     if not held_rows:
         raise CurateError(
             "the held-out split is empty", hint="raise holdout.fraction or use a larger version"
@@ -200,6 +205,17 @@ def _train(
     plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
     model.eval()
     metrics["gates"] = gate_mod.evaluate(model, tokenizer, tmpl, recipe, held_rows, version, console)
+    # each eval item's own loss, for comparisons paired by item (curate ablate)
+    metrics["item_losses"] = {
+        name: dict(
+            zip(
+                ids,
+                gate_mod.row_losses(model, rows, tokenizer.pad_token_id, recipe.micro_batch_size),
+                strict=True,
+            )
+        )
+        for name, (ids, rows) in eval_rows.items()
+    }
     metrics["wall_seconds"] = time.perf_counter() - wall0
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete: nothing to resume
@@ -278,12 +294,16 @@ def _encode_splits(recipe: TrainRecipe, version: Version, tokenizer: Any, templa
     train_rows, train_empty = encode(train_idx)
     held_rows, held_empty = encode(held_idx)
     eval_data = {"heldout": _dataset(held_rows)} if held_rows else {}
-    for name, conversations in eval_set_conversations(recipe, version).items():
-        item_ids = [f"{name}:{i}" for i in range(len(conversations))]
-        rows, _ = encode_all(conversations, item_ids, tokenizer, template, recipe.sequence_len, "drop")
+    eval_rows = {}  # per eval set: (item ids, rows), for each item's own loss after training
+    for name, pairs in eval_set_conversations(recipe, version).items():
+        item_ids = [item for item, _ in pairs]
+        rows, empty = encode_all(
+            [c for _, c in pairs], item_ids, tokenizer, template, recipe.sequence_len, "drop"
+        )
         if rows:
             eval_data[name] = _dataset(rows)
-    return train_rows, held_rows, eval_data, train_empty + held_empty
+            eval_rows[name] = ([i for i in item_ids if i not in set(empty)], rows)
+    return train_rows, held_rows, eval_data, eval_rows, train_empty + held_empty
 
 
 def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list[dict], on_gpu: bool) -> Any:

@@ -1,0 +1,405 @@
+"""`curate ablate SPEC`: train one recipe on several dataset versions (arms) and seeds, on an equal
+token budget, and say which arm is better, by how much, with the noise shown.
+
+Every arm is judged on the same items: the spec's eval sets (a frozen set from `curate freeze`,
+benchmarks) go into every run, and each item's own loss is kept, so arms are compared item by item:
+the difference of the per-item losses (averaged over seeds) against the baseline arm, with a paired
+bootstrap interval over items. An interval wholly below zero is "better", wholly above "worse",
+else "no detectable difference". Before judging, every arm's version is checked for exact copies of
+the eval items: an arm that trained on eval items is flagged, the items are named, and their loss is
+shown beside the clean items' (memorisation shows as a gap), so a "win" bought by contamination is
+called what it is.
+
+Finished runs (a metrics.json in their folder) are not run again: an interrupted ablation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from curate.errors import RecipeError
+
+_ARM = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "version"],
+    "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"}, "version": {"type": "string"}},
+}
+SPEC_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["train", "arms"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "train": {"type": "string", "description": "The training recipe every arm runs."},
+        "arms": {"type": "array", "minItems": 2, "items": _ARM},
+        "baseline": {
+            "type": "string",
+            "description": "The arm the others are compared with (default: first).",
+        },
+        "seeds": {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            ],
+            "description": "How many seeds (0, 1, ...) or which; default 3.",
+        },
+        "tokens": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "description": "Training tokens per run (default: the smallest arm's one epoch).",
+        },
+        "eval_sets": {"type": "array", "items": {"type": "object"}, "description": "Judged on these."},
+        "set": {"type": "object", "description": "Overrides of the training recipe (dotted keys)."},
+        "bootstrap": {"type": "integer", "minimum": 100, "default": 2000},
+        "out": {"type": "string"},
+    },
+}
+
+
+@dataclass
+class Spec:
+    name: str
+    train: Path
+    arms: list[tuple[str, Path]]
+    baseline: str
+    seeds: list[int]
+    tokens: int | None
+    eval_sets: list[dict] | None
+    overrides: dict
+    bootstrap: int
+    out: Path
+    base_dir: Path = field(default_factory=Path.cwd)
+
+
+def load_spec(path: str | Path, out: str | Path | None = None) -> Spec:
+    """A checked ablation spec; paths resolve against its folder."""
+    import jsonschema
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    errors = sorted(jsonschema.Draft202012Validator(SPEC_SCHEMA).iter_errors(raw), key=lambda e: list(e.path))
+    if errors:
+        where = ".".join(str(p) for p in errors[0].absolute_path) or "(top level)"
+        raise RecipeError(
+            f"ablation spec {path}, {where}: {errors[0].message}", hint="see curate ablate --help"
+        )
+    base = path.parent.resolve()
+    arms = [(a["name"], (base / a["version"]).resolve()) for a in raw["arms"]]
+    names = [n for n, _ in arms]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"ablation spec {path}: arm names must be unique, got {names}")
+    baseline = raw.get("baseline", names[0])
+    if baseline not in names:
+        raise RecipeError(f"ablation spec {path}: baseline {baseline!r} is not an arm ({', '.join(names)})")
+    seeds = raw.get("seeds", 3)
+    eval_sets = raw.get("eval_sets")
+    if eval_sets is not None:  # absolute, so the training recipe (elsewhere) finds them
+        eval_sets = [{**e, "path": str((base / e["path"]).resolve())} for e in eval_sets]
+    return Spec(
+        name=raw.get("name", path.stem),
+        train=(base / raw["train"]).resolve(),
+        arms=arms,
+        baseline=baseline,
+        seeds=list(range(seeds)) if isinstance(seeds, int) else list(seeds),
+        tokens=raw.get("tokens"),
+        eval_sets=eval_sets,
+        overrides=dict(raw.get("set") or {}),
+        bootstrap=int(raw.get("bootstrap", 2000)),
+        out=Path(out).resolve() if out else (base / raw.get("out", f"runs/ablations/{path.stem}")).resolve(),
+        base_dir=base,
+    )
+
+
+# the statistics ------------------------------------------------------------------------------------
+
+
+def paired_interval(arm: np.ndarray, base: np.ndarray, resamples: int, seed: int = 0) -> dict:
+    """Mean of arm - base over paired items, and a 95% percentile bootstrap interval (items drawn with
+    replacement, the same draw for both sides)."""
+    diff = np.asarray(arm, np.float64) - np.asarray(base, np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, diff.size, size=(resamples, diff.size))
+    means = diff[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "items": int(diff.size)}
+
+
+def verdict(interval: dict) -> str:
+    """For a loss difference (arm - baseline): lower is better."""
+    if interval["high"] < 0:
+        return "better"
+    if interval["low"] > 0:
+        return "worse"
+    return "no detectable difference"
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "seeds": len(values),
+    }
+
+
+# running -------------------------------------------------------------------------------------------
+
+
+def one_epoch_tokens(spec: Spec, version: Path, overrides: dict, work: Path) -> int:
+    """Tokens of one pass over a version's training split, as the trainer encodes it."""
+    from curate.train.data import load_version
+    from curate.train.model import load_tokenizer, resolve_base
+    from curate.train.recipe import load_recipe
+    from curate.train.trainer import _encode_splits, resolve_template, template_object
+
+    recipe = load_recipe(spec.train, overrides)
+    loaded = load_version(version)
+    base = resolve_base(recipe, work / ".base")
+    template = resolve_template(recipe, loaded, base.tokenizer_path)
+    tokenizer, _ = load_tokenizer(base.tokenizer_path, template)
+    train_rows = _encode_splits(recipe, loaded, tokenizer, template_object(template, tokenizer))[0]
+    return sum(len(r["input_ids"]) for r in train_rows)
+
+
+def run_ablation(spec: Spec, show_progress: bool = True, say=print) -> dict:
+    """Every arm and seed trained (or found finished), then compared; writes report.json, report.md
+    and ablation.png under spec.out and returns the report."""
+    from curate.train.trainer import run_training
+
+    spec.out.mkdir(parents=True, exist_ok=True)
+    overrides = dict(spec.overrides)
+    if spec.eval_sets is not None:
+        overrides["eval_sets"] = spec.eval_sets
+    tokens = spec.tokens
+    if tokens is None:
+        counts = {name: one_epoch_tokens(spec, version, overrides, spec.out) for name, version in spec.arms}
+        tokens = min(counts.values())
+        say(f"equal budget: {tokens:,} training tokens per run (one epoch of the smallest arm; {counts})")
+    runs: dict[str, list[dict]] = {}
+    for name, version in spec.arms:
+        for seed in spec.seeds:
+            folder = spec.out / name / f"seed-{seed}"
+            done = folder / "metrics.json"
+            if done.is_file():
+                say(f"{name} seed {seed}: finished earlier, not run again")
+            else:
+                say(f"{name} seed {seed}: training on {version}")
+                run_training(
+                    spec.train,
+                    version,
+                    folder,
+                    {**overrides, "seed": seed, "max_tokens": tokens},
+                    show_progress,
+                )
+            runs.setdefault(name, []).append(json.loads(done.read_text()))
+    contamination = {name: contaminated_items(version, spec) for name, version in spec.arms}
+    report = compare(spec, runs, contamination, tokens)
+    (spec.out / "report.json").write_text(json.dumps(report, indent=1))
+    (spec.out / "report.md").write_text(markdown(report))
+    plot(report, spec.out / "ablation.png")
+    return report
+
+
+def contaminated_items(version: Path, spec: Spec) -> list[dict]:
+    """{eval_set, eval_id, record} of every eval item an arm's version holds an exact copy of."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.contamination import EvalCopies
+    from curate.train.data import load_version
+    from curate.train.recipe import load_recipe
+    from curate.versions import resolve_version
+
+    sets, base = spec.eval_sets, spec.base_dir
+    if sets is None:  # the sets the runs were judged on: the training recipe's, else the version's
+        recipe = load_recipe(spec.train, spec.overrides)
+        if recipe.eval_sets is not None:
+            sets, base = recipe.eval_sets, recipe.base_dir
+        else:
+            loaded = load_version(version)
+            sets, base = loaded.eval_sets, loaded.eval_base_dir
+    if not sets:
+        return []
+    check = EvalCopies(sets, base)
+    table = pq.read_table(resolve_version(version) / "data.parquet", columns=["id", "messages"])
+    return [
+        {"eval_set": c["eval_set"], "eval_id": str(c["eval_id"]), "record": c["id"]}
+        for batch in table.to_batches(8192)
+        for c in check.find(pa.Table.from_batches([batch]))
+    ]
+
+
+def compare(
+    spec: Spec, runs: dict[str, list[dict]], contamination: dict[str, list[dict]], tokens: int
+) -> dict:
+    """The report: gates per arm (mean and spread over seeds), per eval set each arm's per-item loss
+    against the baseline's (paired bootstrap interval, verdict), and contamination."""
+    arms = [name for name, _ in spec.arms]
+    gates: dict[str, dict] = {}
+    for name in arms:
+        values: dict[str, list[float]] = {}
+        for metrics in runs[name]:
+            for gate in metrics["gates"]["gates"]:
+                if isinstance(gate.get("value"), (int, float)):
+                    values.setdefault(gate["name"], []).append(float(gate["value"]))
+        gates[name] = {k: spread(v) for k, v in values.items()}
+    sets = sorted(set.intersection(*(set(m.get("item_losses", {})) for r in runs.values() for m in r)))
+    comparisons: dict[str, dict] = {}
+    for eval_set in sets:
+        per_arm = {name: _item_means(runs[name], eval_set) for name in arms}
+        shared = sorted(set.intersection(*(set(v) for v in per_arm.values())))
+        base = np.array([per_arm[spec.baseline][i] for i in shared])
+        comparisons[eval_set] = {"items": len(shared), "arms": {}}
+        for name in arms:
+            losses = np.array([per_arm[name][i] for i in shared])
+            entry: dict[str, Any] = {"loss": float(losses.mean()) if shared else None}
+            if name != spec.baseline and shared:
+                interval = paired_interval(losses, base, spec.bootstrap)
+                entry.update(difference=interval, verdict=verdict(interval))
+            dirty = {c["eval_id"] for c in contamination[name] if c["eval_set"] == eval_set}
+            if dirty & set(shared):
+                clean = [i for i in shared if i not in dirty]
+                entry["contaminated"] = {
+                    "items": sorted(dirty & set(shared)),
+                    "loss_contaminated": float(np.mean([per_arm[name][i] for i in shared if i in dirty])),
+                    "loss_clean": float(np.mean([per_arm[name][i] for i in clean])) if clean else None,
+                }
+            comparisons[eval_set]["arms"][name] = entry
+    return {
+        "name": spec.name,
+        "baseline": spec.baseline,
+        "seeds": spec.seeds,
+        "tokens_per_run": tokens,
+        "tokens_seen": {name: [m["tokens_seen"] for m in runs[name]] for name in arms},
+        "gates": gates,
+        "comparisons": comparisons,
+        "contamination": {name: items for name, items in contamination.items() if items},
+        "verdicts": _verdict_lines(spec, comparisons, contamination),
+    }
+
+
+def _item_means(runs: list[dict], eval_set: str) -> dict[str, float]:
+    """Each item's loss averaged over the seeds that scored it (all of them, in a finished ablation)."""
+    seen: dict[str, list[float]] = {}
+    for metrics in runs:
+        for item, loss in metrics["item_losses"].get(eval_set, {}).items():
+            seen.setdefault(item, []).append(loss)
+    return {item: statistics.fmean(v) for item, v in seen.items() if len(v) == len(runs)}
+
+
+def _verdict_lines(spec: Spec, comparisons: dict, contamination: dict) -> list[str]:
+    lines = []
+    for name, _ in spec.arms:
+        if name == spec.baseline:
+            continue
+        for eval_set, comparison in comparisons.items():
+            entry = comparison["arms"][name]
+            if "verdict" not in entry:
+                continue
+            d = entry["difference"]
+            line = (
+                f"{name} vs {spec.baseline} on {eval_set}: {entry['verdict']} (loss {d['mean']:+.4f}, "
+                f"95% interval {d['low']:+.4f} to {d['high']:+.4f}, {d['items']} items)"
+            )
+            dirty = entry.get("contaminated")
+            if dirty:
+                items = dirty["items"]
+                shown = ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+                clean = dirty["loss_clean"]
+                line += (
+                    f"; CONTAMINATED: it trained on {len(items)} of these items ({shown}), whose loss is "
+                    f"{dirty['loss_contaminated']:.4f} against {'-' if clean is None else f'{clean:.4f}'} "
+                    "for the clean ones"
+                )
+                if clean is not None and dirty["loss_contaminated"] < clean:
+                    line += ": the gap is memorisation, so a win on this set is not evidence"
+                else:
+                    line += ": no memorisation gap shows, but this set is no clean judge of the arm"
+            lines.append(line)
+    return lines
+
+
+# output --------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    out = [f"# Ablation: {report['name']}", ""]
+    out.append(
+        f"Baseline **{report['baseline']}**; seeds {report['seeds']}; "
+        f"{report['tokens_per_run']:,} training tokens per run."
+    )
+    out += ["", "## Verdicts", ""] + [f"- {line}" for line in report["verdicts"]] + [""]
+    for eval_set, comparison in report["comparisons"].items():
+        out += [f"## {eval_set} ({comparison['items']} items, loss per item, lower is better)", ""]
+        out += [
+            "| arm | loss | vs baseline | 95% interval | verdict | contaminated items |",
+            "|---|---:|---:|---|---|---:|",
+        ]
+        for name, entry in comparison["arms"].items():
+            d = entry.get("difference")
+            dirty = len(entry["contaminated"]["items"]) if entry.get("contaminated") else 0
+            if d is None:
+                out.append(f"| {name} | {entry['loss']:.4f} | (baseline) | | | {dirty} |")
+            else:
+                span = f"{d['low']:+.4f} .. {d['high']:+.4f}"
+                out.append(
+                    f"| {name} | {entry['loss']:.4f} | {d['mean']:+.4f} | {span} | {entry['verdict']} "
+                    f"| {dirty} |"
+                )
+        out.append("")
+    out += ["## Gates (mean ± sd over seeds)", ""]
+    arms = report["gates"]
+    out += ["| gate | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
+    for gate in sorted({g for arm in arms.values() for g in arm}):
+        cells = [f"{a[gate]['mean']:.4g} ± {a[gate]['sd']:.2g}" if gate in a else "-" for a in arms.values()]
+        out.append(f"| {gate} | " + " | ".join(cells) + " |")
+    if report["contamination"]:
+        out += ["", "## Contamination", ""]
+        for name, items in report["contamination"].items():
+            named = ", ".join(f"{c['eval_set']}:{c['eval_id']}" for c in items[:20])
+            more = " ..." if len(items) > 20 else ""
+            out.append(f"- {name}: {len(items)} eval items in its training data ({named}{more})")
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Loss per item by arm and eval set, with each arm's interval against the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(report["comparisons"])
+    if not sets:
+        return
+    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.2), squeeze=False)
+    for ax, eval_set in zip(axes[0], sets, strict=True):
+        arms = report["comparisons"][eval_set]["arms"]
+        names = list(arms)
+        losses = [arms[n]["loss"] for n in names]
+        errors = [
+            [
+                arms[n]["difference"]["mean"] - arms[n]["difference"]["low"] if "difference" in arms[n] else 0
+                for n in names
+            ],
+            [
+                arms[n]["difference"]["high"] - arms[n]["difference"]["mean"]
+                if "difference" in arms[n]
+                else 0
+                for n in names
+            ],
+        ]
+        colours = ["tab:red" if "contaminated" in arms[n] else "tab:blue" for n in names]
+        ax.bar(names, losses, yerr=errors, color=colours, capsize=4)
+        ax.set_title(eval_set)
+        ax.set_ylabel("loss per item")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""`curate ablate`: the paired interval and verdicts, and a tiny CPU ablation end to end (2 arms x 2
+seeds, stories260K): an equal token budget, a contaminated arm flagged with its items named, a
+report written, and a second call that trains nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from curate.train.ablation import paired_interval, verdict
+from tests.conftest import EXAMPLES, REPO
+
+
+def test_the_paired_interval_is_the_bootstrap_of_item_differences():
+    rng = np.random.default_rng(1)
+    base = rng.normal(2.0, 0.5, 300)
+    arm = base - 0.1 + rng.normal(0, 0.05, 300)  # better by 0.1 on every item, a little noise
+    got = paired_interval(arm, base, 2000, seed=7)
+    draws = np.random.default_rng(7).integers(0, 300, size=(2000, 300))
+    means = [float(np.mean((arm - base)[d])) for d in draws]  # one resample at a time
+    assert got["low"] == pytest.approx(np.percentile(means, 2.5)) and got["high"] == pytest.approx(
+        np.percentile(means, 97.5)
+    )
+    assert got["mean"] == pytest.approx(-0.1, abs=0.01) and got["items"] == 300
+    assert verdict(got) == "better"
+    assert verdict(paired_interval(base + 0.1, base, 500)) == "worse"
+    same = paired_interval(base, base, 500)
+    assert (same["low"], same["high"]) == (0.0, 0.0) and verdict(same) == "no detectable difference"
+    noisy = paired_interval(base + rng.normal(0, 1.0, 300), base, 2000)
+    assert noisy["low"] < 0 < noisy["high"] and verdict(noisy) == "no detectable difference"
+
+
+def _version(tmp_path: Path, name: str, extra: list[dict]) -> Path:
+    from curate.pipeline import run_recipe
+    from curate.recipe import recipe_from_dict
+
+    inputs = [{"path": str(EXAMPLES / "raw" / "alpaca.json"), "name": "alpaca"}]  # 95 records: quick
+    if extra:
+        rows = tmp_path / f"{name}-extra.jsonl"
+        rows.write_text("".join(json.dumps(r) + "\n" for r in extra))
+        inputs.append({"path": str(rows), "name": "extra"})
+    recipe = {
+        "name": name,
+        "inputs": inputs,
+        "stages": [{"normalize": {"system_prompt": "You are a helpful assistant."}}, {"filter": {}}],
+    }
+    return run_recipe(recipe_from_dict(recipe, tmp_path), tmp_path / name).folder
+
+
+def test_a_tiny_ablation_runs_flags_contamination_and_resumes(tmp_path):
+    items = [json.loads(line) for line in (EXAMPLES / "eval" / "demo_eval.jsonl").read_text().splitlines()]
+    planted = items[:10]  # the contaminated arm trains on ten eval items, answers included
+    clean = _version(tmp_path, "clean", [])
+    dirty = _version(
+        tmp_path, "dirty", [{"instruction": i["question"], "output": i["answer"]} for i in planted]
+    )
+    spec = {
+        "name": "tiny",
+        "train": str(REPO / "train" / "tiny-cpu.yaml"),
+        "arms": [{"name": "clean", "version": str(clean)}, {"name": "dirty", "version": str(dirty)}],
+        "seeds": 2,
+        "eval_sets": [
+            {
+                "name": "demo_eval",
+                "path": str(EXAMPLES / "eval" / "demo_eval.jsonl"),
+                "fields": {"question": "question", "answer": "answer", "id": "id"},
+            }
+        ],
+        "set": {"eval_steps": 100, "gates.max_new_tokens": 2, "gates.max_items": 8, "micro_batch_size": 4},
+        "bootstrap": 500,
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "ablation"
+    args = ["ablate", str(tmp_path / "spec.yaml"), "--out", str(out), "--json"]
+    ran = CliRunner().invoke(__import__("curate.cli").cli.main, args, catch_exceptions=False)
+    report = json.loads(ran.stdout)
+
+    budget = report["tokens_per_run"]
+    seen = [t for runs in report["tokens_seen"].values() for t in runs]
+    assert len(seen) == 4 and all(
+        budget <= t < budget + 4 * 512 for t in seen
+    )  # one micro batch over at most
+    assert report["baseline"] == "clean" and report["seeds"] == [0, 1]
+    flagged = report["contamination"]["dirty"]
+    assert sorted(c["eval_id"] for c in flagged) == sorted(i["id"] for i in planted)
+    assert "clean" not in report["contamination"]
+    comparison = report["comparisons"]["demo_eval"]
+    assert comparison["items"] == len(items)
+    entry = comparison["arms"]["dirty"]
+    assert entry["verdict"] in ("better", "worse", "no detectable difference")
+    assert sorted(entry["contaminated"]["items"]) == sorted(i["id"] for i in planted)
+    (line,) = report["verdicts"]
+    assert line.startswith(f"dirty vs clean on demo_eval: {entry['verdict']}") and "CONTAMINATED" in line
+    gap = entry["contaminated"]["loss_contaminated"] < entry["contaminated"]["loss_clean"]
+    assert ("the gap is memorisation" in line) == gap  # said only when the trained items show it
+    assert all(i["id"] in line for i in planted)
+    for name in ("report.md", "report.json", "ablation.png"):
+        assert (out / name).is_file()
+    assert "## Verdicts" in (out / "report.md").read_text()
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/seed-*/metrics.json")}
+    assert len(stamps) == 4
+
+    again = CliRunner().invoke(__import__("curate.cli").cli.main, args, catch_exceptions=False)
+    assert json.loads(again.stdout)["verdicts"] == report["verdicts"]
+    assert {p: p.stat().st_mtime for p in out.glob("*/seed-*/metrics.json")} == stamps  # nothing retrained
