@@ -822,9 +822,14 @@ def train(
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the runs and the report go (default: the spec's out, else runs/ablations/<spec name>).",
 )
+@click.option(
+    "--devices",
+    help="CUDA devices to spread the runs over, one run per device at a time, e.g. 0,1 (default: every "
+    "GPU when there are several, else one run after another in this process).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON; no progress display.")
 @_friendly_errors
-def ablate(spec: Path, out_dir: Path | None, as_json: bool) -> None:
+def ablate(spec: Path, out_dir: Path | None, devices: str | None, as_json: bool) -> None:
     """Train one recipe on several dataset versions (arms) and seeds on an equal token budget, and
     say which arm is better, with the noise shown.
 
@@ -848,7 +853,8 @@ def ablate(spec: Path, out_dir: Path | None, as_json: bool) -> None:
 
     loaded = load_spec(spec, out_dir)
     say = (lambda text: None) if as_json else (lambda text: out.print(f"[dim]{escape(text)}[/dim]"))
-    report = run_ablation(loaded, show_progress=not as_json, say=say)
+    chosen = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    report = run_ablation(loaded, show_progress=not as_json, say=say, devices=chosen)
     if as_json:
         _print_json(report)
         return

@@ -108,3 +108,43 @@ def test_a_tiny_ablation_runs_flags_contamination_and_resumes(tmp_path):
     again = CliRunner().invoke(__import__("curate.cli").cli.main, args, catch_exceptions=False)
     assert json.loads(again.stdout)["verdicts"] == report["verdicts"]
     assert {p: p.stat().st_mtime for p in out.glob("*/seed-*/metrics.json")} == stamps  # nothing retrained
+
+
+def test_runs_spread_over_two_devices_give_the_same_report(tmp_path):
+    """Two devices (CPU stand-ins: each run is a `curate train` process that sees one
+    CUDA_VISIBLE_DEVICES id): two runs at a time, each device used, the same figures as one device
+    in one process, and a lost run is the only one trained again."""
+    clean = _version(tmp_path, "clean", [])
+    other = _version(tmp_path, "other", [{"instruction": "Name a prime number.", "output": "Seven."}] * 3)
+    spec = {
+        "name": "devices",
+        "train": str(REPO / "train" / "tiny-cpu.yaml"),
+        "arms": [{"name": "clean", "version": str(clean)}, {"name": "other", "version": str(other)}],
+        "seeds": 2,
+        "tokens": 8192,
+        "set": {"eval_steps": 100, "gates.max_new_tokens": 2, "gates.max_items": 4, "micro_batch_size": 4},
+        "bootstrap": 300,
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    main = __import__("curate.cli").cli.main
+
+    def ablate(out: str, *more: str) -> dict:
+        args = ["ablate", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / out), "--json", *more]
+        return json.loads(CliRunner().invoke(main, args, catch_exceptions=False).stdout)
+
+    one = ablate("one")
+    two = ablate("two", "--devices", "0,1")
+    assert all(p is None for runs in one["devices"].values() for p in runs)
+    placed = [p for runs in two["devices"].values() for p in runs]
+    assert sorted(p["device"] for p in placed) == ["0", "0", "1", "1"]
+    spans = sorted((p["started"], p["ended"]) for p in placed)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two ran at once
+    assert two["comparisons"] == one["comparisons"] and two["gates"].keys() == one["gates"].keys()
+    assert two["tokens_seen"] == one["tokens_seen"]
+
+    lost = tmp_path / "two" / "other" / "seed-1" / "metrics.json"
+    lost.unlink()
+    kept = {p: p.stat().st_mtime for p in (tmp_path / "two").glob("*/seed-*/metrics.json")}
+    again = ablate("two", "--devices", "0,1")
+    assert {p: p.stat().st_mtime for p in kept} == kept and lost.is_file()
+    assert again["comparisons"] == two["comparisons"]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from curate.errors import RecipeError
+from curate.errors import CurateError, RecipeError
 
 _ARM = {
     "type": "object",
@@ -168,11 +168,22 @@ def one_epoch_tokens(spec: Spec, version: Path, overrides: dict, work: Path) -> 
     return sum(len(r["input_ids"]) for r in train_rows)
 
 
-def run_ablation(spec: Spec, show_progress: bool = True, say=print) -> dict:
+def default_devices() -> list[str]:
+    """One entry per GPU when there are several (a run each at a time), else none: runs go in this
+    process, one after another."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return [str(i) for i in range(count)] if count > 1 else []
+
+
+def run_ablation(spec: Spec, show_progress: bool = True, say=print, devices: list[str] | None = None) -> dict:
     """Every arm and seed trained (or found finished), then compared; writes report.json, report.md
-    and ablation.png under spec.out and returns the report."""
+    and ablation.png under spec.out and returns the report. With `devices` (CUDA device ids), each
+    device trains one run at a time in a process of its own, as many at once as there are devices."""
     from curate.train.trainer import run_training
 
+    devices = default_devices() if devices is None else devices
     spec.out.mkdir(parents=True, exist_ok=True)
     overrides = dict(spec.overrides)
     if spec.eval_sets is not None:
@@ -182,29 +193,90 @@ def run_ablation(spec: Spec, show_progress: bool = True, say=print) -> dict:
         counts = {name: one_epoch_tokens(spec, version, overrides, spec.out) for name, version in spec.arms}
         tokens = min(counts.values())
         say(f"equal budget: {tokens:,} training tokens per run (one epoch of the smallest arm; {counts})")
-    runs: dict[str, list[dict]] = {}
+    todo = []
     for name, version in spec.arms:
         for seed in spec.seeds:
             folder = spec.out / name / f"seed-{seed}"
-            done = folder / "metrics.json"
-            if done.is_file():
+            if (folder / "metrics.json").is_file():
                 say(f"{name} seed {seed}: finished earlier, not run again")
             else:
-                say(f"{name} seed {seed}: training on {version}")
-                run_training(
-                    spec.train,
-                    version,
-                    folder,
-                    {**overrides, "seed": seed, "max_tokens": tokens},
-                    show_progress,
-                )
-            runs.setdefault(name, []).append(json.loads(done.read_text()))
+                todo.append((name, version, seed, folder))
+    settings = {**overrides, "max_tokens": tokens}
+    if len(devices) > 1 and todo:
+        schedule(spec, todo, settings, devices, say)
+    else:
+        for name, version, seed, folder in todo:
+            say(f"{name} seed {seed}: training on {version}")
+            run_training(spec.train, version, folder, {**settings, "seed": seed}, show_progress)
+    runs = {
+        name: [
+            json.loads((spec.out / name / f"seed-{seed}" / "metrics.json").read_text()) for seed in spec.seeds
+        ]
+        for name, _ in spec.arms
+    }
     contamination = {name: contaminated_items(version, spec) for name, version in spec.arms}
     report = compare(spec, runs, contamination, tokens)
+    report["devices"] = {
+        name: [_placement(spec.out / name / f"seed-{seed}") for seed in spec.seeds] for name, _ in spec.arms
+    }
     (spec.out / "report.json").write_text(json.dumps(report, indent=1))
     (spec.out / "report.md").write_text(markdown(report))
     plot(report, spec.out / "ablation.png")
     return report
+
+
+def schedule(spec: Spec, todo: list[tuple], settings: dict, devices: list[str], say) -> None:
+    """Runs spread over devices: each device trains one run at a time, in a `curate train` process
+    that sees only that device (CUDA_VISIBLE_DEVICES); a failed run stops the ablation once the
+    others in flight have finished (their results stay, and a re-run resumes)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    waiting = list(todo)
+    busy: dict[str, tuple] = {}  # device -> (process, run)
+    failed = []
+    while waiting or busy:
+        for device in devices:
+            if device not in busy and waiting and not failed:
+                name, version, seed, folder = run = waiting.pop(0)
+                folder.mkdir(parents=True, exist_ok=True)
+                args = [
+                    a
+                    for k, v in {**settings, "seed": seed}.items()
+                    for a in ("--set", f"{k}={json.dumps(v)}")
+                ]
+                command = [sys.executable, "-m", "curate", "train", str(spec.train), "--data", str(version)]
+                command += ["--out", str(folder), "--json", *args]
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+                log = open(folder / "train.log", "w")  # noqa: SIM115 - closed when the run ends
+                say(f"{name} seed {seed}: training on device {device}")
+                (folder / "device.json").write_text(json.dumps({"device": device, "started": time.time()}))
+                busy[device] = (subprocess.Popen(command, env=env, stdout=log, stderr=log), run, log)
+        for device, (process, run, log) in list(busy.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del busy[device]
+            stamp = json.loads((run[3] / "device.json").read_text())
+            (run[3] / "device.json").write_text(json.dumps({**stamp, "ended": time.time()}))
+            if process.returncode != 0:
+                failed.append((run, process.returncode))
+        time.sleep(0.2)
+    if failed:
+        (name, _, seed, folder), code = failed[0]
+        tail = (folder / "train.log").read_text()[-1500:]
+        raise CurateError(
+            f"ablation run {name} seed {seed} failed (exit {code}); its log: {folder / 'train.log'}\n{tail}",
+            hint="fix the cause and run curate ablate again: finished runs are kept",
+        )
+
+
+def _placement(folder: Path) -> dict | None:
+    """Which device trained a run, and when (None: it ran in the ablation's own process)."""
+    stamp = folder / "device.json"
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
 
 
 def contaminated_items(version: Path, spec: Spec) -> list[dict]:
