@@ -377,7 +377,10 @@ def test_fatal_error_cancels_the_requests_in_flight(serve, tmp_path):
     engine = engine_for(fake.url, tmp_path, concurrency=4, timeout=5.0)
     with pytest.raises(CurateError):
         engine.run(questions(20))
-    assert len(fake.log) == 4
+    # at most the four in flight reached the server (on a busy machine the refusal may come back
+    # before the fourth is sent); none of the 16 after them did
+    sent = [contents(e["body"])[0] for e in fake.log]
+    assert "q0" in sent and set(sent) <= {"q0", "q1", "q2", "q3"}
     assert len(RequestCache(tmp_path / "r.sqlite")) == 0
 
 

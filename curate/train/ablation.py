@@ -229,14 +229,34 @@ def schedule(spec: Spec, todo: list[tuple], settings: dict, devices: list[str], 
     """Runs spread over devices: each device trains one run at a time, in a `curate train` process
     that sees only that device (CUDA_VISIBLE_DEVICES); a failed run stops the ablation once the
     others in flight have finished (their results stay, and a re-run resumes)."""
+    waiting = list(todo)
+    busy: dict[str, tuple] = {}  # device -> (process, run, log)
+    failed = []
+    try:
+        _drive(spec, waiting, busy, failed, settings, devices, say)
+    finally:  # interrupted (Ctrl-C, an error here): no training process is left running
+        for process, _, log in busy.values():
+            process.terminate()
+            process.wait()
+            log.close()
+    if failed:
+        (name, _, seed, folder), code = failed[0]
+        tail = (folder / "train.log").read_text()[-1500:]
+        raise CurateError(
+            f"ablation run {name} seed {seed} failed (exit {code}); its log: {folder / 'train.log'}\n{tail}",
+            hint="fix the cause and run curate ablate again: finished runs are kept",
+        )
+
+
+def _drive(
+    spec: Spec, waiting: list, busy: dict, failed: list, settings: dict, devices: list[str], say
+) -> None:
+    """Start runs on free devices and collect finished ones until none is left (or one failed)."""
     import os
     import subprocess
     import sys
     import time
 
-    waiting = list(todo)
-    busy: dict[str, tuple] = {}  # device -> (process, run)
-    failed = []
     while waiting or busy:
         for device in devices:
             if device not in busy and waiting and not failed:
@@ -264,13 +284,6 @@ def schedule(spec: Spec, todo: list[tuple], settings: dict, devices: list[str], 
             if process.returncode != 0:
                 failed.append((run, process.returncode))
         time.sleep(0.2)
-    if failed:
-        (name, _, seed, folder), code = failed[0]
-        tail = (folder / "train.log").read_text()[-1500:]
-        raise CurateError(
-            f"ablation run {name} seed {seed} failed (exit {code}); its log: {folder / 'train.log'}\n{tail}",
-            hint="fix the cause and run curate ablate again: finished runs are kept",
-        )
 
 
 def _placement(folder: Path) -> dict | None:
