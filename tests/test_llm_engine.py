@@ -275,7 +275,7 @@ def test_retries_every_transient_fault(serve, tmp_path, provider):
     assert first[2]["answered"] is None  # the client gave up on the slow answer
     assert [e["key"] for e in log] == [KEY] * 8
     gap_429 = first[5]["received"] - first[4]["answered"]
-    assert 0.3 <= gap_429 < 2.0, gap_429
+    assert 0.3 <= gap_429 < 3.5, gap_429  # the backoff alone would wait at least 4 s here
     assert elapsed >= 1.0 + 0.3  # the timed-out attempt and the 429's wait at least
     assert len(RequestCache(tmp_path / "r.sqlite")) == 3
 
@@ -519,7 +519,7 @@ def test_concurrency_limit(serve, tmp_path, provider):
     elapsed = time.monotonic() - start
     assert all(isinstance(r, Answer) for r in results) and len(fake.log) == 40
     assert 4 < most_in_flight(fake.log) <= 8
-    assert 1.0 <= elapsed < 2.5
+    assert elapsed >= 1.0  # five waves of eight: the limit held (the server saw at most eight at once)
 
 
 def test_requests_per_minute(serve, tmp_path):
@@ -531,7 +531,7 @@ def test_requests_per_minute(serve, tmp_path):
     received = [t - start for t in sorted(e["received"] for e in fake.log)]
     # a bucket of 10 (5 s at 2 a second) goes at once (paced, the 10th would wait 4.5 s), then one
     # every 0.5 s: the 11th at 0.5 s, the 14th at 2 s
-    assert received[9] < 1.0
+    assert received[9] < 3.0  # paced from the start, the 10th would go at 4.5 s
     assert received[10] >= 0.45
     assert received[13] >= 1.9
 
@@ -553,7 +553,7 @@ def test_tokens_per_minute(serve, tmp_path):
     results = engine.run(questions(13))
     assert all(isinstance(r, Answer) for r in results) and len(fake.log) == 13
     received = [t - start for t in sorted(e["received"] for e in fake.log)]
-    assert received[9] < 1.0  # 10 x 15 = 150 at once
+    assert received[9] < 3.0  # 10 x 15 = 150 at once (paced from the start: the 10th at 4.5 s)
     assert received[10] >= 0.45 and received[12] >= 1.4  # then one every 0.5 s
 
 

@@ -330,8 +330,14 @@ def test_async_clients_concurrency(serve):
         await aclient.close()
         return elapsed, results
 
-    elapsed, results = asyncio.run(run())
-    assert elapsed < 2.0, elapsed  # about 0.8 s: the SDK's own work per request dominates
+    _, results = asyncio.run(run())
+    # served at once, not one after another: many requests were inside the server together
+    events = sorted([(e["received"], 1) for e in fake.log] + [(e["answered"], -1) for e in fake.log])
+    inside = peak = 0
+    for _, step in events:
+        inside += step
+        peak = max(peak, inside)
+    assert peak >= 50, peak
     texts = {r.choices[0].message.content for r in results[:200]}
     assert len(texts) == 200 and all(t.startswith("Answer to: q") for t in texts)
     assert results[200].content[0].text.startswith("Answer to: What")
