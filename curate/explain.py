@@ -88,13 +88,7 @@ def render_explanation(found: dict, console: Console, full: bool = False) -> Non
         console.print("  evidence: " + escape(json.dumps(rec["evidence"], ensure_ascii=False)))
         target = rec.get("duplicate_of_record")
         if target:
-            src = target["source"]
-            console.print(
-                escape(
-                    f"  duplicate of {target['id']} ({src['path']}:{src['row']}, {target['where']}): "
-                    f"{target['first_turn'][:120]!r}"
-                )
-            )
+            console.print(escape(f"  duplicate of {_pointer(target)}"))
     for edit in found["edits"]:
         where = f"{edit['path']}:{edit['row']}" if edit["path"] else edit["id"]
         console.print(f"  [dim]{escape(edit['stage'])}[/dim]: {escape(edit['change'])}  ({escape(where)})")
@@ -132,12 +126,12 @@ def _render_lineage(rec: dict, console: Console) -> None:
     console.print(escape(f"  synthetic, made by {how or 'a generating stage'}"))
     parent = rec.get("parent_record")
     if parent:
-        src = parent["source"]
-        console.print(
-            escape(
-                f"  parent {parent['id']} ({src['path']}:{src['row']}, {parent['where']}): "
-                f"{parent['first_turn'][:120]!r}  (curate show --id {parent['id']})"
-            )
-        )
+        console.print(escape(f"  parent {_pointer(parent)}  (curate show --id {parent['id']})"))
     elif rec.get("parent_id"):
         console.print(escape(f"  parent {rec['parent_id']} (not in this version)"))
+
+
+def _pointer(target: dict) -> str:
+    """Another record named by a drop or a lineage: its id, where it came from, its first turn."""
+    src = target["source"]
+    return f"{target['id']} ({src['path']}:{src['row']}, {target['where']}): {target['first_turn'][:120]!r}"

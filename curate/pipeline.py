@@ -378,16 +378,29 @@ def run_recipe(
     version or output folder), else the recipe's `output.parent`, else the output folder's latest."""
     from curate import versions
 
-    out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
-    progress = progress or Progress(enabled=False)
     started = time.perf_counter()
     run_id = new_run_id()
+    out_dir, progress, engine = _setup(recipe, out_dir, progress, workers, engine)
+    with versions.output_lock(out_dir):
+        return _run_locked(recipe, out_dir, progress, engine, parent, run_id, started)
+
+
+def _setup(
+    recipe: Recipe,
+    out_dir: Path | None,
+    progress: Progress | None,
+    workers: int | None,
+    engine: Engine | str | None,
+) -> tuple[Path, Progress, Engine]:
+    """The output folder (checked writable), the progress display and the engine a run uses."""
+    from curate import versions
+
+    out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
     if engine is None or isinstance(engine, str):
         cls = ENGINES[engine or "local"]
         engine = cls(workers) if cls.name == "local" else cls()
     versions.check_writable(out_dir)
-    with versions.output_lock(out_dir):
-        return _run_locked(recipe, out_dir, progress, engine, parent, run_id, started)
+    return out_dir, progress or Progress(enabled=False), engine
 
 
 def _run_locked(
@@ -489,12 +502,7 @@ def estimate_recipe(
     budget."""
     from curate import synthetic, versions
 
-    out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
-    progress = progress or Progress(enabled=False)
-    if engine is None or isinstance(engine, str):
-        cls = ENGINES[engine or "local"]
-        engine = cls(workers) if cls.name == "local" else cls()
-    versions.check_writable(out_dir)
+    out_dir, progress, engine = _setup(recipe, out_dir, progress, workers, engine)
     with versions.output_lock(out_dir):
         cache = StageCache(out_dir / ".cache", recipe.cache_max_bytes)
         runner = Runner(recipe, engine, cache, progress, new_run_id())

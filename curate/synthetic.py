@@ -155,14 +155,3 @@ def refuse_over_budget(stage: str, config: LLMConfig, expected: dict) -> None:
             hint="raise the budget, shrink the stage (fewer seeds, rounds or max_tokens), or set "
             "budget.allow_partial: true to keep what the budget buys (`curate estimate` shows the figures)",
         )
-
-
-def blend_issues(config: LLMConfig, recipe) -> list[str]:
-    """A generating stage must have a blend after it, so no version drowns its real data."""
-    at = next(i for i, step in enumerate(recipe.stages) if step.config is config)
-    if any(step.name == "blend" for step in recipe.stages[at + 1 :]):
-        return []
-    return [
-        "a generating stage needs a blend stage after it (at least 20% real records); "
-        "add `- blend: {min_real_fraction: 0.2}` after it"
-    ]

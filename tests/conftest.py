@@ -30,3 +30,20 @@ def _private_shared_cache(tmp_path_factory):
     mp.setenv("CURATE_WARM", "0")
     yield
     mp.undo()
+
+
+@pytest.fixture
+def serve():
+    """Start local fake OpenAI/Anthropic servers (tests/llm_server.py) for a test; all stop after it."""
+    from tests.llm_server import FakeLLM
+
+    started = []
+
+    def make(**kw):
+        fake = FakeLLM(**kw).start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        fake.stop()

@@ -44,20 +44,6 @@ def _key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
 
 
-@pytest.fixture
-def serve():
-    started: list[FakeLLM] = []
-
-    def make(**kw) -> FakeLLM:
-        fake = FakeLLM(**kw).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        fake.stop()
-
-
 def config(url: str, provider: str = "openai", **kw) -> LLMConfig:
     kw.setdefault("concurrency", 4)
     kw.setdefault("max_retries", 3)

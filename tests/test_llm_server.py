@@ -20,20 +20,6 @@ anthropic = pytest.importorskip("anthropic")
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture
-def serve():
-    started: list[FakeLLM] = []
-
-    def make(**kw) -> FakeLLM:
-        fake = FakeLLM(**kw).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        fake.stop()
-
-
 def oai(fake: FakeLLM, **kw):
     kw.setdefault("max_retries", 0)
     return openai.OpenAI(api_key="sk-test-123", base_url=fake.url + "/v1", **kw)

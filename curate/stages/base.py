@@ -155,6 +155,24 @@ class GlobalStage(Stage):
         raise NotImplementedError
 
 
+class GeneratingStage(GlobalStage):
+    """A global stage that makes records with an LLM: it writes `estimate` (for `curate estimate` and
+    the budget check), and a recipe must blend real data in after it."""
+
+    compiles = False
+    generates = True
+
+    @classmethod
+    def recipe_issues(cls, config: Any, recipe: Any) -> list[str]:
+        at = next(i for i, step in enumerate(recipe.stages) if step.config is config)
+        if any(step.name == "blend" for step in recipe.stages[at + 1 :]):
+            return []
+        return [
+            "a generating stage needs a blend stage after it (at least 20% real records); "
+            "add `- blend: {min_real_fraction: 0.2}` after it"
+        ]
+
+
 STAGES: dict[str, type[Stage]] = {}
 
 
@@ -168,6 +186,7 @@ __all__ = [
     "STAGES",
     "Decisions",
     "Drop",
+    "GeneratingStage",
     "GlobalStage",
     "Stage",
     "StageContext",

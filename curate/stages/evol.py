@@ -36,7 +36,7 @@ from curate import synthetic
 from curate.dataset import FeatureTable
 from curate.llm.config import LLMConfig
 from curate.llm.engine import Answer, Failure, Request, estimate_tokens
-from curate.stages.base import Decisions, GlobalStage, option, register
+from curate.stages.base import Decisions, GeneratingStage, option, register
 
 OPERATIONS = ("constraints", "deepen", "concretize", "reasoning", "complicate_input", "breadth")
 JUDGE_TOKENS = 8
@@ -81,17 +81,11 @@ class _Chain:
 
 
 @register
-class EvolStage(GlobalStage):
+class EvolStage(GeneratingStage):
     """Evol-Instruct: evolve, eliminate and answer instructions."""
 
     name = "evol"
     Config = EvolConfig
-    compiles = False
-    generates = True
-
-    @classmethod
-    def recipe_issues(cls, config, recipe) -> list[str]:
-        return synthetic.blend_issues(config, recipe)
 
     def features(self, batch: pa.Table) -> pa.Table:
         return pa.table({"id": batch["id"], "instruction_chars": _first_user_chars(batch)})

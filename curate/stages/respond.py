@@ -21,7 +21,7 @@ from curate import synthetic
 from curate.dataset import FeatureTable
 from curate.llm.config import LLMConfig
 from curate.llm.engine import Failure, Request, prompt_tokens
-from curate.stages.base import Decisions, GlobalStage, option, register
+from curate.stages.base import Decisions, GeneratingStage, option, register
 
 
 @dataclass
@@ -37,17 +37,11 @@ class RespondConfig(LLMConfig):
 
 
 @register
-class RespondStage(GlobalStage):
+class RespondStage(GeneratingStage):
     """Answer prompt-only records with an LLM."""
 
     name = "respond"
     Config = RespondConfig
-    compiles = False
-    generates = True
-
-    @classmethod
-    def recipe_issues(cls, config, recipe) -> list[str]:
-        return synthetic.blend_issues(config, recipe)
 
     def features(self, batch: pa.Table) -> pa.Table:
         last = [m[-1]["role"] if m else "" for m in batch["messages"].to_pylist()]
