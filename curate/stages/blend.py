@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from xxhash import xxh3_64_intdigest
 
 from curate.dataset import FeatureTable
@@ -46,10 +47,8 @@ class BlendStage(GlobalStage):
     compiles = False
 
     def features(self, batch: pa.Table) -> pa.Table:
-        names = [(s or {}).get("name") or "" for s in batch["source"].to_pylist()]
-        return pa.table(
-            {"id": batch["id"], "origin": batch["origin"], "source_name": pa.array(names, pa.string())}
-        )
+        names = pc.fill_null(pc.struct_field(batch["source"], "name"), "")
+        return pa.table({"id": batch["id"], "origin": batch["origin"], "source_name": names})
 
     def process(self, table: FeatureTable) -> Decisions:  # type: ignore[override]
         cfg = self.config

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 from xxhash import xxh3_64_intdigest
 
@@ -37,6 +38,7 @@ from curate.dataset import FeatureTable
 from curate.llm.config import LLMConfig
 from curate.llm.engine import Answer, Failure, Request, estimate_tokens
 from curate.stages.base import Decisions, GeneratingStage, option, register
+from curate.text.conversation import conversation_text
 
 OPERATIONS = ("constraints", "deepen", "concretize", "reasoning", "complicate_input", "breadth")
 JUDGE_TOKENS = 8
@@ -114,7 +116,7 @@ class EvolStage(GeneratingStage):
         chains = []
         for record in table.records(rows, ["id", "messages", "source"]).to_pylist():
             messages = record["messages"]
-            user = next(m["content"] for m in messages if m["role"] == "user" and m["content"])
+            user = next(m["content"] for m in messages if m["role"] == "user")
             system = next((m["content"] for m in messages if m["role"] == "system"), None)
             chains.append(_Chain(record, record, user, system))
         return chains
@@ -294,9 +296,6 @@ def judged_same(reply: str) -> bool:
 
 
 def _first_user_chars(batch: pa.Table) -> pa.Array:
-    """Characters of each record's first non-empty user turn (0: none, nothing to evolve)."""
-    out = []
-    for messages in batch["messages"].to_pylist():
-        text = next((m["content"] for m in messages if m["role"] == "user" and m["content"]), "")
-        out.append(len(text))
-    return pa.array(out, pa.int64())
+    """Characters of each record's first user turn (0: none, nothing to evolve), column-wise."""
+    text = conversation_text(pl.from_arrow(batch.select(["messages"])), "first_user")
+    return text.str.len_chars().cast(pl.Int64).to_arrow()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from curate import synthetic
@@ -44,8 +45,8 @@ class RespondStage(GeneratingStage):
     Config = RespondConfig
 
     def features(self, batch: pa.Table) -> pa.Table:
-        last = [m[-1]["role"] if m else "" for m in batch["messages"].to_pylist()]
-        return pa.table({"id": batch["id"], "prompt_only": pa.array([r == "user" for r in last])})
+        last = pl.from_arrow(batch.select(["messages"]))["messages"].list.last().struct.field("role")
+        return pa.table({"id": batch["id"], "prompt_only": (last == "user").fill_null(False).to_arrow()})
 
     def _prompts(self, table: FeatureTable) -> tuple[np.ndarray, list[dict]]:
         rows = np.flatnonzero(table.column("prompt_only").to_numpy(zero_copy_only=False))
