@@ -103,11 +103,15 @@ def main() -> None:
 )
 @click.option(
     "--engine",
-    type=click.Choice(["local", "serial"]),
-    default="local",
-    show_default=True,
-    help="local: every core for large work; serial: one process, one batch at a time (for debugging). "
-    "Both write the same version.",
+    type=click.Choice(["local", "serial", "ray"]),
+    help="local (default, unless the recipe's `engine` says otherwise): every core for large work; "
+    "serial: one process, one batch at a time (for debugging); ray: a Ray cluster (pip install "
+    "'curate[ray]'). All write the same version.",
+)
+@click.option(
+    "--address",
+    help="With --engine ray: the Ray cluster to join (host:port, or auto); default: a local one of "
+    "--workers CPUs, stopped after the run.",
 )
 @click.option(
     "--strict",
@@ -134,7 +138,8 @@ def run(
     recipe: Path,
     out_dir: Path | None,
     workers: int | None,
-    engine: str,
+    engine: str | None,
+    address: str | None,
     strict: bool,
     parent: Path | None,
     dry_run: bool,
@@ -153,10 +158,10 @@ def run(
     loaded = load_recipe(recipe)
     loaded.strict = loaded.strict or strict
     if dry_run:
-        _estimate(loaded, out_dir, workers, engine, as_json)
+        _estimate(loaded, out_dir, workers, engine, as_json, address)
         return
     with Progress(enabled=not as_json) as progress:
-        result = run_recipe(loaded, out_dir, progress, workers, engine, parent)
+        result = run_recipe(loaded, out_dir, progress, workers, engine, parent, address)
     if as_json:
         _print_json({**result.manifest, "path": str(result.folder), "this_run": result.run})
         return
@@ -184,15 +189,22 @@ def estimate(recipe: Path, out_dir: Path | None, workers: int | None, as_json: b
     """
     from curate.recipe import load_recipe
 
-    _estimate(load_recipe(recipe), out_dir, workers, "local", as_json)
+    _estimate(load_recipe(recipe), out_dir, workers, None, as_json)
 
 
-def _estimate(recipe, out_dir: Path | None, workers: int | None, engine: str, as_json: bool) -> None:
+def _estimate(
+    recipe,
+    out_dir: Path | None,
+    workers: int | None,
+    engine: str | None,
+    as_json: bool,
+    address: str | None = None,
+) -> None:
     from curate.pipeline import estimate_recipe
     from curate.progress import Progress
 
     with Progress(enabled=not as_json) as progress:
-        figures = estimate_recipe(recipe, out_dir, progress, workers, engine)
+        figures = estimate_recipe(recipe, out_dir, progress, workers, engine, address)
     if as_json:
         _print_json(figures)
         return
@@ -843,7 +855,7 @@ def ablate(spec: Path, out_dir: Path | None, devices: str | None, as_json: bool)
 
     Every arm is judged on the same items (each item's loss, averaged over seeds, against the
     baseline's: a paired bootstrap interval and a verdict), and checked for eval items in its
-    training data: such an arm is flagged and the items named. Writes report.md, report.json and
+    training data: such an arm is flagged and the items named. Writes report.md, report.html, report.json and
     ablation.png; finished runs are not run again, so an interrupted ablation resumes.
     """
     from curate.train import require_training_extra
@@ -860,7 +872,7 @@ def ablate(spec: Path, out_dir: Path | None, devices: str | None, as_json: bool)
         return
     for line in report["verdicts"]:
         out.print(escape(line))
-    out.print(f"report: {loaded.out / 'report.md'} (and report.json, ablation.png)")
+    out.print(f"report: {loaded.out / 'report.md'} (and report.html, report.json, ablation.png)")
 
 
 @main.command("eval")

@@ -86,6 +86,15 @@ class Matcher:
             self.view_numbers = [numbers_in(view) for _, view in views]
             self.eval_vectors = embedder.encode([view for _, view in views])
 
+    def __getstate__(self) -> dict:
+        """Shipped to other processes without the model and the judge, which each loads its own."""
+        return {**self.__dict__, "embedder": None, "judge": None}
+
+    def attached(self, embedder=None, judge=None) -> Matcher:
+        """This matcher, shipped from another process, with this process's model and judge."""
+        self.embedder, self.judge = embedder, judge
+        return self
+
     def find(self, batch: pa.Table) -> dict[str, pl.DataFrame]:
         cfg, catalog = self.cfg, self.catalog
         table = pl.from_arrow(batch)

@@ -11,9 +11,10 @@ and reads several times faster than Parquet (whose encoding cost a third of a ru
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -183,13 +184,37 @@ class InMemory:
         return table.take(pa.array(np.asarray(rows, np.int64)))
 
 
+class Shuffle(Protocol):
+    """An engine's way to bring rows with equal keys together across machines (Ray: a shuffle by
+    hash partition). Engines on one machine offer none: a stage then groups in its own process."""
+
+    def __call__(
+        self,
+        features: RecordFiles,
+        columns: list[str],
+        emit: Callable[[pa.Table, int], pa.Table],
+        reduce: Callable[[pa.Table], pa.Table],
+    ) -> pa.Table:
+        """emit(part, first_row) on every part of `features` (only `columns` read) gives rows with a
+        uint64 `key`; all rows of a key reach the same reduce(rows) call (with other keys' rows);
+        what the reduce calls return comes back as one table, in no set order."""
+        ...
+
+
 class FeatureTable:
     """What a global stage receives: its features of every record (loaded column by column, as it
-    asks), and the records themselves for the few rows a decision must see whole."""
+    asks), the records themselves for the few rows a decision must see whole, and the engine's
+    `shuffle` when it spans machines (None on one machine)."""
 
-    def __init__(self, features: RecordFiles | InMemory, records: RecordFiles | InMemory) -> None:
+    def __init__(
+        self,
+        features: RecordFiles | InMemory,
+        records: RecordFiles | InMemory,
+        shuffle: Shuffle | None = None,
+    ) -> None:
         self.features = features
         self._records = records
+        self.shuffle = shuffle
         self._columns: dict[str, pa.ChunkedArray] = {}
 
     @property
@@ -245,3 +270,8 @@ class FeatureTable:
     def records(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """Whole records (or some of their columns) at some rows (ascending)."""
         return self._records.take(rows, columns)
+
+    @property
+    def record_files(self) -> RecordFiles | InMemory:
+        """The records, for work that an engine's `shuffle` sends to other machines."""
+        return self._records

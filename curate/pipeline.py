@@ -24,7 +24,7 @@ import pyarrow.compute
 
 from curate.cache import Entry, FileDigests, StageCache, digest, module_fingerprint, shared_cache_dir
 from curate.dataset import BATCH_ROWS, Part, RecordFiles, read_part
-from curate.engines import ENGINES, Engine
+from curate.engines import Engine, make_engine
 from curate.engines.base import InputFiles, StageCall
 from curate.errors import CurateError
 from curate.formats import input_files, relative
@@ -373,14 +373,16 @@ def run_recipe(
     workers: int | None = None,
     engine: Engine | str | None = None,
     parent: Path | str | None = None,
+    address: str | None = None,
 ) -> RunResult:
     """Run a recipe and write its version (or find it written already). Its parent is `parent` (a
-    version or output folder), else the recipe's `output.parent`, else the output folder's latest."""
+    version or output folder), else the recipe's `output.parent`, else the output folder's latest.
+    The engine is `engine` (or its name, with a Ray cluster's `address`), else the recipe's."""
     from curate import versions
 
     started = time.perf_counter()
     run_id = new_run_id()
-    out_dir, progress, engine = _setup(recipe, out_dir, progress, workers, engine)
+    out_dir, progress, engine = _setup(recipe, out_dir, progress, workers, engine, address)
     with versions.output_lock(out_dir):
         return _run_locked(recipe, out_dir, progress, engine, parent, run_id, started)
 
@@ -391,14 +393,18 @@ def _setup(
     progress: Progress | None,
     workers: int | None,
     engine: Engine | str | None,
+    address: str | None = None,
 ) -> tuple[Path, Progress, Engine]:
-    """The output folder (checked writable), the progress display and the engine a run uses."""
+    """The output folder (checked writable), the progress display and the engine a run uses: the
+    one given, else the recipe's (a name given overrides the recipe's address too)."""
     from curate import versions
 
     out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
     if engine is None or isinstance(engine, str):
-        cls = ENGINES[engine or "local"]
-        engine = cls(workers) if cls.name == "local" else cls()
+        name = engine or recipe.engine.name
+        if address is None and name == recipe.engine.name:
+            address = recipe.engine.address
+        engine = make_engine(name, workers, address)
     versions.check_writable(out_dir)
     return out_dir, progress or Progress(enabled=False), engine
 
@@ -493,6 +499,7 @@ def estimate_recipe(
     progress: Progress | None = None,
     workers: int | None = None,
     engine: Engine | str | None = None,
+    address: str | None = None,
 ) -> dict:
     """What a recipe's generating stages are expected to send and spend, before any request.
 
@@ -502,7 +509,7 @@ def estimate_recipe(
     budget."""
     from curate import synthetic, versions
 
-    out_dir, progress, engine = _setup(recipe, out_dir, progress, workers, engine)
+    out_dir, progress, engine = _setup(recipe, out_dir, progress, workers, engine, address)
     with versions.output_lock(out_dir):
         cache = StageCache(out_dir / ".cache", recipe.cache_max_bytes)
         runner = Runner(recipe, engine, cache, progress, new_run_id())

@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -68,6 +68,27 @@ class CacheSpec:
 
 
 @dataclass
+class EngineSpec:
+    """Where the stages run (`curate run --engine` and `--address` override it). Every engine writes
+    the same version, so it is not part of the version id."""
+
+    name: Literal["local", "serial", "ray"] = option(
+        "local",
+        help="local: every core of this machine; serial: one process, one batch at a time (debugging); "
+        "ray: a Ray cluster (pip install 'curate[ray]').",
+    )
+    address: str | None = option(
+        None,
+        help="ray: the cluster to join (host:port, or `auto` for the one this machine belongs to); "
+        "default: a local cluster started for the run.",
+    )
+
+    def check(self) -> None:
+        if self.address and self.name != "ray":
+            raise ValueError("address is for the ray engine", "set name: ray, or leave address out")
+
+
+@dataclass
 class StageStep:
     """One stage of a recipe: its name, validated config and the options as written."""
 
@@ -94,6 +115,7 @@ class Recipe:
     allow_eval_overlap: bool = False
     strict: bool = False
     cache: CacheSpec = field(default_factory=CacheSpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict)
     path: Path | None = None
@@ -172,6 +194,10 @@ def recipe_schema() -> dict:
             },
             "output": config_schema(OutputSpec),
             "cache": config_schema(CacheSpec),
+            "engine": {
+                "description": "Where the stages run: an engine name, or {name, address}.",
+                "anyOf": [{"enum": ["local", "serial", "ray"]}, config_schema(EngineSpec)],
+            },
         },
     }
 
@@ -252,6 +278,9 @@ def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Re
             steps.append(StageStep(name, config, dict(options or {})))
     cache, found = make_config(CacheSpec, raw.get("cache"), "cache")
     issues += found
+    engine = raw.get("engine")
+    engine, found = make_config(EngineSpec, {"name": engine} if isinstance(engine, str) else engine, "engine")
+    issues += found
     out = (raw.get("output") or {}).get("dir")
     parent = (raw.get("output") or {}).get("parent")
     recipe = Recipe(
@@ -265,6 +294,7 @@ def check_recipe(raw: Any, base_dir: Path, path: Path | None = None) -> tuple[Re
         allow_eval_overlap=bool(raw.get("allow_eval_overlap", False)),
         strict=bool(raw.get("strict", False)),
         cache=cache or CacheSpec(),
+        engine=engine or EngineSpec(),
         base_dir=base_dir,
         raw=raw,
         path=path,
@@ -308,6 +338,7 @@ def write_schema() -> None:
 
 
 __all__ = [
+    "EngineSpec",
     "Recipe",
     "StageStep",
     "check_recipe",

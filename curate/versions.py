@@ -48,7 +48,8 @@ class VersionId:
     so it never needs every id at once; the digest is that of one pass over all of it."""
 
     def __init__(self, recipe_raw: dict, input_hashes: list[str]) -> None:
-        recipe = {k: v for k, v in recipe_raw.items() if k != "output"}
+        # where the version is written and which engine computed it change nothing in it
+        recipe = {k: v for k, v in recipe_raw.items() if k not in ("output", "engine")}
         self._h = hashlib.blake2b(digest_size=6)
         if FILES_FORMAT > 1:  # format 1 (before train.jsonl's uniform keys) hashed no format
             self._h.update(f"files-format-{FILES_FORMAT}".encode())

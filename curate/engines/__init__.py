@@ -1,9 +1,48 @@
-"""Execution engines: the same stages run in this process (serial), on every core (local), later on Ray."""
+"""Execution engines: the same stages run in this process (serial), on every core (local), or on a
+Ray cluster (ray, imported only when asked for: Ray is an optional extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
 
 from curate.engines.base import Engine
 from curate.engines.local import LocalEngine
 from curate.engines.serial import SerialEngine
+from curate.errors import CurateError
 
-ENGINES = {"local": LocalEngine, "serial": SerialEngine}
 
-__all__ = ["ENGINES", "Engine", "LocalEngine", "SerialEngine"]
+def _local(workers: int | None, address: str | None) -> Engine:
+    return LocalEngine(workers)
+
+
+def _serial(workers: int | None, address: str | None) -> Engine:
+    return SerialEngine()
+
+
+def _ray(workers: int | None, address: str | None) -> Engine:
+    try:
+        import ray  # noqa: F401 - only to tell whether it is installed
+    except ImportError:
+        raise CurateError(
+            "the ray engine needs Ray, which is not installed", hint="pip install 'curate[ray]'"
+        ) from None
+    from curate.engines.ray import RayEngine
+
+    return RayEngine(workers, address)
+
+
+ENGINES: dict[str, Callable[[int | None, str | None], Engine]] = {
+    "local": _local,
+    "serial": _serial,
+    "ray": _ray,
+}
+
+
+def make_engine(name: str, workers: int | None = None, address: str | None = None) -> Engine:
+    """The engine called `name`; `address` (a Ray cluster's) only for ray."""
+    if address and name != "ray":
+        raise CurateError(f"an address is for the ray engine, not {name}", hint="add --engine ray")
+    return ENGINES[name](workers, address)
+
+
+__all__ = ["ENGINES", "Engine", "LocalEngine", "SerialEngine", "make_engine"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.dataset import FeatureTable, Part, RecordFiles, Segment, read_segments, write_part
+from curate.dataset import FeatureTable, Part, RecordFiles, Segment, Shuffle, read_segments, write_part
 from curate.decisions import Decisions, apply_decisions, rejected_table
 from curate.edits import added_edits
 from curate.stages.base import Stage, StageContext
@@ -43,14 +43,18 @@ class StageCall:
     context: StageContext
     key: str
 
-    def build(self) -> Stage:
-        """The stage, built and set up once per process and key (models, indexes load once)."""
+    def build(self, prepared: Any = None) -> Stage:
+        """The stage, built and set up once per process and key (models, indexes load once);
+        `prepared` is what its `prepare` made elsewhere, when an engine ships it to every process."""
         stage = _BUILT.get(self.key)
         if stage is None:
             from curate.stages import STAGES
 
             stage = STAGES[self.name](self.config, self.context)
-            stage.setup()
+            if prepared is None:
+                stage.setup()
+            else:
+                stage.setup(prepared)
             _BUILT.clear()  # one stage at a time: the previous one's models can go
             _BUILT[self.key] = stage
         return stage
@@ -142,9 +146,11 @@ def ingest_task(spec: Any, base_dir: Path, paths: list[Path] | None, out: Path, 
     return IngestReceipt(parts, quarantined, list(files.values()))
 
 
-def stage_task(call: StageCall, segments: list[Segment], out: Path, index: int) -> BatchReceipt:
+def stage_task(
+    call: StageCall, segments: list[Segment], out: Path, index: int, prepared: Any = None
+) -> BatchReceipt:
     """A row-local stage on one batch: decide, apply, write."""
-    stage = call.build()
+    stage = call.build(prepared)
     batch = read_segments(segments)
     before = call.context.llm_usage()
     decisions = stage.process(batch)
@@ -171,13 +177,16 @@ def decided_task(
     return _store(name, read_segments(segments), decisions, out, index, {})
 
 
-def decide(call: StageCall, features: RecordFiles, source: RecordFiles, progress) -> Decisions:
-    """A global stage's decisions about every record, made in this process."""
+def decide(
+    call: StageCall, features: RecordFiles, source: RecordFiles, progress, shuffle: Shuffle | None = None
+) -> Decisions:
+    """A global stage's decisions about every record, made in this process (with `shuffle`, the
+    engine's way to group rows by key over many machines, for a stage that can use it)."""
     stage = call.build()
     stage.context.progress = progress
     before = stage.context.llm_usage()
     try:
-        decisions = stage.process(FeatureTable(features, source))
+        decisions = stage.process(FeatureTable(features, source, shuffle))
     finally:
         stage.context.progress = None
         release_memory()

@@ -85,7 +85,7 @@ class LocalEngine(Engine):
         for item in inputs:
             if not item.files:
                 tasks.append((item.spec, base_dir, None))
-            tasks.extend((item.spec, base_dir, paths) for paths in _by_size(item.files, part))
+            tasks.extend((item.spec, base_dir, paths) for paths in file_runs(item.files, part))
         yield from self._map(ingest_task, ((*t, out, i) for i, t in enumerate(tasks)), parallel)
 
     def map_stage(self, call: StageCall, source: RecordFiles, out: Path) -> Iterator[BatchReceipt]:
@@ -146,7 +146,7 @@ def _rows(segments) -> int:
     return sum(s.length for s in segments)
 
 
-def _by_size(files: list[tuple[Path, int]], part: int) -> list[list[Path]]:
+def file_runs(files: list[tuple[Path, int]], part: int) -> list[list[Path]]:
     """The paths in order, cut into runs of about `part` bytes each (a bigger file is a run alone)."""
     runs: list[list[Path]] = []
     total = part

@@ -104,8 +104,20 @@ class Stage:
         same as `config` but without what is slow to load and compiles nothing (models, files)."""
         return config
 
-    def setup(self) -> None:
-        """Load models or indexes once per process, before the first batch (optional)."""
+    def setup(self, prepared: Any = None) -> None:
+        """Load models or indexes once per process, before the first batch (optional); `prepared`
+        is what `prepare` made, when the engine made it once and shipped it here."""
+
+    def prepare(self) -> Any:
+        """What `setup` would build alike in every process and can travel (decontaminate: the
+        indexes over the eval items). An engine spanning machines calls it once and hands the
+        result to every process's `setup`; None (the default): nothing worth shipping."""
+        return None
+
+    def uses_model(self) -> bool:
+        """Whether its batches run a model that is slow to load (embeddings): an engine that can
+        keeps it in long-lived workers (Ray: an actor pool, a GPU each where the cluster has them)."""
+        return False
 
     def process(self, table: pa.Table) -> Decisions:
         """Decide about a batch of records (RECORD_SCHEMA columns)."""

@@ -6,7 +6,8 @@ score, the matched n-gram or span) and lists the best hit of every method that f
 report can count, per eval set, which items were found and how.
 
 Row-local: each record is compared with the eval items alone, so batches run anywhere; the indexes
-over the eval items (and their embeddings) are built once per process, in `setup`.
+over the eval items (and their embeddings) are built once per process, in `setup`, or once per
+run by `prepare` where an engine ships them to every worker (Ray's object store).
 """
 
 from __future__ import annotations
@@ -135,10 +136,16 @@ class DecontaminateStage(Stage):
 
         return [model_folder(self.config.embedding_model, self.context.base_dir)]
 
-    def setup(self) -> None:
+    def uses_model(self) -> bool:
+        return "embedding" in self.config.methods
+
+    def prepare(self) -> Matcher:
+        """The indexes over the eval items (and their embeddings), built once for every process."""
+        self.setup()
+        return self.matcher
+
+    def setup(self, prepared: Matcher | None = None) -> None:
         cfg = self.config
-        chosen = [e for e in self.context.eval_sets if not cfg.eval_sets or e["name"] in cfg.eval_sets]
-        catalog = EvalCatalog(load_eval_sets(chosen, self.context.base_dir))
         judge = None
         if cfg.judge:
             from curate.llm import LLMConfig
@@ -164,6 +171,11 @@ class DecontaminateStage(Stage):
                 max_seq_length=cfg.embedding_max_tokens,
                 base_dir=self.context.base_dir,
             )
+        if prepared is not None:
+            self.matcher = prepared.attached(embedder, judge)
+            return
+        chosen = [e for e in self.context.eval_sets if not cfg.eval_sets or e["name"] in cfg.eval_sets]
+        catalog = EvalCatalog(load_eval_sets(chosen, self.context.base_dir))
         self.matcher = Matcher(catalog, cfg, embedder, judge)
 
     def process(self, table: pa.Table) -> Decisions:

@@ -7,7 +7,9 @@ the same verdicts. Records whose compared text is empty are never judged here (f
 
 A global stage: `features` reduces each batch to what deciding needs (content keys, LSH band
 hashes, signatures, ranks), so no record's text is held while deciding; the signatures of the few
-records that share an LSH bucket are the only ones ever loaded.
+records that share an LSH bucket are the only ones ever loaded. On an engine that spans machines
+(Ray) the buckets meet in a shuffle of band keys instead (curate/text/lsh_shuffle.py): the same
+clusters, without one process sorting every band of every record.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from curate.dataset import FeatureTable, fixed_size_column
 from curate.errors import CurateError
 from curate.records import meta_numbers
 from curate.stages.base import Decisions, GlobalStage, option, register
-from curate.text import lsh
+from curate.text import lsh, lsh_shuffle
 from curate.text.conversation import conversation_text
 from curate.text.minhash import MinHashConfig, dtype_of, empty_value, signatures
 from curate.text.shingles import content_keys, shingle_sets_at
@@ -207,8 +209,28 @@ class DedupStage(GlobalStage):
     def _near(self, mh: MinHashConfig) -> None:
         rows = np.nonzero(self.alive)[0]
         rows = rows[self.table.column("signed").to_numpy()[rows]]  # an empty signature matches nothing
-        bands, band_rows = mh.band_shape()
         scope = _SCOPES[self.config.scope]
+        if self.table.shuffle is not None:  # an engine over many machines: buckets meet in a shuffle
+            roots = lsh_shuffle.clusters(self.table, rows, self.groups, mh, scope, self.config.key)
+            sigs = sets = None
+        else:
+            roots, sigs, sets = self._clusters_here(rows, mh, scope)
+        found = self._duplicates([roots], rows)
+        a, b = found.rows, found.kept
+        if sigs is None:  # only the pairs' signatures (and texts) are needed for their evidence
+            involved = np.union1d(a, b)
+            sigs = self._signatures(rows, involved, mh)
+            sets = self._shingle_sets(rows, involved, mh) if mh.verify == "exact" else None
+        columns: dict[str, np.ndarray] = {"jaccard": lsh.pair_jaccard_estimates(sigs, a, b)}
+        if sets is not None:
+            columns["jaccard_exact"] = lsh.pair_jaccard_exact(*sets, a, b)
+        columns["threshold"] = np.full(a.size, mh.threshold)
+        self._drop(rows[a], "near_duplicate", columns, found, rows[b])
+
+    def _clusters_here(self, rows: np.ndarray, mh: MinHashConfig, scope: int):
+        """Cluster roots of `rows` by LSH in this process, with the signatures (and shingle sets)
+        of the records that share a bucket."""
+        bands, band_rows = mh.band_shape()
         hashes = self.table.gather_matrix("bands", rows, np.uint64)
         buckets = lsh.Buckets.of(hashes, self.groups[rows], scope)
         del hashes
@@ -217,13 +239,7 @@ class DedupStage(GlobalStage):
         sets = self._shingle_sets(rows, shared, mh) if mh.verify == "exact" else None
         threshold = None if mh.verify == "none" else mh.threshold
         roots = lsh.lsh_clusters(sigs, bands, band_rows, threshold, scope=scope, sets=sets, buckets=buckets)
-        found = self._duplicates([roots], rows)
-        a, b = found.rows, found.kept
-        columns: dict[str, np.ndarray] = {"jaccard": lsh.pair_jaccard_estimates(sigs, a, b)}
-        if sets is not None:
-            columns["jaccard_exact"] = lsh.pair_jaccard_exact(*sets, a, b)
-        columns["threshold"] = np.full(a.size, mh.threshold)
-        self._drop(rows[a], "near_duplicate", columns, found, rows[b])
+        return roots, sigs, sets
 
     def _signatures(self, rows: np.ndarray, shared: np.ndarray, mh: MinHashConfig) -> lsh.Signatures:
         """The signatures of the records (by position in `rows`) that share a bucket."""

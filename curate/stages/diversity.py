@@ -106,6 +106,9 @@ class DiversityStage(GlobalStage):
 
         return [model_folder(self.config.model, self.context.base_dir)]
 
+    def uses_model(self) -> bool:
+        return True
+
     def _embedder(self):
         from curate.embed import Embedder
 

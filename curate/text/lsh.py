@@ -317,6 +317,72 @@ def lsh_clusters(
 
 
 @numba.njit(cache=True)
+def _bucket_links(starts, members, band_of, sigs, rows, groups, scope, check, threshold, offsets, hashes):
+    ident = np.arange(sigs.shape[0])
+    left = np.empty(members.size, np.int64)
+    right = np.empty(members.size, np.int64)
+    e = 0
+    for b in range(starts.size - 1):
+        lo_m, hi_m = starts[b], starts[b + 1]
+        lo = band_of[b] * rows
+        kept = np.empty(hi_m - lo_m, np.int64)
+        c = 0
+        for j in range(lo_m, hi_m):  # a member whose band differs from the first's: a hash collision
+            if j == lo_m or _same_band(sigs, ident, members[j], members[lo_m], lo, lo + rows):
+                kept[c] = members[j]
+                c += 1
+        parent = np.arange(c)
+        for a in range(c):
+            for q in range(a + 1, c):
+                i, j = kept[a], kept[q]
+                if scope == SCOPE_ACROSS and groups[i] == groups[j]:
+                    continue
+                ra, rq = _find(parent, a), _find(parent, q)
+                if ra != rq and (not check or _similar(sigs, ident, offsets, hashes, i, j, threshold)):
+                    parent[max(ra, rq)] = min(ra, rq)
+        for a in range(c):
+            r = _find(parent, a)
+            if r != a:
+                left[e] = kept[a]
+                right[e] = kept[r]
+                e += 1
+    return left[:e], right[:e]
+
+
+def bucket_links(
+    starts: np.ndarray,
+    members: np.ndarray,
+    band_of: np.ndarray,
+    sigs: np.ndarray,
+    rows: int,
+    groups: np.ndarray,
+    scope: int,
+    threshold: float | None,
+    sets: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (member, the lowest member it is joined to) that join, per bucket, what checking every
+    pair of the bucket joins, as `lsh_clusters` checks them: the same connected components, found
+    bucket by bucket, so buckets can be checked on any machine and the edges merged after.
+
+    Bucket b is members[starts[b]:starts[b + 1]] (rows of `sigs`, `groups` and `sets`, ascending),
+    of LSH band band_of[b]; `threshold` None links every candidate."""
+    offsets, hashes = sets if sets is not None else (np.empty(0, np.int64), np.empty(0, np.uint64))
+    return _bucket_links(
+        np.asarray(starts, np.int64),
+        np.asarray(members, np.int64),
+        np.asarray(band_of, np.int64),
+        sigs,
+        rows,
+        np.asarray(groups, np.int64),
+        scope,
+        threshold is not None,
+        0.0 if threshold is None else float(threshold),
+        offsets,
+        hashes,
+    )
+
+
+@numba.njit(cache=True)
 def _pair_estimates(sigs, slot, left, right, out):
     num_perm = sigs.shape[1]
     for p in range(left.size):

@@ -1,0 +1,270 @@
+"""The Ray engine: the same stages on a Ray cluster, through Ray Data, writing the same version.
+
+For when one machine is not enough. Every step is a Ray Data dataset whose rows are tasks (a run
+of input files, a batch of records given as segments of the parts), mapped with `map_batches` onto
+the same task functions every engine calls (`curate.engines.base`): a task reads its batch from the
+parts as an Arrow table, runs the stage and writes its own parts. So the parts, and the version
+written from them, are byte for byte those of the local engine (tests/test_ray_engine.py). Parts
+go to the stage cache under the output folder, which on several machines must be shared storage
+(NFS, a mounted bucket): see docs/ray.md.
+
+What is spread beyond batches:
+- a stage's `prepare` (decontaminate: the indexes over the eval items) is built once here and put
+  in Ray's object store, which hands it to every worker;
+- a stage that `uses_model` (embeddings) runs in an actor pool, one actor per GPU where the
+  cluster has GPUs, else one per CPU, so each worker loads the model once;
+- a global stage decides here, in the driver, but may group rows by key with `shuffle`: dedup's
+  MinHash band keys go through Ray Data's hash shuffle (`groupby().map_groups`), and only the
+  edges of the buckets that link anything come back (curate/text/lsh_shuffle.py).
+
+Receipts travel back as JSON and are yielded in task order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data.context import ShuffleStrategy
+
+from curate.dataset import BATCH_ROWS, Part, RecordFiles, read_part
+from curate.engines.base import (
+    BatchReceipt,
+    Engine,
+    IngestReceipt,
+    InputFiles,
+    StageCall,
+    added_receipt,
+    decide,
+    decided_task,
+    features_task,
+    ingest_task,
+    stage_task,
+)
+from curate.engines.local import INGEST_TASK_BYTES, default_workers, file_runs
+from curate.errors import CurateError
+
+
+class RayEngine(Engine):
+    """Tasks on a Ray cluster: the one at `address`, the one this process already joined, or a
+    local one of `workers` CPUs started on first use (and stopped at `close`)."""
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None, batch_rows: int = BATCH_ROWS):
+        self.workers = workers or default_workers()
+        self.address = address
+        self.batch_rows = batch_rows
+        self._started = False
+
+    def close(self) -> None:
+        if self._started:
+            ray.shutdown()
+            self._started = False
+        super().close()
+
+    # the three steps -------------------------------------------------------------------------------
+
+    def ingest(self, inputs: list[InputFiles], base_dir: Path, out: Path) -> Iterator[IngestReceipt]:
+        self._connect()
+        size = sum(s for item in inputs for _, s in item.files)
+        part = max(INGEST_TASK_BYTES, size // (4 * self._cpus()))
+        tasks: list[tuple] = []
+        for item in inputs:
+            if not item.files:
+                tasks.append((item.spec, base_dir, None))
+            tasks.extend((item.spec, base_dir, paths) for paths in file_runs(item.files, part))
+        yield from self._map(ingest_task, [(*t, out, i) for i, t in enumerate(tasks)], _ingest_receipt)
+
+    def map_stage(self, call: StageCall, source: RecordFiles, out: Path) -> Iterator[BatchReceipt]:
+        self._connect()
+        from curate.stages import STAGES
+
+        stage = STAGES[call.name](call.config, call.context)
+        prepared = stage.prepare()
+        tasks = [(call, segments, out, i) for i, segments in enumerate(source.plan(self.batch_rows))]
+        shared = None if prepared is None else ray.put(prepared)
+        yield from self._map(stage_task, tasks, _batch_receipt, stage.uses_model(), shared)
+
+    def run_global(
+        self, call: StageCall, source: RecordFiles, out: Path, progress: Callable[[int], None] | None
+    ) -> Iterator[BatchReceipt]:
+        self._connect()
+        from curate.stages import STAGES
+
+        uses_model = STAGES[call.name](call.config, call.context).uses_model()
+        plan = source.plan(self.batch_rows)
+        parts = []
+        tasks = [(call, segments, out, i) for i, segments in enumerate(plan)]
+        for segments, part in zip(plan, self._map(features_task, tasks, _part, uses_model), strict=True):
+            parts.append(part)
+            if progress is not None:
+                progress(sum(s.length for s in segments))
+        features = RecordFiles([p for p in parts if p is not None])
+        decisions = decide(call, features, source, None, self.shuffle)
+        starts = np.cumsum([0] + [sum(s.length for s in segments) for segments in plan])
+        apply = [
+            (call.name, segments, decisions.slice(int(starts[i]), int(starts[i + 1])), out, i)
+            for i, segments in enumerate(plan)
+        ]
+        yield from self._map(decided_task, apply, _batch_receipt)
+        yield added_receipt(call.name, decisions, out, len(plan))
+
+    def shuffle(
+        self,
+        features: RecordFiles,
+        columns: list[str],
+        emit: Callable[[pa.Table, int], pa.Table],
+        reduce: Callable[[pa.Table], pa.Table],
+    ) -> pa.Table:
+        """Rows that `emit` keys, brought together by key with Ray Data's hash shuffle, reduced
+        where they meet (see `curate.dataset.Shuffle`)."""
+        partitions = 2 * self._cpus()
+        empty = reduce(emit(read_part(features.parts[0].path, columns).slice(0, 0), 0))
+        items = [{"part": i} for i in range(len(features.parts))]
+        keyed = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            _emit,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"features": features, "columns": columns, "emit": emit, "partitions": partitions},
+        )
+        reduced = keyed.groupby("partition", num_partitions=partitions).map_groups(
+            _reduce, batch_format="pyarrow", fn_kwargs={"reduce": reduce}
+        )
+        tables = [t for t in reduced.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+        return pa.concat_tables([empty, *tables])
+
+    # running tasks -------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Join the cluster (once): the given address, else the one joined already, else a new local one."""
+        if not ray.is_initialized():
+            self._init()
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # curate shows its own progress
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        context.enable_auto_log_stats = False
+        # the sort-based shuffle runs as plain tasks; the hash shuffle's aggregator actors took 5-10 s
+        # to start on two cores, more than the shuffle of a million records' band keys itself
+        context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+    def _init(self) -> None:
+        quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
+        try:
+            if self.address:
+                ray.init(address=self.address, **quiet)
+            else:
+                ray.init(num_cpus=self.workers, **quiet)
+                self._started = True
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise CurateError(
+                f"cannot reach a Ray cluster at {self.address}: {exc}",
+                hint="start one (`ray start --head`) and give its address (host:port), or leave "
+                "--address out for a local cluster",
+            ) from None
+
+    def _cpus(self) -> int:
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def _map(
+        self,
+        fn: Callable,
+        tasks: list[tuple],
+        decode: Callable[[Any], Any],
+        uses_model: bool = False,
+        prepared: Any = None,
+    ) -> Iterator[Any]:
+        """fn(*task) for every task on the cluster, results in task order as they come in."""
+        if not tasks:
+            return
+        refs = [ray.put(task) for task in tasks]  # each worker fetches only its own tasks
+        args = {"fn": fn, "tasks": refs, "prepared": prepared}
+        items = ray.data.from_items([{"index": i} for i in range(len(tasks))], override_num_blocks=len(tasks))
+        if uses_model:
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            results = items.map_batches(
+                _ModelWorker,
+                batch_size=1,
+                batch_format="numpy",
+                fn_constructor_kwargs=args,
+                concurrency=gpus or self._cpus(),
+                num_gpus=1 if gpus else 0,
+                ray_remote_args_fn=_no_restarts,
+            )
+        else:
+            results = items.map_batches(_run, batch_size=1, batch_format="numpy", fn_kwargs=args)
+        waiting: dict[int, Any] = {}
+        next_index = 0
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            for index, result in zip(batch["index"], batch["result"], strict=True):
+                waiting[int(index)] = decode(json.loads(result))
+            while next_index in waiting:
+                yield waiting.pop(next_index)
+                next_index += 1
+
+
+# in the workers ------------------------------------------------------------------------------------
+
+
+def _run(batch: dict[str, np.ndarray], fn: Callable, tasks: list, prepared: Any) -> dict[str, np.ndarray]:
+    """Run the batch's tasks; each result as JSON (dataclasses as dicts)."""
+    extra = {} if prepared is None else {"prepared": ray.get(prepared)}
+    results = []
+    for index in batch["index"]:
+        result = fn(*ray.get(tasks[int(index)]), **extra)
+        results.append(json.dumps(None if result is None else dataclasses.asdict(result)))
+    return {"index": batch["index"], "result": np.array(results, dtype=object)}
+
+
+class _ModelWorker:
+    """An actor of the pool for a stage that loads a model: the stage is built once per actor."""
+
+    def __init__(self, fn: Callable, tasks: list, prepared: Any) -> None:
+        self.fn, self.tasks, self.prepared = fn, tasks, prepared
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _run(batch, self.fn, self.tasks, self.prepared)
+
+
+def _no_restarts() -> dict:
+    """A lost actor fails the step (and the run) instead of restarting without its arguments."""
+    return {"max_restarts": 0}
+
+
+def _emit(
+    batch: dict[str, np.ndarray], features: RecordFiles, columns: list[str], emit: Callable, partitions: int
+) -> pa.Table:
+    (index,) = batch["part"]
+    part = features.parts[int(index)]
+    keyed = emit(read_part(part.path, columns), int(features.starts[int(index)]))
+    partition = pa.array((keyed["key"].to_numpy() % np.uint64(partitions)).astype(np.int64))
+    return keyed.append_column("partition", partition)
+
+
+def _reduce(group: pa.Table, reduce: Callable) -> pa.Table:
+    return reduce(group.drop_columns(["partition"]))
+
+
+# receipts, back from JSON ------------------------------------------------------------------------------
+
+
+def _part(d: dict | None) -> Part | None:
+    return None if d is None else Part(**d)
+
+
+def _batch_receipt(d: dict) -> BatchReceipt:
+    parts = {k: _part(d[k]) for k in ("kept", "added", "dropped", "edits")}
+    return BatchReceipt(**{**d, **parts})
+
+
+def _ingest_receipt(d: dict) -> IngestReceipt:
+    return IngestReceipt([Part(**p) for p in d["parts"]], d["quarantined"], d["files"])

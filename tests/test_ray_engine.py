@@ -1,0 +1,303 @@
+"""The Ray engine writes the local engine's version, byte for byte, on real recipes over raw/.
+
+One local Ray cluster of two CPUs serves the module (`ray.init(num_cpus=2)`); the engine joins it
+and leaves it running. A last test starts a cluster of two nodes with `ray start` (a head and a
+worker on 127.0.0.1) and runs `curate run --engine ray --address` against it. Ray is in the `all`
+extra, so CI runs all of this (about two minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+import ray
+import yaml
+
+from curate.dataset import FeatureTable, RecordFiles, read_part, write_part
+from curate.decisions import apply_decisions
+from curate.engines import LocalEngine
+from curate.engines.ray import RayEngine
+from curate.pipeline import RunResult, run_recipe
+from curate.recipe import load_recipe, recipe_from_dict
+from curate.stages.base import StageContext
+from curate.stages.dedup import DedupConfig, DedupStage
+from curate.text.minhash import MinHashConfig
+from curate.versions import read_manifest
+from tests.conftest import EXAMPLES
+
+VOLATILE = ("created", "run", "seconds", "recipe_path")  # when and by which run: not the content
+
+
+class WatchedRayEngine(RayEngine):
+    """The Ray engine, noting which steps used the shuffle and the model pool."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.shuffled: list[int] = []
+        self.model_pools = 0
+
+    def shuffle(self, features, columns, emit, reduce):
+        edges = super().shuffle(features, columns, emit, reduce)
+        self.shuffled.append(edges.num_rows)
+        return edges
+
+    def _map(self, fn, tasks, decode, uses_model=False, prepared=None):
+        self.model_pools += bool(uses_model and tasks)
+        return super()._map(fn, tasks, decode, uses_model, prepared)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def raw_recipe(shared_data: Path, inputs: list[dict], stages: list[dict]):
+    return recipe_from_dict(
+        {
+            "name": "ray",
+            "inputs": inputs,
+            "eval_sets": [
+                {"name": "alpaca_eval", "path": "eval/alpaca_eval_text_davinci_003_outputs.json.gz"},
+                {"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"},
+            ],
+            "stages": stages,
+        },
+        base_dir=shared_data,
+    )
+
+
+def assert_same_version(a, b) -> None:
+    """Same id, the same files with the same bytes, the same manifest but for when and which run."""
+    assert a.manifest["version"] == b.manifest["version"]
+    names = sorted(p.name for p in a.folder.iterdir())
+    assert names == sorted(p.name for p in b.folder.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (a.folder / name).read_bytes() == (b.folder / name).read_bytes(), name
+
+    def content(manifest: dict) -> dict:
+        stages = [
+            {k: v for k, v in s.items() if k not in ("seconds", "run", "cached")} for s in manifest["stages"]
+        ]
+        files = {k: v for k, v in manifest["files"].items() if k != "manifest.json"}
+        return {**{k: v for k, v in manifest.items() if k not in VOLATILE}, "stages": stages, "files": files}
+
+    assert content(a.manifest) == content(b.manifest)
+
+
+RAW = [{"path": "raw/*.gz"}, {"path": "raw/t0_train_50k/*.jsonl.gz", "name": "t0"}]
+
+
+@pytest.mark.slow
+def test_the_ray_engine_writes_the_local_engines_version(cluster, shared_data: Path, tmp_path: Path):
+    recipe = raw_recipe(
+        shared_data,
+        RAW,
+        [
+            {"normalize": {"system_prompt": "You are a helpful assistant."}},
+            {"filter": {"min_chars": 10}},
+            {"dedup": {"minhash": {"threshold": 0.8}}},
+            {"decontaminate": {"methods": ["exact", "ngram", "minhash"]}},
+            {"diversity": {"k": 5000}},
+        ],
+    )
+    local = run_recipe(recipe, tmp_path / "local", engine=LocalEngine(workers=2))
+    engine = WatchedRayEngine()
+    on_ray = run_recipe(recipe, tmp_path / "ray", engine=engine)
+    assert (local.run["engine"], on_ray.run["engine"]) == ("local", "ray")
+    assert_same_version(local, on_ray)
+    assert ray.is_initialized()  # the engine joined the module's cluster and left it running
+    stages = {s["name"]: s for s in on_ray.manifest["stages"]}
+    assert stages["dedup"]["dropped"]["near_duplicate"] > 100
+    assert stages["decontaminate"]["dropped"]["eval_overlap"] >= 252
+    assert on_ray.manifest["counts"]["kept"] == 5000
+    assert (on_ray.folder / "diversity-map.png").is_file()
+    # dedup's buckets met in the shuffle (its edges joined every near-duplicate to its cluster);
+    # diversity embedded in the actor pool
+    assert len(engine.shuffled) == 1 and engine.shuffled[0] >= stages["dedup"]["dropped"]["near_duplicate"]
+    assert engine.model_pools == 1
+
+
+def test_dedup_across_sources_with_exact_jaccard_on_ray(cluster, shared_data: Path, tmp_path: Path):
+    names = [  # sets that share prompts: the same instructions, or conversations in two layouts
+        "selfinstruct_text-davinci-003_predictions.jsonl.gz",
+        "selfinstruct_user_oriented_instructions.jsonl.gz",
+        "oasst_en_100_message.jsonl.gz",
+        "oasst_en_100_tree.jsonl.gz",
+        "instructionwild_seed_prompts_en.jsonl.gz",
+        "instructionwild_v2_user_1.jsonl.gz",
+        "instructionwild_v2_user_2.jsonl.gz",
+        "code_alpaca_2k.json.gz",
+        "new_codealpaca.json.gz",
+    ]
+    inputs = [{"path": f"raw/{name}", "name": name.split(".")[0]} for name in names]
+    dedup = {
+        "key": "user",
+        "exact": False,
+        "scope": "across_sources",
+        "keep": "longest",
+        "minhash": {"threshold": 0.7, "verify": "exact"},
+    }
+    recipe = raw_recipe(shared_data, inputs, [{"normalize": {}}, {"dedup": dedup}, {"decontaminate": {}}])
+    local = run_recipe(recipe, tmp_path / "local", engine=LocalEngine(workers=1))
+    on_ray = run_recipe(recipe, tmp_path / "ray", engine=RayEngine())
+    assert_same_version(local, on_ray)
+    assert local.manifest["stages"][1]["dropped"]["near_duplicate"] >= 700
+
+
+def _in_process_shuffle(features, columns, emit, reduce, partitions: int = 3) -> pa.Table:
+    """The Shuffle contract without Ray: every part emitted, rows split by key, each share reduced."""
+    keyed = pa.concat_tables(
+        emit(read_part(p.path, columns), int(start))
+        for p, start in zip(features.parts, features.starts, strict=False)
+    )
+    share = keyed["key"].to_numpy() % np.uint64(partitions)
+    return pa.concat_tables(reduce(keyed.filter(pa.array(share == i))) for i in range(partitions))
+
+
+@pytest.fixture(scope="module")
+def two_sources(shared_data: Path, tmp_path_factory) -> pa.Table:
+    """Two code instruction sets, normalized, then near copies of some of their records: a word
+    added to every turn, in a third source (a copy across sources) or in their own (within)."""
+    out = tmp_path_factory.mktemp("two-sources")
+    inputs = [{"path": "raw/code_alpaca_2k.json.gz"}, {"path": "raw/new_codealpaca.json.gz"}]
+    recipe = recipe_from_dict({"name": "two", "inputs": inputs, "stages": [{"normalize": {}}]}, shared_data)
+    table = pl.read_parquet(run_recipe(recipe, out, engine=LocalEngine(workers=1)).folder / "data.parquet")
+    table = table.to_arrow()
+    copies = []
+    for i, record in enumerate(table.slice(0, 3000).to_pylist()):
+        for m in record["messages"]:
+            m["content"] = (m["content"] or "") + " again"
+        if i % 2:
+            record["source"] = {**record["source"], "name": "copies"}
+        copies.append(record)
+    return pa.concat_tables([table, pa.Table.from_pylist(copies, schema=table.schema)])
+
+
+@pytest.mark.parametrize("scope", ["all", "within_source", "across_sources"])
+@pytest.mark.parametrize("verify", ["none", "estimate", "exact"])
+def test_shuffled_buckets_make_the_clusters_of_one_process(
+    two_sources: pa.Table, shared_data: Path, tmp_path: Path, scope: str, verify: str
+):
+    """dedup decided with a shuffle (here in this process) drops the same records with the same
+    evidence as dedup sorting every bucket itself, for every scope and check."""
+    minhash = MinHashConfig(threshold=0.6, num_perm=64, verify=verify)
+    config = DedupConfig(key="user", exact=False, scope=scope, minhash=minhash)
+    stage = DedupStage(config, StageContext(base_dir=shared_data))
+    record_parts, feature_parts = [], []
+    for i, lo in enumerate(range(0, two_sources.num_rows, 1000)):
+        batch = two_sources.slice(lo, 1000)
+        record_parts.append(write_part(tmp_path / f"records-{i}.arrow", batch))
+        feature_parts.append(write_part(tmp_path / f"features-{i}.arrow", stage.features(batch)))
+    records, features = RecordFiles(record_parts), RecordFiles(feature_parts)
+    here = apply_decisions("dedup", two_sources, stage.process(FeatureTable(features, records)))
+    shuffled = stage.process(FeatureTable(features, records, _in_process_shuffle))
+    shuffled = apply_decisions("dedup", two_sources, shuffled)
+    assert here.dropped.num_rows > 50
+    assert shuffled.dropped.equals(here.dropped)
+    assert shuffled.kept.equals(here.kept)
+
+
+def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"inputs": [str(EXAMPLES / "raw")], "stages": [{"normalize": {}}]}))
+    code = "import sys; sys.modules['ray'] = None; from curate.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", str(recipe), "--engine", "ray"], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "the ray engine needs Ray, which is not installed" in done.stderr + done.stdout
+    assert "pip install 'curate[ray]'" in done.stderr + done.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_curate_run_joins_a_cluster_of_two_nodes_by_address(shared_data: Path, tmp_path: Path):
+    """`ray start --head` and a second node on 127.0.0.1, then `curate run --engine ray --address`."""
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats", "--block"]
+    head = subprocess.Popen(
+        ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        ["ray", "start", f"--address=127.0.0.1:{port}", *common],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        recipe_file = tmp_path / "recipe.yaml"
+        recipe_file.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "nodes",
+                    "engine": "ray",
+                    "inputs": [{"path": str(shared_data / "raw/new_codealpaca.json.gz")}],
+                    "eval_sets": [{"name": "gsm8k", "path": str(shared_data / "eval/gsm8k_test.jsonl.gz")}],
+                    "stages": [
+                        {"normalize": {}},
+                        {"filter": {}},
+                        {"dedup": {"minhash": True}},
+                        {"decontaminate": {}},
+                    ],
+                }
+            )
+        )
+        _wait_for_nodes(f"127.0.0.1:{port}", env, 2)
+        done = subprocess.run(
+            [sys.executable, "-m", "curate", "run", str(recipe_file), "--address", f"127.0.0.1:{port}"]
+            + ["--json", "--out", str(tmp_path / "ray")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed = json.loads(done.stdout)
+        assert printed["this_run"]["engine"] == "ray"
+        local = run_recipe(load_recipe(recipe_file), tmp_path / "local", engine=LocalEngine(workers=1))
+        on_ray = RunResult(Path(printed["path"]), read_manifest(Path(printed["path"])), printed["this_run"])
+        assert_same_version(local, on_ray)
+    finally:
+        for node in (worker, head):
+            node.terminate()  # `ray start --block` stops its node's processes as it exits
+        for node in (worker, head):
+            node.wait(timeout=120)
+
+
+def _wait_for_nodes(address: str, env: dict, count: int) -> None:
+    """Until the cluster at `address` has `count` live nodes (asked from a process of its own)."""
+    code = (
+        f"import ray, logging; ray.init(address={address!r}, logging_level=logging.ERROR, "
+        "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    alive = 0
+    for _ in range(120):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        alive = int(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout.split() else 0
+        if alive >= count:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the cluster at {address} has {alive} live nodes, not {count}")
