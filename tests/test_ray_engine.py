@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -236,8 +238,19 @@ def test_curate_run_joins_a_cluster_of_two_nodes_by_address(shared_data: Path, t
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats", "--block"]
+    # a folder of its own (a short path: Ray's socket paths must fit 107 bytes), so that its address
+    # is not left in /tmp/ray for later `ray.init()` calls on this machine
+    ray_tmp = tempfile.mkdtemp(prefix="curate-ray-", dir="/tmp")
     head = subprocess.Popen(
-        ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--temp-dir={ray_tmp}",
+            "--include-dashboard=false",
+            *common,
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -285,6 +298,7 @@ def test_curate_run_joins_a_cluster_of_two_nodes_by_address(shared_data: Path, t
             node.terminate()  # `ray start --block` stops its node's processes as it exits
         for node in (worker, head):
             node.wait(timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _wait_for_nodes(address: str, env: dict, count: int) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ from curate.errors import CurateError
 
 
 class RayEngine(Engine):
-    """Tasks on a Ray cluster: the one at `address`, the one this process already joined, or a
-    local one of `workers` CPUs started on first use (and stopped at `close`)."""
+    """Tasks on a Ray cluster: the one this process already joined, the one at `address` (or
+    $RAY_ADDRESS), or a local one of `workers` CPUs started on first use (and stopped at `close`)."""
 
     name = "ray"
 
@@ -159,11 +160,12 @@ class RayEngine(Engine):
 
     def _init(self) -> None:
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
+        self.address = self.address or os.environ.get("RAY_ADDRESS") or None
         try:
             if self.address:
                 ray.init(address=self.address, **quiet)
-            else:
-                ray.init(num_cpus=self.workers, **quiet)
+            else:  # "local": never the cluster another `ray start` on this machine left its address for
+                ray.init(address="local", num_cpus=self.workers, **quiet)
                 self._started = True
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise CurateError(
