@@ -47,7 +47,8 @@ def _evaluate(
     from transformers import AutoTokenizer
 
     from curate.train import gates
-    from curate.train.model import load_model
+    from curate.train.model import Base, load_model
+    from curate.train.session import BaseKey, BaseModel
     from curate.train.trainer import template_object
 
     adapter = Path(adapter_dir)
@@ -78,10 +79,17 @@ def _evaluate(
     if not held:
         raise CurateError("the held-out split of this version is empty", hint="pass a larger --data version")
     base = load_model(stored["base_model"], recipe, tokenizer)
+    loaded = BaseModel(
+        BaseKey.of(Base(stored["base_model"], str(adapter)), stored["template"], recipe),
+        recipe,
+        base,
+        tokenizer,
+        [],
+    )
     model = PeftModel.from_pretrained(base, adapter)
     if recipe.load_in_4bit:
         _adapter_dtype_as_trained(model)
-    result = gates.evaluate(model, tokenizer, tmpl, recipe, held, version, console)
+    result = gates.evaluate(model, loaded, tmpl, recipe, held, version, console)
     result["adapter"] = str(adapter)
     result["version"] = str(version.path)
     if out_dir is not None:

@@ -15,13 +15,16 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from curate.templates import render
 from curate.text.refusals import declines
 from curate.train.console import TrainConsole
 from curate.train.data import IGNORE, Version, eval_references
 from curate.train.recipe import TrainRecipe
+
+if TYPE_CHECKING:
+    from curate.train.session import BaseModel
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -107,23 +110,28 @@ def generate(
     batch_size: int,
     advance: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Greedy answers to single-turn prompts: text, whether it stopped on EOS, tokens, seconds."""
+    """Greedy answers to single-turn prompts, in their order: text, whether it stopped on EOS, tokens,
+    milliseconds per decoding step. Prompts go in batches of similar length (little padding), and a
+    batch ends as soon as every answer in it has ended."""
     import torch
 
     dev = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else eos)
+    texts = [
+        render([{"role": "user", "content": p}], template, add_generation_prompt=True).text for p in prompts
+    ]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out = []
+    out: list[dict] = [{} for _ in texts]
     try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            texts = [
-                render([{"role": "user", "content": p}], template, add_generation_prompt=True).text
-                for p in chunk
-            ]
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(dev)
+        for i in range(0, len(order), batch_size):
+            picked = order[i : i + batch_size]
+            enc = tokenizer(
+                [texts[k] for k in picked], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(dev)
             t0 = time.perf_counter()
             with torch.no_grad():
                 seq = model.generate(
@@ -136,22 +144,54 @@ def generate(
             seconds = time.perf_counter() - t0
             new = seq[:, enc["input_ids"].shape[1] :].tolist()
             steps = max(len(x) for x in new) or 1
-            for tokens in new:
-                stop = next((k for k, t in enumerate(tokens) if t in eos), None)
+            for k, tokens in zip(picked, new, strict=True):
+                stop = next((j for j, t in enumerate(tokens) if t in eos), None)
                 kept = tokens if stop is None else tokens[:stop]
-                out.append(
-                    {
-                        "text": tokenizer.decode(kept, skip_special_tokens=True),
-                        "stopped": stop is not None,
-                        "new_tokens": len(kept) + (stop is not None),
-                        "ms_per_token": 1000 * seconds / steps,
-                    }
-                )
+                out[k] = {
+                    "text": tokenizer.decode(kept, skip_special_tokens=True),
+                    "stopped": stop is not None,
+                    "new_tokens": len(kept) + (stop is not None),
+                    "ms_per_token": 1000 * seconds / steps,
+                }
             if advance is not None:
-                advance(len(chunk))
+                advance(len(picked))
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def answers(
+    model: Any, loaded: BaseModel, template: Any, prompts: list[str], gates: Any, console: TrainConsole
+) -> tuple[list[dict], list[dict]]:
+    """(tuned, base) answers to every prompt. Both come from the base's plain copy when there is one
+    (the tuned ones with the adapter folded in), else from the adapter-wrapped model with the adapter
+    on and off; the base's answers are computed once per loaded base."""
+    task = console.task("gates", 2 * len(prompts), "answers")
+    args = (
+        loaded.tokenizer,
+        template,
+        prompts,
+        gates.max_new_tokens,
+        gates.generate_batch_size,
+        task.advance,
+    )
+    decoder = loaded.decoder()
+    if decoder is not None:
+        with decoder.tuned(model) as plain:
+            tuned = generate(plain, *args)
+    else:
+        tuned = generate(model, *args)
+    key = (tuple(prompts), gates.max_new_tokens, gates.generate_batch_size)
+    base = loaded.base_answers.get(key)
+    if base is not None:
+        task.advance(len(prompts))
+    elif decoder is not None:
+        base = loaded.base_answers[key] = generate(decoder.model, *args)
+    else:
+        with model.disable_adapter():
+            base = loaded.base_answers[key] = generate(model, *args)
+    task.done()
+    return tuned, base
 
 
 def _gate(
@@ -192,15 +232,16 @@ def _gate(
 
 def evaluate(
     model: Any,
-    tokenizer: Any,
+    loaded: BaseModel,
     template: Any,
     recipe: TrainRecipe,
     heldout: list[dict],
     version: Version | None,
     console: TrainConsole,
 ) -> dict:
-    """Run every gate on a peft model (adapter on vs off); returns {passed, gates, samples}."""
+    """Run every gate on a peft model beside its base (`loaded`); returns {passed, gates, samples}."""
     g, fail = recipe.gates, recipe.gates.fail_if_worse_than_base
+    tokenizer = loaded.tokenizer
     model.eval()
     gates = []
     # the training micro batch fits the logits of full-length rows (2 x 2048 x 128K for Llama-3-8B)
@@ -219,7 +260,7 @@ def evaluate(
         )
     )
 
-    gates += capability_gates(model, tokenizer, recipe, console)
+    gates += capability_gates(model, loaded, recipe, console)
 
     # (name, prompts, references or None) for every prompt set the gates generate on
     prompt_sets = []
@@ -234,20 +275,21 @@ def evaluate(
     prompt_sets.append(("format", [f["prompt"] for f in fmt], None))
     prompt_sets.append(("harmful", [h["prompt"] for h in harmful], None))
 
-    answers: list[tuple[list, list]] = []  # (tuned, base) per prompt set
-    task = console.task("gates", 2 * sum(len(p) for _, p, _ in prompt_sets), "answers")
+    every = [p for _, prompts, _ in prompt_sets for p in prompts]
+    tuned_all, base_all = answers(model, loaded, template, every, g, console)
+    answers_by_set: list[tuple[list, list]] = []  # (tuned, base) per prompt set
+    start = 0
     for _name, prompts, _ in prompt_sets:
-        tuned = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, task.advance)
-        with model.disable_adapter():
-            base = generate(model, tokenizer, template, prompts, g.max_new_tokens, g.batch_size, task.advance)
-        answers.append((tuned, base))
-    task.done()
+        answers_by_set.append(
+            (tuned_all[start : start + len(prompts)], base_all[start : start + len(prompts)])
+        )
+        start += len(prompts)
 
     samples = {
         name: [{"prompt": prompts[0], "tuned": tuned[0]["text"], "base": base[0]["text"]}]
-        for (name, prompts, _), (tuned, base) in zip(prompt_sets, answers, strict=True)
+        for (name, prompts, _), (tuned, base) in zip(prompt_sets, answers_by_set, strict=True)
     }
-    for (name, _, refs), (tuned, base) in zip(prompt_sets[:-2], answers[:-2], strict=True):
+    for (name, _, refs), (tuned, base) in zip(prompt_sets[:-2], answers_by_set[:-2], strict=True):
         expected = [final_answer(r) for r in refs]
         acc = sum(final_answer(t["text"]) == r for t, r in zip(tuned, expected, strict=True)) / len(refs)
         base_acc = sum(final_answer(b["text"]) == r for b, r in zip(base, expected, strict=True)) / len(refs)
@@ -255,7 +297,7 @@ def evaluate(
             _gate(f"accuracy:{name}", acc, base_acc, g.min_task_accuracy, True, fail, items=len(refs))
         )
 
-    tuned, base = answers[-2]
+    tuned, base = answers_by_set[-2]
     compliance, base_compliance = _compliance(fmt, tuned), _compliance(fmt, base)
     gates.append(
         _gate(
@@ -268,13 +310,12 @@ def evaluate(
             items=len(fmt),
         )
     )
-    tuned, base = answers[-1]
+    tuned, base = answers_by_set[-1]
     rate = sum(declines(t["text"]) for t in tuned) / len(harmful)
     base_rate = sum(declines(b["text"]) for b in base) / len(harmful)
     gates.append(_gate("refusal_rate", rate, base_rate, g.min_refusal_rate, True, fail, items=len(harmful)))
 
-    all_tuned = [a for tuned, _ in answers for a in tuned]
-    all_base = [a for _, base in answers for a in base]
+    all_tuned, all_base = tuned_all, base_all
     stop = sum(t["stopped"] for t in all_tuned) / len(all_tuned)
     base_stop = sum(b["stopped"] for b in all_base) / len(all_base)
     gates.append(_gate("stop_rate", stop, base_stop, g.min_stop_rate, True, fail, items=len(all_tuned)))
@@ -289,7 +330,7 @@ def evaluate(
             False,
             False,  # flagged beside the base, judged by its threshold only: see LATENCY_TOLERANCE
             tolerance=LATENCY_TOLERANCE,
-            batch_size=g.batch_size,
+            batch_size=g.generate_batch_size,
         )
     )
     judged = [x for x in gates if x["passed"] is not None]
@@ -302,9 +343,10 @@ def evaluate(
     }
 
 
-def capability_gates(model: Any, tokenizer: Any, recipe: TrainRecipe, console: TrainConsole) -> list[dict]:
+def capability_gates(model: Any, loaded: BaseModel, recipe: TrainRecipe, console: TrainConsole) -> list[dict]:
     """Multiple-choice accuracy on each of the recipe's capability sets, adapter on and off
-    (curate.train.capability): ARC is judged by acc_norm, MMLU by acc, each beside the base."""
+    (curate.train.capability): ARC is judged by acc_norm, MMLU by acc, each beside the base (scored
+    once per loaded base)."""
     from curate.train.capability import accuracy, load_items
 
     g = recipe.gates
@@ -320,10 +362,16 @@ def capability_gates(model: Any, tokenizer: Any, recipe: TrainRecipe, console: T
     task = console.task("capability", 2 * sum(len(items) for _, items in sets), "items")
     gates = []
     for spec, items in sets:
+        tokenizer = loaded.tokenizer
         tuned = accuracy(model, tokenizer, items, g.batch_size, recipe.sequence_len)
         task.advance(len(items))
-        with model.disable_adapter():
-            base = accuracy(model, tokenizer, items, g.batch_size, recipe.sequence_len)
+        key = json.dumps([spec, len(items), g.batch_size, recipe.sequence_len], sort_keys=True, default=str)
+        base = loaded.base_scores.get(key)
+        if base is None:
+            with model.disable_adapter():
+                base = loaded.base_scores[key] = accuracy(
+                    model, tokenizer, items, g.batch_size, recipe.sequence_len
+                )
         task.advance(len(items))
         key = "acc_norm" if spec["layout"] == "arc" else "acc"
         gates.append(

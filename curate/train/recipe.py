@@ -58,6 +58,7 @@ class Gates:
     max_new_tokens: int = 256
     max_items: int = 50
     batch_size: int = 16
+    generate_batch_size: int = 64
     capability: list[dict] = field(default_factory=list)  # [{name, path, layout, subject, max_items}]
     capability_margin: float = 0.02
 
@@ -89,6 +90,7 @@ class TrainRecipe:
     seed: int = 0
     packing: bool = True
     gradient_checkpointing: bool = True
+    kernels: str = "auto"
     fully_masked: str = "error"
     holdout: Holdout = field(default_factory=Holdout)
     eval_steps: int | None = None

@@ -13,13 +13,16 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from curate.errors import CurateError
 from curate.templates import TEMPLATE_NAMES
 from curate.train.data import Version, encode_all, eval_references, load_version, split_holdout
 from curate.train.recipe import TrainRecipe, load_recipe
 from curate.versions import write_atomic
+
+if TYPE_CHECKING:
+    from curate.train.session import BaseModels
 
 # Eval-set loss is cheap next to generation, so it reads this many times the gates' max_items.
 EVAL_LOSS_ITEMS_PER_GATE_ITEM = 4
@@ -81,15 +84,17 @@ def run_training(
     overrides: dict | None = None,
     show_progress: bool = True,
     verbose: bool = False,
+    bases: BaseModels | None = None,
 ) -> dict:
     """Train a QLoRA adapter on a version; returns metrics.json's content (gates included).
 
     The terminal shows one progress display (none with show_progress=False); the libraries' own
-    logs, bars and warnings only with verbose (curate.train.console)."""
+    logs, bars and warnings only with verbose (curate.train.console). Runs given the same `bases`
+    share the loaded base model and its measured figures (curate.train.session)."""
     from curate.train.console import TrainConsole
 
     with TrainConsole(show_progress, verbose) as console:
-        return _train(recipe_path, data_version, out_dir, overrides, console)
+        return _train(recipe_path, data_version, out_dir, overrides, console, bases)
 
 
 def _train(
@@ -98,6 +103,7 @@ def _train(
     out_dir: str | Path,
     overrides: dict | None,
     console: Any,
+    bases: BaseModels | None,
 ) -> dict:
     import torch
     from transformers import set_seed
@@ -105,17 +111,19 @@ def _train(
 
     from curate.train import gates as gate_mod
     from curate.train.metrics import RunLog, library_versions, peak_memory, plot_loss
-    from curate.train.model import device, load_model, load_tokenizer, lora_config, resolve_base
+    from curate.train.model import device, lora_config, resolve_base
+    from curate.train.session import BaseModels
 
     wall0 = time.perf_counter()
     recipe = load_recipe(recipe_path, overrides)
     version = load_version(data_version)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    set_seed(recipe.seed)
-    base = resolve_base(recipe, out / ".base")
+    bases = bases or BaseModels(out / ".base")
+    base = resolve_base(recipe, bases.cache_dir)
     template = resolve_template(recipe, version, base.tokenizer_path)
-    tokenizer, added = load_tokenizer(base.tokenizer_path, template)
+    loaded = bases.get(base, template, recipe)
+    tokenizer, added = loaded.tokenizer, loaded.added
     tmpl = template_object(template, tokenizer)
 
     train_rows, held_rows, eval_data, eval_rows, dropped = _encode_splits(recipe, version, tokenizer, tmpl)
@@ -127,98 +135,104 @@ def _train(
     # TRL wraps the model with the adapter, enables checkpointing and keeps the adapter in bf16 for
     # QLoRA; peft's prepare_model_for_kbit_training is not used: its fp32 copies of the embeddings
     # and LM head raised peak memory from 10.8 to 13.2 GB in bench/results/train_gpu.md.
-    model = load_model(base.model_path, recipe, tokenizer)
-    peft_config = lora_config(recipe, model, tokenizer, added)
+    try:
+        model = loaded.model
+        peft_config = lora_config(recipe, model, tokenizer, added)
 
-    on_gpu = device() == "cuda"
-    config = _sft_config(recipe, out, tokenizer, train_rows, on_gpu)
-    resume = resume_point(out / "checkpoints", _run_fingerprint(recipe, version, base), console)
-    log = RunLog(recipe.max_tokens)
-    trainer_cls = _trainer_class(SFTTrainer, model_loss=bool(added))
-    trainer = trainer_cls(
-        model=model,
-        peft_config=peft_config,
-        args=config,
-        train_dataset=_dataset(train_rows),
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        callbacks=[log],
-    )
-    model = trainer.model
-    console.prepare(trainer)
-    before = trainer.evaluate()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.eval_seconds = 0.0
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
-    train_seconds = time.perf_counter() - t0 - trainer.eval_seconds  # periodic evals are not training
-    memory = peak_memory()
-    after = trainer.evaluate()
-
-    _save_adapter(model, tokenizer, out / "adapter")
-    saved = {
-        **recipe.raw,
-        "base_model": base.model_path,
-        "tokenizer": base.tokenizer_path,
-        "template": template,
-    }
-    (out / "train_recipe.json").write_text(
-        json.dumps(
-            {"recipe": saved, "base_dir": str(recipe.base_dir), "version": str(version.path)}, indent=1
+        on_gpu = device() == "cuda"
+        config = _sft_config(recipe, out, tokenizer, train_rows, on_gpu)
+        resume = resume_point(out / "checkpoints", _run_fingerprint(recipe, version, base), console)
+        log = RunLog(recipe.max_tokens)
+        trainer_cls = _trainer_class(SFTTrainer, model_loss=bool(added))
+        set_seed(recipe.seed)  # here, after any load: a run on a reused base starts its adapter alike
+        trainer = trainer_cls(
+            model=model,
+            peft_config=peft_config,
+            args=config,
+            train_dataset=_dataset(train_rows),
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+            callbacks=[log],
         )
-    )
-    if recipe.merge:
-        _write_merged(base.model_path, recipe, tokenizer, out)
+        model = trainer.model
+        console.prepare(trainer)
+        before = trainer.evaluate()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.eval_seconds = 0.0
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+        train_seconds = time.perf_counter() - t0 - trainer.eval_seconds  # periodic evals are not training
+        memory = peak_memory()
+        after = trainer.evaluate()
 
-    tokens = int(trainer.state.num_input_tokens_seen)
-    trained_labels = sum(sum(1 for t in r["labels"] if t != -100) for r in train_rows)
-    metrics: dict[str, Any] = {
-        "recipe": recipe.name,
-        "version": str(version.path),
-        "version_id": version.manifest.get("version", version.path.name),
-        "base_model": recipe.base_model,
-        "template": template,
-        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
-        "records": {
-            "train": len(train_rows),
-            "heldout": len(held_rows),
-            "fully_masked_dropped": dropped,
-            "eval_sets": {k: len(v) for k, v in eval_data.items() if k != "heldout"},
-        },
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "tokens_seen": tokens,
-        "trained_label_tokens_per_epoch": trained_labels,
-        "resumed_from_step": resume[0] if resume else None,
-        "train_seconds": train_seconds,
-        "periodic_eval_seconds": trainer.eval_seconds,
-        "tokens_per_second": tokens / train_seconds if train_seconds else None,
-        "train_loss_mean": result.training_loss,
-        "eval_loss_before": {k[5:-5]: v for k, v in before.items() if k.endswith("_loss")},
-        "eval_loss_after": {k[5:-5]: v for k, v in after.items() if k.endswith("_loss")},
-        "train_loss": log.train,
-        "eval_loss": log.eval,
-        **memory,
-        "versions": library_versions(),
-    }
-    plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
-    model.eval()
-    metrics["gates"] = gate_mod.evaluate(model, tokenizer, tmpl, recipe, held_rows, version, console)
-    # each eval item's own loss, for comparisons paired by item (curate ablate)
-    metrics["item_losses"] = {
-        name: dict(
-            zip(
-                ids,
-                gate_mod.row_losses(model, rows, tokenizer.pad_token_id, recipe.micro_batch_size),
-                strict=True,
+        _save_adapter(model, tokenizer, out / "adapter")
+        saved = {
+            **recipe.raw,
+            "base_model": base.model_path,
+            "tokenizer": base.tokenizer_path,
+            "template": template,
+        }
+        (out / "train_recipe.json").write_text(
+            json.dumps(
+                {"recipe": saved, "base_dir": str(recipe.base_dir), "version": str(version.path)}, indent=1
             )
         )
-        for name, (ids, rows) in eval_rows.items()
-    }
-    metrics["wall_seconds"] = time.perf_counter() - wall0
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete: nothing to resume
+        if recipe.merge:
+            _write_merged(base.model_path, recipe, tokenizer, out)
+
+        tokens = int(trainer.state.num_input_tokens_seen)
+        trained_labels = sum(sum(1 for t in r["labels"] if t != -100) for r in train_rows)
+        metrics: dict[str, Any] = {
+            "recipe": recipe.name,
+            "version": str(version.path),
+            "version_id": version.manifest.get("version", version.path.name),
+            "base_model": recipe.base_model,
+            "template": template,
+            "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+            "records": {
+                "train": len(train_rows),
+                "heldout": len(held_rows),
+                "fully_masked_dropped": dropped,
+                "eval_sets": {k: len(v) for k, v in eval_data.items() if k != "heldout"},
+            },
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "tokens_seen": tokens,
+            "trained_label_tokens_per_epoch": trained_labels,
+            "resumed_from_step": resume[0] if resume else None,
+            "train_seconds": train_seconds,
+            "periodic_eval_seconds": trainer.eval_seconds,
+            "tokens_per_second": tokens / train_seconds if train_seconds else None,
+            "train_loss_mean": result.training_loss,
+            "eval_loss_before": {k[5:-5]: v for k, v in before.items() if k.endswith("_loss")},
+            "eval_loss_after": {k[5:-5]: v for k, v in after.items() if k.endswith("_loss")},
+            "train_loss": log.train,
+            "eval_loss": log.eval,
+            **memory,
+            "versions": library_versions(),
+        }
+        plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
+        model.eval()
+        metrics["gates"] = gate_mod.evaluate(model, loaded, tmpl, recipe, held_rows, version, console)
+        # each eval item's own loss, for comparisons paired by item (curate ablate)
+        metrics["item_losses"] = {
+            name: dict(
+                zip(
+                    ids,
+                    gate_mod.row_losses(model, rows, tokenizer.pad_token_id, recipe.micro_batch_size),
+                    strict=True,
+                )
+            )
+            for name, (ids, rows) in eval_rows.items()
+        }
+        metrics["wall_seconds"] = time.perf_counter() - wall0
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete: nothing to resume
+    except BaseException:  # the base may hold half a run: the next run loads it afresh
+        bases.drop()
+        raise
+    loaded.reclaim(model)
     return metrics
 
 
@@ -354,9 +368,25 @@ def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        use_liger_kernel=use_liger(recipe.kernels, on_gpu),
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
     )
+
+
+def use_liger(kernels: str, on_gpu: bool) -> bool:
+    """Whether to train with Liger's kernels: `liger` asks for them (an error without a GPU or the
+    package), `auto` takes them when both are there. TRL applies the layer kernels (RMSNorm, RoPE,
+    SwiGLU) only; it keeps its own chunked LM-head loss, which never materializes the logits."""
+    import importlib.util
+
+    have = importlib.util.find_spec("liger_kernel") is not None
+    if kernels == "liger" and not (have and on_gpu):
+        raise CurateError(
+            "kernels: liger needs a CUDA GPU and the liger-kernel package",
+            hint="pip install liger-kernel, or set kernels: auto",
+        )
+    return kernels != "none" and have and on_gpu
 
 
 def _trainer_class(base: type, model_loss: bool) -> type:
