@@ -122,14 +122,27 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> Spec:
 
 
 def paired_interval(arm: np.ndarray, base: np.ndarray, resamples: int, seed: int = 0) -> dict:
-    """Mean of arm - base over paired items, and a 95% percentile bootstrap interval (items drawn with
-    replacement, the same draw for both sides)."""
-    diff = np.asarray(arm, np.float64) - np.asarray(base, np.float64)
+    """Mean of arm - base over paired items, and a 95% percentile bootstrap interval.
+
+    `arm` and `base` are each item's loss, one row per seed (seeds x items; a 1-D array is one seed).
+    Each resample draws the items with replacement (the same draw for both sides: the pairing) and,
+    for each side apart, its seeds with replacement, so the interval holds the seed-to-seed noise as
+    well as the items': two arms trained on the same data do not come out "different" because one
+    seed's data order happened to suit a few items."""
+    arm2, base2 = np.atleast_2d(np.asarray(arm, np.float64)), np.atleast_2d(np.asarray(base, np.float64))
+    items = arm2.shape[1]
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, diff.size, size=(resamples, diff.size))
-    means = diff[draws].mean(axis=1)
+    draws = rng.integers(0, items, size=(resamples, items))
+
+    def seed_means(losses: np.ndarray) -> np.ndarray:  # (resamples, items): per draw, a seed average
+        picked = rng.integers(0, losses.shape[0], size=(resamples, losses.shape[0]))
+        return losses[picked].mean(axis=1)
+
+    diff = seed_means(arm2) - seed_means(base2)
+    means = np.take_along_axis(diff, draws, axis=1).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "items": int(diff.size)}
+    mean = float(arm2.mean() - base2.mean())
+    return {"mean": mean, "low": float(low), "high": float(high), "items": items, "seeds": arm2.shape[0]}
 
 
 def verdict(interval: dict) -> str:
@@ -178,11 +191,15 @@ def default_devices() -> list[str]:
 
 
 def run_ablation(spec: Spec, show_progress: bool = True, say=print, devices: list[str] | None = None) -> dict:
-    """Every arm and seed trained (or found finished), then compared; writes report.json, report.md
-    and ablation.png under spec.out and returns the report. With `devices` (CUDA device ids), each
+    """Every arm and seed trained (or found finished), then compared; writes report.json, report.md,
+    report.html and ablation.png under spec.out and returns the report. With `devices` (CUDA device ids), each
     device trains one run at a time in a process of its own, as many at once as there are devices."""
+    import time
+
+    from curate.train.session import BaseModels
     from curate.train.trainer import run_training
 
+    started = time.perf_counter()
     devices = default_devices() if devices is None else devices
     spec.out.mkdir(parents=True, exist_ok=True)
     overrides = dict(spec.overrides)
@@ -204,10 +221,12 @@ def run_ablation(spec: Spec, show_progress: bool = True, say=print, devices: lis
     settings = {**overrides, "max_tokens": tokens}
     if len(devices) > 1 and todo:
         schedule(spec, todo, settings, devices, say)
-    else:
+    else:  # in this process, on one loaded base: each run adds a fresh adapter and takes it off after
+        bases = BaseModels(spec.out / ".base")
         for name, version, seed, folder in todo:
             say(f"{name} seed {seed}: training on {version}")
-            run_training(spec.train, version, folder, {**settings, "seed": seed}, show_progress)
+            run_training(spec.train, version, folder, {**settings, "seed": seed}, show_progress, bases=bases)
+        bases.drop()
     runs = {
         name: [
             json.loads((spec.out / name / f"seed-{seed}" / "metrics.json").read_text()) for seed in spec.seeds
@@ -219,9 +238,12 @@ def run_ablation(spec: Spec, show_progress: bool = True, say=print, devices: lis
     report["devices"] = {
         name: [_placement(spec.out / name / f"seed-{seed}") for seed in spec.seeds] for name, _ in spec.arms
     }
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    say(f"ablation done in {report['wall_seconds']:.1f} s (runs finished earlier not counted)")
     (spec.out / "report.json").write_text(json.dumps(report, indent=1))
     (spec.out / "report.md").write_text(markdown(report))
     plot(report, spec.out / "ablation.png")
+    (spec.out / "report.html").write_text(html_page(report, spec.out / "ablation.png"))
     return report
 
 
@@ -340,13 +362,12 @@ def compare(
     for eval_set in sets:
         per_arm = {name: _item_means(runs[name], eval_set) for name in arms}
         shared = sorted(set.intersection(*(set(v) for v in per_arm.values())))
-        base = np.array([per_arm[spec.baseline][i] for i in shared])
+        by_seed = {name: _seed_item_losses(runs[name], eval_set, shared) for name in arms}
         comparisons[eval_set] = {"items": len(shared), "arms": {}}
         for name in arms:
-            losses = np.array([per_arm[name][i] for i in shared])
-            entry: dict[str, Any] = {"loss": float(losses.mean()) if shared else None}
+            entry: dict[str, Any] = {"loss": float(by_seed[name].mean()) if shared else None}
             if name != spec.baseline and shared:
-                interval = paired_interval(losses, base, spec.bootstrap)
+                interval = paired_interval(by_seed[name], by_seed[spec.baseline], spec.bootstrap)
                 entry.update(difference=interval, verdict=verdict(interval))
             dirty = {c["eval_id"] for c in contamination[name] if c["eval_set"] == eval_set}
             if dirty & set(shared):
@@ -356,6 +377,12 @@ def compare(
                     "loss_contaminated": float(np.mean([per_arm[name][i] for i in shared if i in dirty])),
                     "loss_clean": float(np.mean([per_arm[name][i] for i in clean])) if clean else None,
                 }
+                if clean and name != spec.baseline:  # judged on the items it did not train on only
+                    keep = [k for k, i in enumerate(shared) if i not in dirty]
+                    interval = paired_interval(
+                        by_seed[name][:, keep], by_seed[spec.baseline][:, keep], spec.bootstrap
+                    )
+                    entry["contaminated"].update(clean_difference=interval, clean_verdict=verdict(interval))
             comparisons[eval_set]["arms"][name] = entry
     return {
         "name": spec.name,
@@ -377,6 +404,11 @@ def _item_means(runs: list[dict], eval_set: str) -> dict[str, float]:
         for item, loss in metrics["item_losses"].get(eval_set, {}).items():
             seen.setdefault(item, []).append(loss)
     return {item: statistics.fmean(v) for item, v in seen.items() if len(v) == len(runs)}
+
+
+def _seed_item_losses(runs: list[dict], eval_set: str, items: list[str]) -> np.ndarray:
+    """Each seed's loss of each item (seeds x items)."""
+    return np.array([[metrics["item_losses"][eval_set][i] for i in items] for metrics in runs], np.float64)
 
 
 def _verdict_lines(spec: Spec, comparisons: dict, contamination: dict) -> list[str]:
@@ -407,6 +439,12 @@ def _verdict_lines(spec: Spec, comparisons: dict, contamination: dict) -> list[s
                     line += ": the gap is memorisation, so a win on this set is not evidence"
                 else:
                     line += ": no memorisation gap shows, but this set is no clean judge of the arm"
+                if "clean_difference" in dirty:
+                    c = dirty["clean_difference"]
+                    line += (
+                        f"; on the {c['items']} items it did not train on: {dirty['clean_verdict']} "
+                        f"(loss {c['mean']:+.4f}, 95% interval {c['low']:+.4f} to {c['high']:+.4f})"
+                    )
             lines.append(line)
     return lines
 
@@ -414,44 +452,85 @@ def _verdict_lines(spec: Spec, comparisons: dict, contamination: dict) -> list[s
 # output --------------------------------------------------------------------------------------------
 
 
-def markdown(report: dict) -> str:
-    out = [f"# Ablation: {report['name']}", ""]
-    out.append(
-        f"Baseline **{report['baseline']}**; seeds {report['seeds']}; "
-        f"{report['tokens_per_run']:,} training tokens per run."
-    )
-    out += ["", "## Verdicts", ""] + [f"- {line}" for line in report["verdicts"]] + [""]
+def _sections(report: dict) -> list[tuple[str, list[str], list[list]]]:
+    """The report's tables as (title, headers, rows), for Markdown and HTML alike."""
+    sections = []
     for eval_set, comparison in report["comparisons"].items():
-        out += [f"## {eval_set} ({comparison['items']} items, loss per item, lower is better)", ""]
-        out += [
-            "| arm | loss | vs baseline | 95% interval | verdict | contaminated items |",
-            "|---|---:|---:|---|---|---:|",
-        ]
+        rows = []
         for name, entry in comparison["arms"].items():
             d = entry.get("difference")
             dirty = len(entry["contaminated"]["items"]) if entry.get("contaminated") else 0
             if d is None:
-                out.append(f"| {name} | {entry['loss']:.4f} | (baseline) | | | {dirty} |")
+                rows.append([name, f"{entry['loss']:.4f}", "(baseline)", "", "", dirty])
             else:
                 span = f"{d['low']:+.4f} .. {d['high']:+.4f}"
-                out.append(
-                    f"| {name} | {entry['loss']:.4f} | {d['mean']:+.4f} | {span} | {entry['verdict']} "
-                    f"| {dirty} |"
+                rows.append(
+                    [name, f"{entry['loss']:.4f}", f"{d['mean']:+.4f}", span, entry["verdict"], dirty]
                 )
-        out.append("")
-    out += ["## Gates (mean ± sd over seeds)", ""]
+        sections.append(
+            (
+                f"{eval_set} ({comparison['items']} items, loss per item, lower is better)",
+                ["arm", "loss", "vs baseline", "95% interval", "verdict", "contaminated items"],
+                rows,
+            )
+        )
     arms = report["gates"]
-    out += ["| gate | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
-    for gate in sorted({g for arm in arms.values() for g in arm}):
-        cells = [f"{a[gate]['mean']:.4g} ± {a[gate]['sd']:.2g}" if gate in a else "-" for a in arms.values()]
-        out.append(f"| {gate} | " + " | ".join(cells) + " |")
+    gate_rows = [
+        [gate] + [f"{a[gate]['mean']:.4g} ± {a[gate]['sd']:.2g}" if gate in a else "-" for a in arms.values()]
+        for gate in sorted({g for arm in arms.values() for g in arm})
+    ]
+    sections.append(("Gates (mean ± sd over seeds)", ["gate", *arms], gate_rows))
+    return sections
+
+
+def _contamination_lines(report: dict) -> list[str]:
+    lines = []
+    for name, items in report["contamination"].items():
+        named = ", ".join(f"{c['eval_set']}:{c['eval_id']}" for c in items[:20])
+        more = " ..." if len(items) > 20 else ""
+        lines.append(f"{name}: {len(items)} eval items in its training data ({named}{more})")
+    return lines
+
+
+def _summary_line(report: dict) -> str:
+    return (
+        f"Baseline {report['baseline']}; seeds {report['seeds']}; "
+        f"{report['tokens_per_run']:,} training tokens per run; "
+        f"{report.get('wall_seconds', 0):.0f} s of wall time in the last invocation."
+    )
+
+
+def markdown(report: dict) -> str:
+    out = [f"# Ablation: {report['name']}", "", _summary_line(report)]
+    out += ["", "## Verdicts", ""] + [f"- {line}" for line in report["verdicts"]] + [""]
+    for title, headers, rows in _sections(report):
+        numeric = "|".join(
+            "---:" if h in ("loss", "vs baseline", "contaminated items") else "---" for h in headers
+        )
+        out += [f"## {title}", "", "| " + " | ".join(headers) + " |", f"|{numeric}|"]
+        out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
     if report["contamination"]:
-        out += ["", "## Contamination", ""]
-        for name, items in report["contamination"].items():
-            named = ", ".join(f"{c['eval_set']}:{c['eval_id']}" for c in items[:20])
-            more = " ..." if len(items) > 20 else ""
-            out.append(f"- {name}: {len(items)} eval items in its training data ({named}{more})")
+        out += ["## Contamination", ""] + [f"- {line}" for line in _contamination_lines(report)]
     return "\n".join(out) + "\n"
+
+
+def html_page(report: dict, png: Path | None) -> str:
+    """The report as one self-contained page (curate.report.html: no script, no network)."""
+    from curate.report.html import esc, image, page, table
+
+    body = [f"<p>{esc(_summary_line(report))}</p>", "<h2>Verdicts</h2>", "<ul>"]
+    body += [f"<li>{esc(line)}</li>" for line in report["verdicts"]] + ["</ul>"]
+    if png is not None and png.is_file():
+        body.append(image(png.read_bytes(), "loss per item by arm and eval set"))
+    for title, headers, rows in _sections(report):
+        body += [
+            f"<h2>{esc(title)}</h2>",
+            table(headers, rows, numeric=[1, 2, 5] if "verdict" in headers else []),
+        ]
+    if report["contamination"]:
+        body += ["<h2>Contamination</h2>", "<ul>"]
+        body += [f"<li>{esc(line)}</li>" for line in _contamination_lines(report)] + ["</ul>"]
+    return page(f"Ablation: {report['name']}", body)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -464,7 +543,7 @@ def plot(report: dict, path: Path) -> None:
     sets = list(report["comparisons"])
     if not sets:
         return
-    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
     for ax, eval_set in zip(axes[0], sets, strict=True):
         arms = report["comparisons"][eval_set]["arms"]
         names = list(arms)
@@ -485,6 +564,7 @@ def plot(report: dict, path: Path) -> None:
         ax.bar(names, losses, yerr=errors, color=colours, capsize=4)
         ax.set_title(eval_set)
         ax.set_ylabel("loss per item")
+        ax.tick_params(axis="x", labelrotation=25)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
