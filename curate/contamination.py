@@ -72,10 +72,11 @@ class Matcher:
         self.catalog, self.cfg = catalog, options
         methods = set(options.methods)
         questions = catalog.question_tokens()
-        self.index = SpanIndex(questions, options.ngram) if {"exact", "ngram"} & methods else None
+        common = options.ngram_max_items
+        self.index = SpanIndex(questions, options.ngram, common) if {"exact", "ngram"} & methods else None
         self.answers = None
         if "ngram" in methods and options.match_answers:
-            self.answers = SpanIndex(catalog.answers, options.ngram)
+            self.answers = SpanIndex(catalog.answers, options.ngram, common)
         self.shingles = SpanIndex(questions, options.minhash_ngram) if "minhash" in methods else None
         self.embedder, self.judge = embedder, judge  # judge: a curate.llm RequestEngine
         if "embedding" in methods:

@@ -478,3 +478,27 @@ def test_config_errors_name_the_option(shared_data, cache):
     }
     with pytest.raises(RecipeError, match="'gsm8k' is not a declared eval set"):
         recipe_from_dict(raw, base_dir=shared_data)
+
+
+def test_a_template_sentence_that_many_items_share_is_not_evidence(shared_data, cache, tmp_path):
+    """Every Dolly record opens with the same boilerplate ("Below is an instruction that describes a
+    task. Write a response ..."). Against 40 of them as an eval set, 13-grams made mostly of that
+    sentence would flag nearly the whole file; left out (ngram_max_items), the 40 copies and the few
+    records that share real words with one are what the n-gram method finds."""
+    dolly = read(shared_data, "raw/foundry_dolly_hhrlhf_train_small.jsonl.gz")
+    users = [next(m["content"] for m in msgs if m["role"] == "user") for msgs in dolly["messages"].to_list()]
+    frozen = tmp_path / "frozen.jsonl"
+    frozen.write_text(
+        "".join(json.dumps({"id": str(k), "question": users[k]}) + "\n" for k in range(0, 1000, 25))
+    )
+    sets = [{"name": "frozen", "path": str(frozen), "fields": {"question": "question", "id": "id"}}]
+    verdicts = run(dolly, sets, tmp_path, cache, methods=["exact", "ngram"])
+    flagged = {k: v.evidence["method"] for k, v in enumerate(verdicts) if v}
+    everything = sum(bool(v) for v in run(dolly, sets, tmp_path, cache, methods=["ngram"], ngram_max_items=0))
+    assert {k for k, method in flagged.items() if method == "exact"} == set(range(0, 1000, 25))
+    assert (len(flagged), everything) == (52, 1000)
+    # what the n-grams still find shares real words with an item: a task family ("identify which
+    # animal species is alive or extinct", 9 records), a paragraph about Nintendo (60 shared 13-grams)
+    assert verdicts[238].evidence["eval_id"] == "900" and verdicts[238].evidence["matches"] == 60
+    by_ngram = [v.evidence["match"] for v in verdicts if v and v.evidence["method"] == "ngram"]
+    assert sum("animal species is alive" in match for match in by_ngram) == 9

@@ -48,6 +48,12 @@ class DecontaminateConfig:
     ngram_min_matches: int = option(
         1, help="Distinct shared n-grams with one eval item needed to drop.", minimum=1
     )
+    ngram_max_items: int = option(
+        10,
+        help="An n-gram that more eval items than this share is a template's sentence (a prompt header, a "
+        "shared instruction), not evidence: it does not count as a match. 0: every n-gram counts.",
+        minimum=0,
+    )
     match_answers: bool = option(False, help="Also match n-grams of the eval items' answers.")
     minhash_threshold: float = option(
         0.7,

@@ -261,6 +261,14 @@ def _window_starts(offsets: np.ndarray, length: int) -> tuple[np.ndarray, np.nda
     return first + np.arange(len(docs), dtype=np.int64), docs
 
 
+def _covered(starts: np.ndarray, length: int, size: int) -> np.ndarray:
+    """Whether each of `size` word positions lies inside one of the windows at `starts`."""
+    edges = np.zeros(size + 1, np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + length, -1)
+    return np.cumsum(edges[:-1]) > 0
+
+
 def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All indices of the ranges [lo, hi) laid end to end, and each range's length."""
     reps = hi - lo
@@ -309,18 +317,33 @@ class SpanIndex:
     text; `equal` reports training texts equal to a short item as a whole.
     """
 
-    def __init__(self, texts: Sequence[str] | pl.Series | Tokens, n: int = 13) -> None:
+    def __init__(
+        self, texts: Sequence[str] | pl.Series | Tokens, n: int = 13, max_items: int | None = None
+    ) -> None:
+        """`max_items`: words inside an n-gram that more items than this share are a template's (a
+        prompt header, a shared instruction), and an n-gram made mostly of such words is left out of
+        `ngram_hits`: it is not evidence. `ngram_counts` still counts every n-gram in an item's size."""
         self.n = n
         self.tokens = texts if isinstance(texts, Tokens) else tokenize(texts)
         lengths = self.lengths = self.tokens.lengths()
         starts, owners = _window_starts(self.tokens.offsets, n)
         grams = hash_at(self.tokens.hashes, starts, n)
+        windows = pl.DataFrame({"h": grams, "item": owners})
         # item n-grams, deduplicated per item: (hash, item) pairs grouped by hash
-        pairs = pl.DataFrame({"h": grams, "item": owners}).unique().sort("h", "item")
+        pairs = windows.unique().sort("h", "item")
+        self.ngram_counts = np.bincount(pairs["item"].to_numpy(), minlength=len(lengths))
+        if max_items and len(starts):
+            shared = pairs.group_by("h").len()
+            common = (
+                windows.join(shared, on="h", how="left", maintain_order="left")["len"].to_numpy() > max_items
+            )
+            template = _covered(starts[common], n, len(self.tokens.hashes))
+            words = np.r_[0, np.cumsum(template)]
+            mostly_template = (words[starts + n] - words[starts]) > n // 2
+            pairs = windows.filter(~mostly_template).unique().sort("h", "item")
         self._gram_set = _HashSet(pairs["h"].to_numpy(), presorted=True)
         self._gram_rows = np.r_[np.searchsorted(pairs["h"].to_numpy(), self._gram_set.keys), pairs.height]
         self._gram_items = pairs["item"].to_numpy()
-        self.ngram_counts = np.bincount(self._gram_items, minlength=len(lengths))
         # whole texts: the hash of all their words, and their first min(len, n) words as an anchor
         nonempty = self._whole_items = np.flatnonzero(lengths > 0)
         first = self.tokens.offsets[:-1][nonempty]
