@@ -120,8 +120,8 @@ def build() -> None:
     )
     frozen_set = {"name": "frozen", "path": str(frozen)}
     gsm8k_set = {"name": "gsm8k", "path": str(DATA / "eval" / "gsm8k_test.jsonl.gz")}
-    # the frozen records are records of the mix: exact copies are what must never be trained on (their
-    # 13-grams would also catch the 998 Dolly records sharing its prompt's boilerplate sentence)
+    # the frozen records are records of the mix: exact copies are what must never be trained on (this
+    # run predates ngram_max_items, when their 13-grams caught Dolly's shared boilerplate sentence)
     decon_frozen = {"decontaminate": {"methods": ["exact"], "eval_sets": ["frozen"]}}
     dedup = {"dedup": {"exact": True, "minhash": True}}
     with_gsm8k = [*inputs, {"path": str(mixed), "name": "gsm8k_test_mixed"}]
