@@ -197,10 +197,9 @@ class RayEngine(Engine):
                 _ModelWorker,
                 batch_size=1,
                 batch_format="numpy",
-                fn_constructor_kwargs=args,
-                concurrency=gpus or self._cpus(),
+                fn_kwargs=args,
+                concurrency=(1, gpus or self._cpus()),
                 num_gpus=1 if gpus else 0,
-                ray_remote_args_fn=_no_restarts,
             )
         else:
             results = items.map_batches(_run, batch_size=1, batch_format="numpy", fn_kwargs=args)
@@ -228,18 +227,11 @@ def _run(batch: dict[str, np.ndarray], fn: Callable, tasks: list, prepared: Any)
 
 
 class _ModelWorker:
-    """An actor of the pool for a stage that loads a model: the stage is built once per actor."""
+    """An actor of the pool for a stage that loads a model: the stage, built at its first batch,
+    stays built in the actor (`StageCall.build`) for every batch after."""
 
-    def __init__(self, fn: Callable, tasks: list, prepared: Any) -> None:
-        self.fn, self.tasks, self.prepared = fn, tasks, prepared
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _run(batch, self.fn, self.tasks, self.prepared)
-
-
-def _no_restarts() -> dict:
-    """A lost actor fails the step (and the run) instead of restarting without its arguments."""
-    return {"max_restarts": 0}
+    def __call__(self, batch: dict[str, np.ndarray], fn: Callable, tasks: list, prepared: Any) -> dict:
+        return _run(batch, fn, tasks, prepared)
 
 
 def _emit(
