@@ -315,6 +315,7 @@ def test_tiny_qlora_run_end_to_end(trained, demo_version):
     assert metrics["eval_loss"][-1]["loss"] == metrics["eval_loss_after"]
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
     assert 0 < metrics["periodic_eval_seconds"] < metrics["train_seconds"] + metrics["periodic_eval_seconds"]
+    assert 0 < metrics["gates_seconds"] < metrics["wall_seconds"] - metrics["train_seconds"]
     assert set(metrics["versions"]) >= {"torch", "peft", "trl", "bitsandbytes"}
     for name in (
         "adapter/adapter_config.json",

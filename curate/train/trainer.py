@@ -214,7 +214,9 @@ def _train(
         }
         plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
         model.eval()
+        gates_started = time.perf_counter()
         metrics["gates"] = gate_mod.evaluate(model, loaded, tmpl, recipe, held_rows, version, console)
+        metrics["gates_seconds"] = time.perf_counter() - gates_started
         # each eval item's own loss, for comparisons paired by item (curate ablate)
         metrics["item_losses"] = {
             name: dict(
