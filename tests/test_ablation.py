@@ -132,7 +132,9 @@ def test_a_tiny_ablation_runs_flags_contamination_and_resumes(tmp_path):
     )
     for name in ("report.md", "report.json", "ablation.png", "report.html"):
         assert (out / name).is_file()
-    assert "## Verdicts" in (out / "report.md").read_text()
+    assert "## Verdicts" in (out / "report.md").read_text() and "## Runs" in (out / "report.md").read_text()
+    timings = [r for runs in report["runs"].values() for r in runs]
+    assert len(timings) == 4 and all(r["train_seconds"] < r["wall_seconds"] for r in timings)
     page = (out / "report.html").read_text()
     assert line.replace('"', "&quot;").replace("'", "&#x27;") in page and "data:image/png;base64," in page
     stamps = {p: p.stat().st_mtime for p in out.glob("*/seed-*/metrics.json")}

@@ -238,6 +238,16 @@ def run_ablation(spec: Spec, show_progress: bool = True, say=print, devices: lis
     report["devices"] = {
         name: [_placement(spec.out / name / f"seed-{seed}") for seed in spec.seeds] for name, _ in spec.arms
     }
+    report["runs"] = {  # where the time went, run by run
+        name: [
+            {
+                "seed": seed,
+                **{k: m.get(k) for k in ("wall_seconds", "train_seconds", "tokens_per_second", "seconds")},
+            }
+            for seed, m in zip(spec.seeds, runs[name], strict=True)
+        ]
+        for name, _ in spec.arms
+    }
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     say(f"ablation done in {report['wall_seconds']:.1f} s (runs finished earlier not counted)")
     (spec.out / "report.json").write_text(json.dumps(report, indent=1))
@@ -480,7 +490,20 @@ def _sections(report: dict) -> list[tuple[str, list[str], list[list]]]:
         for gate in sorted({g for arm in arms.values() for g in arm})
     ]
     sections.append(("Gates (mean ± sd over seeds)", ["gate", *arms], gate_rows))
+    run_rows = [
+        [name, r["seed"], _seconds(r.get("wall_seconds")), _seconds(r.get("train_seconds")),
+         f"{r['tokens_per_second']:,.0f}" if r.get("tokens_per_second") else "-",
+         _seconds((r.get("seconds") or {}).get("gates"))]
+        for name, runs in report.get("runs", {}).items()
+        for r in runs
+    ]  # fmt: skip
+    if run_rows:
+        sections.append(("Runs", ["arm", "seed", "wall s", "train s", "tokens/s", "gates s"], run_rows))
     return sections
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _contamination_lines(report: dict) -> list[str]:

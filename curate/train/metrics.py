@@ -10,6 +10,20 @@ from typing import Any
 from transformers import TrainerCallback
 
 
+class Laps:
+    """Where a run's wall time goes: `laps("phase")` adds the seconds since the previous call (or since
+    the start) to that phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 class RunLog(TrainerCallback):
     """Collects train and eval loss per step with tokens seen, and stops at the recipe's token budget."""
 

@@ -110,11 +110,12 @@ def _train(
     from trl import SFTTrainer
 
     from curate.train import gates as gate_mod
-    from curate.train.metrics import RunLog, library_versions, peak_memory, plot_loss
+    from curate.train.metrics import Laps, RunLog, library_versions, peak_memory, plot_loss
     from curate.train.model import device, lora_config, resolve_base
     from curate.train.session import BaseModels
 
     wall0 = time.perf_counter()
+    laps = Laps()
     recipe = load_recipe(recipe_path, overrides)
     version = load_version(data_version)
     out = Path(out_dir)
@@ -125,8 +126,10 @@ def _train(
     loaded = bases.get(base, template, recipe)
     tokenizer, added = loaded.tokenizer, loaded.added
     tmpl = template_object(template, tokenizer)
+    laps("load")
 
     train_rows, held_rows, eval_data, eval_rows, dropped = _encode_splits(recipe, version, tokenizer, tmpl)
+    laps("encode")
     if not held_rows:
         raise CurateError(
             "the held-out split is empty", hint="raise holdout.fraction or use a larger version"
@@ -156,7 +159,9 @@ def _train(
         )
         model = trainer.model
         console.prepare(trainer)
+        laps("setup")
         before = trainer.evaluate()
+        laps("eval_before")
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         trainer.eval_seconds = 0.0
@@ -164,7 +169,9 @@ def _train(
         result = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
         train_seconds = time.perf_counter() - t0 - trainer.eval_seconds  # periodic evals are not training
         memory = peak_memory()
+        laps("train")
         after = trainer.evaluate()
+        laps("eval_after")
 
         _save_adapter(model, tokenizer, out / "adapter")
         saved = {
@@ -214,9 +221,9 @@ def _train(
         }
         plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
         model.eval()
-        gates_started = time.perf_counter()
+        laps("save")
         metrics["gates"] = gate_mod.evaluate(model, loaded, tmpl, recipe, held_rows, version, console)
-        metrics["gates_seconds"] = time.perf_counter() - gates_started
+        laps("gates")
         # each eval item's own loss, for comparisons paired by item (curate ablate)
         metrics["item_losses"] = {
             name: dict(
@@ -228,6 +235,8 @@ def _train(
             )
             for name, (ids, rows) in eval_rows.items()
         }
+        laps("item_losses")
+        metrics["seconds"] = laps.seconds
         metrics["wall_seconds"] = time.perf_counter() - wall0
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete: nothing to resume
