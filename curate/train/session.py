@@ -14,6 +14,7 @@ layers, a tuned model decodes as fast as its base.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class BaseModel:
     def __init__(self, key: BaseKey, recipe: TrainRecipe, model: Any, tokenizer: Any, added: list[str]):
         self.key, self.recipe = key, recipe
         self.model, self.tokenizer, self.added = model, tokenizer, added
-        self.base_answers: dict[tuple, list[dict]] = {}  # (prompts, max_new) -> answers
+        self.base_answers: dict[tuple, list[dict]] = {}  # (prompts, max_new, batch) -> answers
         self.base_scores: dict[str, dict] = {}  # capability set -> scores
         self._decoder: Decoder | None | bool = False  # False: not decided yet; None: decode unmerged
 
@@ -159,8 +160,6 @@ class BaseModels:
     def drop(self) -> None:
         """Forget the loaded base (after a failed run its state is unknown), freeing its memory."""
         self.current = None
-        import gc
-
         gc.collect()
         if device() == "cuda":
             import torch
