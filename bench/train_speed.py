@@ -4,17 +4,18 @@ Both sides train QLoRA (NF4 + double quantization, bf16 compute, LoRA r=16/alpha
 q/k/v/o) on the same token rows (curate's encoding of the same records: the same input ids and the
 same loss masks), for one epoch, at the same learning rate and schedule; what differs is what each
 does with them. TRL's defaults: a batch of 8 examples padded to the longest, no packing, gradient
-checkpointing on, the model's own layers. curate's recipe: padding-free packed rows, no gradient
-checkpointing, Liger's fused RMSNorm/RoPE/SwiGLU when installed. Both report non-padding tokens per
-second of training, peak GPU memory, and the held-out loss after training, computed by the same
-function on the same held-out rows.
+checkpointing on, the model's own layers. curate packs padding-free rows, in several configurations
+(`workloads`): `matched` takes about TRL's tokens per step at about its memory, so its loss is
+comparable; `fast` spends memory on speed (bigger micro batch, no checkpointing); `fast_liger` adds
+Liger's kernels. Each reports non-padding tokens per second of training, peak GPU memory, and the
+held-out loss after training, computed by the same function on the same held-out rows.
 
 Workloads: (a) SmolLM2-135M-Instruct on 1,024-token rows; (b) a randomly initialised model of
 Llama-3-8B shape (same FLOPs and memory as the real one) on 2,048-token rows.
 
 The first training in a process runs 25-35% slower whoever goes first, so each side first trains a
-few discarded steps, then the two run in alternating order (curate, TRL, TRL, curate) and each
-side's figure is the mean of its two runs.
+few discarded steps, then every side runs twice in mirrored order (curate configurations, TRL, TRL,
+the configurations reversed) and each side's figure is the mean of its two runs.
 
   here:    python bench/train_gpu.py build      # stages the version (.gpu-data/version)
   on GPU:  python bench/train_speed.py --model $CURATE_GPU_MODEL --out $OUT
@@ -40,46 +41,45 @@ SCHEDULE = {"learning_rate": 2e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.0
 
 
 def workloads(smoke: bool) -> dict:
-    """Per workload: rows, records, and curate's recipe settings for it."""
+    """Per workload: rows, records, and curate's configurations: `matched` spends about TRL's tokens
+    per optimizer step at about its memory (one packed row per step, gradient checkpointing on), so
+    its loss is comparable; `fast` trades memory for speed; `fast_liger` is `fast` with Liger's
+    kernels, to tell what they add."""
+    smol = {
+        "matched": {"micro_batch_size": 1, "gradient_checkpointing": True, "kernels": "auto"},
+        "fast": {"micro_batch_size": 8, "gradient_checkpointing": False, "kernels": "none"},
+        "fast_liger": {"micro_batch_size": 8, "gradient_checkpointing": False, "kernels": "auto"},
+    }
+    big = {
+        "matched": {"micro_batch_size": 1, "gradient_checkpointing": True, "kernels": "auto"},
+        "fast": {"micro_batch_size": 4, "gradient_checkpointing": False, "kernels": "auto"},
+    }
     if smoke:
         return {
-            "smollm2": {
-                "sequence_len": 256,
-                "records": 48,
-                "micro_batch_size": 4,
-                "gradient_checkpointing": False,
-            },
+            "smollm2": {"sequence_len": 256, "records": 48, "curate": {"fast": smol["fast"]}},
+            "llama3-8b-shape": {"sequence_len": 256, "records": 24, "curate": {"matched": big["matched"]}},
         }
     return {
-        "smollm2": {
-            "sequence_len": 1024,
-            "records": 1500,
-            "micro_batch_size": 16,
-            "gradient_checkpointing": False,
-        },
-        "llama3-8b-shape": {
-            "sequence_len": 2048,
-            "records": 800,
-            "micro_batch_size": 4,
-            "gradient_checkpointing": False,
-        },
+        "smollm2": {"sequence_len": 1024, "records": 800, "curate": smol},
+        "llama3-8b-shape": {"sequence_len": 2048, "records": 300, "curate": big},
     }
 
 
-def llama3_8b_shape(tokenizer_dir: str, out: Path) -> Path:
-    """A randomly initialised model of Llama-3-8B shape, saved once."""
+def llama3_8b_shape(tokenizer_dir: str, out: Path, smoke: bool) -> Path:
+    """A randomly initialised model of Llama-3-8B shape, saved once (with --smoke: a tiny one of the
+    same family, on the CPU)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = out / "llama3-8b-shape"
     if (folder / "config.json").is_file():
         return folder
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
+    if smoke:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
+        **shape,
+        num_key_value_heads=8 if not smoke else 2,
         vocab_size=128256,
         max_position_embeddings=8192,
         rope_theta=500000.0,
@@ -88,13 +88,14 @@ def llama3_8b_shape(tokenizer_dir: str, out: Path) -> Path:
     )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -109,17 +110,16 @@ def subset_version(records: int, out: Path) -> Path:
     return folder
 
 
-def recipe_for(model: str, settings: dict, max_steps: int | None = None) -> dict:
+def recipe_for(model: str, sequence_len: int, curate: dict, max_steps: int | None = None) -> dict:
+    """curate's recipe for one configuration (`curate`: micro batch, checkpointing, kernels)."""
     return {
         "name": "train-speed",
         "base_model": model,
         "template": "chatml",
         "lora": LORA,
-        "sequence_len": settings["sequence_len"],
-        "micro_batch_size": settings["micro_batch_size"],
+        "sequence_len": sequence_len,
         "gradient_accumulation_steps": 1,
-        "gradient_checkpointing": settings["gradient_checkpointing"],
-        "kernels": "auto",
+        **curate,
         "packing": True,
         "num_epochs": 1,
         "max_steps": max_steps,
@@ -266,18 +266,23 @@ def attention_flops(config, lengths: list[int]) -> float:
 
 def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> dict:
     version = subset_version(settings["records"], out)
-    recipe = recipe_for(model, settings)
-    train, held, tokenizer = rows_for(recipe, version)
-    # warm-up: a few discarded steps of each side
-    run_curate(recipe_for(model, settings, max_steps=2 if smoke else 4), version, out / "warm-curate")
-    run_trl(recipe, train, held, tokenizer, out / "warm-trl", steps=2 if smoke else 4)
-    runs: dict[str, list[dict]] = {"curate": [], "trl": []}
-    for side in ("curate", "trl", "trl", "curate"):
+    configs = {
+        f"curate:{k}": recipe_for(model, settings["sequence_len"], v) for k, v in settings["curate"].items()
+    }
+    reference = next(iter(configs.values()))  # TRL reads the schedule and row length from it
+    train, held, tokenizer = rows_for(reference, version)
+    warm = 2 if smoke else 4
+    for curate in settings["curate"].values():  # warm-up: a few discarded steps of each side
+        run_curate(recipe_for(model, settings["sequence_len"], curate, max_steps=warm), version, out / "warm")
+    run_trl(reference, train, held, tokenizer, out / "warm-trl", steps=warm)
+    order = [*configs, "trl", "trl", *reversed(configs)]  # every side once early and once late
+    runs: dict[str, list[dict]] = {side: [] for side in ["trl", *configs]}
+    for side in order:
         print(f"[{name}] {side} ...", flush=True)
-        if side == "curate":
-            runs[side].append(run_curate(recipe, version, out / "curate"))
+        if side == "trl":
+            runs[side].append(run_trl(reference, train, held, tokenizer, out / "trl"))
         else:
-            runs[side].append(run_trl(recipe, train, held, tokenizer, out / "trl"))
+            runs[side].append(run_curate(configs[side], version, out / "curate"))
         _free()
     from transformers import AutoConfig
 
@@ -285,41 +290,42 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
     flops = model_flops_per_token(config, LORA["r"], 4)
     lengths = [len(r["input_ids"]) for r in train]
     per_token = flops["per_token"] + attention_flops(config, lengths) / max(sum(lengths), 1)
-    summary = {
+    summary: dict = {
         "workload": name,
         "records": settings["records"],
         "train_rows": len(train),
         "settings": settings,
+        "sides": {},
     }
     for side, results in runs.items():
         tps = statistics.fmean(r["tokens_per_second"] for r in results)
-        summary[side] = {
+        summary["sides"][side] = {
             "runs": results,
             "tokens_per_second": tps,
             "peak_gpu_memory_gb": max(r["peak_gpu_memory_gb"] for r in results),
             "heldout_loss": statistics.fmean(r["heldout_loss"] for r in results),
             "mfu": tps * per_token / H200_BF16_DENSE_FLOPS,
+            "vs_trl": tps / statistics.fmean(r["tokens_per_second"] for r in runs["trl"]),
         }
-    summary["speedup"] = summary["curate"]["tokens_per_second"] / summary["trl"]["tokens_per_second"]
     summary["flops"] = {**flops, "per_token_with_attention": per_token}
     return summary
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| workload | trainer | tokens/s (run 1, run 2) | peak GPU GB | held-out loss | steps | MFU |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| workload | trainer | tokens/s (early, late) | vs TRL | peak GPU GB | held-out loss | steps "
+        "| MFU |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in results:
-        for side in ("trl", "curate"):
-            r = s[side]
+        for side, r in s["sides"].items():
             each = ", ".join(f"{x['tokens_per_second']:,.0f}" for x in r["runs"])
             lines.append(
-                f"| {s['workload']} | {'TRL defaults' if side == 'trl' else 'curate'} | "
-                f"{r['tokens_per_second']:,.0f} ({each}) | {r['peak_gpu_memory_gb']:.2f} | "
+                f"| {s['workload']} | {'TRL defaults' if side == 'trl' else side} | "
+                f"{r['tokens_per_second']:,.0f} ({each}) | {r['vs_trl']:.2f}x | "
+                f"{r['peak_gpu_memory_gb']:.2f} | "
                 f"{r['heldout_loss']:.4f} | {r['runs'][0]['steps']} | {100 * r['mfu']:.1f}% |"
             )
-        lines.append(f"| {s['workload']} | **curate / TRL** | **{s['speedup']:.2f}x** | | | | |")
     return "\n".join(lines)
 
 
@@ -333,14 +339,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", choices=["smollm2", "llama3-8b-shape"], help="one workload")
     parser.add_argument(
-        "--smoke", action="store_true", help="a tiny run of the smollm2 workload, to check the script"
+        "--smoke", action="store_true", help="tiny runs of both workloads on the CPU, to check the script"
     )
     args = parser.parse_args()
     results = []
     for name, settings in workloads(args.smoke).items():
         if args.only and name != args.only:
             continue
-        model = args.model if name == "smollm2" else str(llama3_8b_shape(args.model, args.out / "work"))
+        model = (
+            args.model
+            if name == "smollm2"
+            else str(llama3_8b_shape(args.model, args.out / "work", args.smoke))
+        )
         results.append(measure(name, model, settings, args.out / "work" / name, args.smoke))
         print(table(results), flush=True)
     (args.out / "train_speed.json").write_text(json.dumps(results, indent=1))
