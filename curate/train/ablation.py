@@ -233,7 +233,8 @@ def run_ablation(spec: Spec, show_progress: bool = True, say=print, devices: lis
         ]
         for name, _ in spec.arms
     }
-    contamination = {name: contaminated_items(version, spec) for name, version in spec.arms}
+    checks: dict[str, Any] = {}  # one index per distinct list of eval sets, shared by the arms
+    contamination = {name: contaminated_items(version, spec, checks) for name, version in spec.arms}
     report = compare(spec, runs, contamination, tokens)
     report["devices"] = {
         name: [_placement(spec.out / name / f"seed-{seed}") for seed in spec.seeds] for name, _ in spec.arms
@@ -324,8 +325,9 @@ def _placement(folder: Path) -> dict | None:
     return json.loads(stamp.read_text()) if stamp.is_file() else None
 
 
-def contaminated_items(version: Path, spec: Spec) -> list[dict]:
-    """{eval_set, eval_id, record} of every eval item an arm's version holds an exact copy of."""
+def contaminated_items(version: Path, spec: Spec, checks: dict[str, Any]) -> list[dict]:
+    """{eval_set, eval_id, record} of every eval item an arm's version holds an exact copy of. `checks`
+    keeps the eval-item index of each list of eval sets, built once for every arm judged on it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -344,7 +346,10 @@ def contaminated_items(version: Path, spec: Spec) -> list[dict]:
             sets, base = loaded.eval_sets, loaded.eval_base_dir
     if not sets:
         return []
-    check = EvalCopies(sets, base)
+    key = json.dumps([sets, str(base)], sort_keys=True, default=str)
+    check = checks.get(key)
+    if check is None:
+        check = checks[key] = EvalCopies(sets, base)
     table = pq.read_table(resolve_version(version) / "data.parquet", columns=["id", "messages"])
     return [
         {"eval_set": c["eval_set"], "eval_id": str(c["eval_id"]), "record": c["id"]}
