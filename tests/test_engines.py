@@ -21,31 +21,7 @@ from curate.pipeline import run_recipe
 from curate.recipe import recipe_from_dict
 from curate.records import make_record, message, to_table
 from curate.stages.base import STAGES, Stage, option
-
-FILES = ("data.parquet", "dropped.parquet", "edits.parquet", "train.jsonl", "quarantine.jsonl")
-
-
-def raw_recipe(shared_data: Path, stages: list[dict]):
-    return recipe_from_dict(
-        {
-            "name": "engines",
-            "inputs": [{"path": "raw/*.gz"}, {"path": "raw/t0_train_50k/*.jsonl.gz", "name": "t0"}],
-            "eval_sets": [
-                {"name": "alpaca_eval", "path": "eval/alpaca_eval_text_davinci_003_outputs.json.gz"},
-                {"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"},
-            ],
-            "stages": stages,
-        },
-        base_dir=shared_data,
-    )
-
-
-def assert_same_version(a, b) -> None:
-    assert a.manifest["version"] == b.manifest["version"]
-    assert a.manifest["counts"] == b.manifest["counts"]
-    assert [s["dropped"] for s in a.manifest["stages"]] == [s["dropped"] for s in b.manifest["stages"]]
-    for name in FILES:
-        assert (a.folder / name).read_bytes() == (b.folder / name).read_bytes(), name
+from tests.same_version import assert_same_version, raw_recipe
 
 
 def test_local_workers_and_the_serial_engine_write_the_same_version(shared_data: Path, tmp_path: Path):

@@ -38,8 +38,7 @@ from curate.stages.dedup import DedupConfig, DedupStage
 from curate.text.minhash import MinHashConfig
 from curate.versions import read_manifest
 from tests.conftest import EXAMPLES
-
-VOLATILE = ("created", "run", "seconds", "recipe_path")  # when and by which run: not the content
+from tests.same_version import assert_same_version, raw_recipe
 
 
 class WatchedRayEngine(RayEngine):
@@ -67,48 +66,10 @@ def cluster():
     ray.shutdown()
 
 
-def raw_recipe(shared_data: Path, inputs: list[dict], stages: list[dict]):
-    return recipe_from_dict(
-        {
-            "name": "ray",
-            "inputs": inputs,
-            "eval_sets": [
-                {"name": "alpaca_eval", "path": "eval/alpaca_eval_text_davinci_003_outputs.json.gz"},
-                {"name": "gsm8k", "path": "eval/gsm8k_test.jsonl.gz"},
-            ],
-            "stages": stages,
-        },
-        base_dir=shared_data,
-    )
-
-
-def assert_same_version(a, b) -> None:
-    """Same id, the same files with the same bytes, the same manifest but for when and which run."""
-    assert a.manifest["version"] == b.manifest["version"]
-    names = sorted(p.name for p in a.folder.iterdir())
-    assert names == sorted(p.name for p in b.folder.iterdir())
-    for name in names:
-        if name != "manifest.json":
-            assert (a.folder / name).read_bytes() == (b.folder / name).read_bytes(), name
-
-    def content(manifest: dict) -> dict:
-        stages = [
-            {k: v for k, v in s.items() if k not in ("seconds", "run", "cached")} for s in manifest["stages"]
-        ]
-        files = {k: v for k, v in manifest["files"].items() if k != "manifest.json"}
-        return {**{k: v for k, v in manifest.items() if k not in VOLATILE}, "stages": stages, "files": files}
-
-    assert content(a.manifest) == content(b.manifest)
-
-
-RAW = [{"path": "raw/*.gz"}, {"path": "raw/t0_train_50k/*.jsonl.gz", "name": "t0"}]
-
-
 @pytest.mark.slow
 def test_the_ray_engine_writes_the_local_engines_version(cluster, shared_data: Path, tmp_path: Path):
     recipe = raw_recipe(
         shared_data,
-        RAW,
         [
             {"normalize": {"system_prompt": "You are a helpful assistant."}},
             {"filter": {"min_chars": 10}},
@@ -154,7 +115,7 @@ def test_dedup_across_sources_with_exact_jaccard_on_ray(cluster, shared_data: Pa
         "keep": "longest",
         "minhash": {"threshold": 0.7, "verify": "exact"},
     }
-    recipe = raw_recipe(shared_data, inputs, [{"normalize": {}}, {"dedup": dedup}, {"decontaminate": {}}])
+    recipe = raw_recipe(shared_data, [{"normalize": {}}, {"dedup": dedup}, {"decontaminate": {}}], inputs)
     local = run_recipe(recipe, tmp_path / "local", engine=LocalEngine(workers=1))
     on_ray = run_recipe(recipe, tmp_path / "ray", engine=RayEngine())
     assert_same_version(local, on_ray)
