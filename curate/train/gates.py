@@ -121,17 +121,15 @@ def generate(
     texts = [
         render([{"role": "user", "content": p}], template, add_generation_prompt=True).text for p in prompts
     ]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]  # once; batches pad these
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[dict] = [{} for _ in texts]
     try:
         for i in range(0, len(order), batch_size):
             picked = order[i : i + batch_size]
-            enc = tokenizer(
-                [texts[k] for k in picked], add_special_tokens=False, padding=True, return_tensors="pt"
-            ).to(dev)
+            enc = tokenizer.pad({"input_ids": [encoded[k] for k in picked]}, return_tensors="pt").to(dev)
             t0 = time.perf_counter()
             with torch.no_grad():
                 seq = model.generate(
