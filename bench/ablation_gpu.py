@@ -182,6 +182,15 @@ def run(model: str, out: Path) -> None:
     wall = time.perf_counter() - t0
     print(f"\nwall time of the ablation (4 arms x 3 seeds, one process, imports included): {wall:.1f} s")
     print((out / "report.md").read_text())
+    report = json.loads((out / "report.json").read_text())
+    phases = sorted({k for runs in report["runs"].values() for r in runs for k in r.get("seconds") or {}})
+    print("\nwhere each run's time went (s):\n| arm | seed | wall | " + " | ".join(phases) + " |")
+    for arm, runs in report["runs"].items():
+        for r in runs:
+            cells = [f"{(r.get('seconds') or {}).get(k, 0):.1f}" for k in phases]
+            print(f"| {arm} | {r['seed']} | {r['wall_seconds']:.1f} | " + " | ".join(cells) + " |")
+    inside = sum(r["wall_seconds"] for runs in report["runs"].values() for r in runs)
+    print(f"runs {inside:.1f} s; outside them (start, imports, contamination, report) {wall - inside:.1f} s")
 
 
 def main() -> None:

@@ -317,7 +317,7 @@ def test_tiny_qlora_run_end_to_end(trained, demo_version):
     assert 0 < metrics["periodic_eval_seconds"] < metrics["train_seconds"] + metrics["periodic_eval_seconds"]
     phases = metrics["seconds"]  # where the wall time went, phase by phase
     assert list(phases) == [
-        "load", "encode", "setup", "eval_before", "train", "eval_after", "save", "gates", "item_losses"
+        "load", "encode", "setup", "eval_before", "train", "eval_after", "save", "gates"
     ]  # fmt: skip
     assert sum(phases.values()) == pytest.approx(metrics["wall_seconds"], abs=0.05)
     assert phases["train"] >= metrics["train_seconds"] and all(v >= 0 for v in phases.values())
@@ -543,3 +543,24 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(demo_version, tm
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "starting over" in changed.stderr
     assert json.loads((other / "metrics.json").read_text())["resumed_from_step"] is None
+
+
+def test_checkpoints_follow_the_clock_unless_save_steps_is_set(monkeypatch):
+    """By default a checkpoint is asked for once checkpoint_minutes passed since the start or the
+    last one, never before: a run shorter than that (an ablation's) writes none."""
+    from types import SimpleNamespace
+
+    from curate.train import trainer as trainer_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(trainer_mod.time, "monotonic", lambda: now[0])
+    clock = trainer_mod._checkpoint_clock(2.0)
+    control = SimpleNamespace(should_save=False)
+    clock.on_train_begin(None, None, control)
+    saves = []
+    for seconds in (30, 60, 119, 121, 200, 242):
+        now[0] = 1000.0 + seconds
+        control.should_save = False
+        clock.on_step_end(None, None, control)
+        saves.append(control.should_save)
+    assert saves == [False, False, False, True, False, True]

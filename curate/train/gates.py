@@ -58,29 +58,47 @@ def json_of(text: str) -> Any:
     return json.loads(body)
 
 
-def heldout_loss(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> float:
-    """Mean loss per trained token over the held-out rows (token-weighted, like the trainer's)."""
-    total, count = _summed_losses(model, rows, pad_id, batch_size)
+def heldout_loss(model: Any, rows: list[dict], pad_id: int, max_tokens: int) -> float:
+    """Mean loss per trained token over the rows (token-weighted, like the trainer's)."""
+    return mean_loss(summed_losses(model, rows, pad_id, max_tokens))
+
+
+def scoring_tokens(recipe: TrainRecipe) -> int:
+    """Padded tokens per scoring pass: a training micro batch of full rows, which fits in memory with
+    its gradients, so a forward without them does too (2 x 2048 x 128K logits for Llama-3-8B)."""
+    return recipe.micro_batch_size * recipe.sequence_len
+
+
+def mean_loss(sums: tuple) -> float:
+    """The loss per trained token of rows scored by `summed_losses`."""
+    total, count = sums
     return float(total.sum()) / max(int(count.sum()), 1)
 
 
-def row_losses(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> list[float]:
-    """Each row's mean loss per trained token, in the rows' order."""
-    total, count = _summed_losses(model, rows, pad_id, batch_size)
-    return [float(t) / max(int(n), 1) for t, n in zip(total.tolist(), count.tolist(), strict=True)]
+def row_means(sums: tuple) -> list[float]:
+    """Each row's own loss per trained token, from `summed_losses`."""
+    total, count = sums
+    return [t / max(n, 1) for t, n in zip(total.tolist(), count.tolist(), strict=True)]
 
 
-def _summed_losses(model: Any, rows: list[dict], pad_id: int, batch_size: int) -> tuple:
-    """(summed loss, trained tokens) of every row, as arrays in the rows' order."""
+def summed_losses(model: Any, rows: list[dict], pad_id: int, max_tokens: int) -> tuple:
+    """(summed loss, trained tokens) of every row, as arrays in the rows' order. Rows go in length
+    order, as many to a forward pass as fit `max_tokens` padded tokens (a training step's worth fits
+    in memory), so a few hundred short eval items cost a few passes instead of one each."""
     import numpy as np
     import torch
 
     dev = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths pad little
     total, count = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
+    start = 0
     with torch.no_grad():
-        for i in range(0, len(order), batch_size):
-            picked = order[i : i + batch_size]
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(rows[order[end]]["input_ids"]) <= max_tokens:
+                end += 1
+            picked = order[start:end]
+            start = end
             chunk = [rows[k] for k in picked]
             width = max(len(r["input_ids"]) for r in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -236,16 +254,21 @@ def evaluate(
     heldout: list[dict],
     version: Version | None,
     console: TrainConsole,
+    heldout_losses: tuple[float, float] | None = None,
 ) -> dict:
-    """Run every gate on a peft model beside its base (`loaded`); returns {passed, gates, samples}."""
+    """Run every gate on a peft model beside its base (`loaded`); returns {passed, gates, samples}.
+    `heldout_losses` (tuned, base): the trainer's own scores of the same rows, when it has them."""
     g, fail = recipe.gates, recipe.gates.fail_if_worse_than_base
     tokenizer = loaded.tokenizer
     model.eval()
     gates = []
-    # the training micro batch fits the logits of full-length rows (2 x 2048 x 128K for Llama-3-8B)
-    loss = heldout_loss(model, heldout, tokenizer.pad_token_id, recipe.micro_batch_size)
-    with model.disable_adapter():
-        base_loss = heldout_loss(model, heldout, tokenizer.pad_token_id, recipe.micro_batch_size)
+    if heldout_losses is None:
+        budget = scoring_tokens(recipe)
+        loss = heldout_loss(model, heldout, tokenizer.pad_token_id, budget)
+        with model.disable_adapter():
+            base_loss = heldout_loss(model, heldout, tokenizer.pad_token_id, budget)
+    else:
+        loss, base_loss = heldout_losses
     gates.append(_gate("heldout_loss", loss, base_loss, g.max_eval_loss, False, fail, records=len(heldout)))
     gates.append(
         _gate(

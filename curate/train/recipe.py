@@ -95,6 +95,7 @@ class TrainRecipe:
     holdout: Holdout = field(default_factory=Holdout)
     eval_steps: int | None = None
     save_steps: int | None = None
+    checkpoint_minutes: float = 10.0
     logging_steps: int = 1
     merge: bool = False
     eval_sets: list[dict] | None = None

@@ -60,6 +60,7 @@ class BaseModel:
         self.model, self.tokenizer, self.added = model, tokenizer, added
         self.base_answers: dict[tuple, list[dict]] = {}  # (prompts, max_new, batch) -> answers
         self.base_scores: dict[str, dict] = {}  # capability set -> scores
+        self.base_losses: dict[tuple, tuple] = {}  # (eval set, rows digest, batch) -> per-row losses
         self._decoder: Decoder | None | bool = False  # False: not decided yet; None: decode unmerged
 
     @classmethod

@@ -8,6 +8,7 @@ runs the evaluation gates on the result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -155,12 +156,14 @@ def _train(
             train_dataset=_dataset(train_rows),
             eval_dataset=eval_data,
             processing_class=tokenizer,
-            callbacks=[log],
+            callbacks=[log] if recipe.save_steps else [log, _checkpoint_clock(recipe.checkpoint_minutes)],
         )
         model = trainer.model
+        trainer.scored = {"heldout": held_rows, **{name: rows for name, (_, rows) in eval_rows.items()}}
+        trainer.scoring_tokens = gate_mod.scoring_tokens(recipe)
         console.prepare(trainer)
         laps("setup")
-        before = trainer.evaluate()
+        before = trainer.evaluate(base_cache=loaded.base_losses)
         laps("eval_before")
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -222,20 +225,14 @@ def _train(
         plot_loss(log, out / "loss.png", f"{recipe.name} on {metrics['version_id']}")
         model.eval()
         laps("save")
-        metrics["gates"] = gate_mod.evaluate(model, loaded, tmpl, recipe, held_rows, version, console)
-        laps("gates")
-        # each eval item's own loss, for comparisons paired by item (curate ablate)
+        # each eval item's own loss after training, for comparisons paired by item (curate ablate)
         metrics["item_losses"] = {
-            name: dict(
-                zip(
-                    ids,
-                    gate_mod.row_losses(model, rows, tokenizer.pad_token_id, recipe.micro_batch_size),
-                    strict=True,
-                )
-            )
-            for name, (ids, rows) in eval_rows.items()
+            name: dict(zip(ids, gate_mod.row_means(trainer.sums[name]), strict=True))
+            for name, (ids, _) in eval_rows.items()
         }
-        laps("item_losses")
+        held = (metrics["eval_loss_after"]["heldout"], metrics["eval_loss_before"]["heldout"])
+        metrics["gates"] = gate_mod.evaluate(model, loaded, tmpl, recipe, held_rows, version, console, held)
+        laps("gates")
         metrics["seconds"] = laps.seconds
         metrics["wall_seconds"] = time.perf_counter() - wall0
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
@@ -258,6 +255,23 @@ def _run_fingerprint(recipe: TrainRecipe, version: Version, base: Any) -> dict:
         "version": version.manifest.get("version", str(version.path)),
         "base_model": base.model_path,
     }
+
+
+def _checkpoint_clock(minutes: float) -> Any:
+    """A callback that asks for a checkpoint once `minutes` passed since the start or the last one:
+    a killed run loses at most that much, and a run shorter than that (an ablation's) writes none."""
+    from transformers import TrainerCallback
+
+    class CheckpointClock(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if time.monotonic() - self.last >= 60 * minutes:
+                control.should_save = True
+                self.last = time.monotonic()
+
+    return CheckpointClock()
 
 
 def resume_point(folder: Path, fingerprint: dict, console: Any) -> tuple[int, Path] | None:
@@ -371,8 +385,8 @@ def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list
         eval_strategy="steps",
         eval_steps=recipe.eval_steps or max(1, steps // 10),
         logging_steps=recipe.logging_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps or max(1, steps // 10),
+        save_strategy="steps" if recipe.save_steps else "no",  # else by the clock: CheckpointClock
+        save_steps=recipe.save_steps or 500,
         save_total_limit=1,
         save_only_model=False,
         report_to="none",
@@ -401,24 +415,45 @@ def use_liger(kernels: str, on_gpu: bool) -> bool:
 
 
 def _trainer_class(base: type, model_loss: bool) -> type:
-    """SFTTrainer that times its evaluations (so tokens/s counts training alone) and, when tokens were
-    added for the template, scores with the model's own loss: TRL's fused LM head reads
-    `lm_head.weight` directly and would skip the trained rows of the added tokens."""
+    """SFTTrainer whose evaluation scores every eval set row by row (see `evaluate`) and is timed apart
+    (so tokens/s counts training alone); when tokens were added for the template, it trains with the
+    model's own loss: TRL's fused LM head reads `lm_head.weight` directly and would skip the trained
+    rows of the added tokens."""
     from transformers import Trainer
+
+    from curate.train.gates import mean_loss, summed_losses
 
     class CurateSFTTrainer(base):
         eval_seconds = 0.0
-        _eval_depth = 0  # evaluate() calls itself once per eval dataset; time the outer call only
+        scored: dict[str, list[dict]] = {}  # eval set -> token rows that `evaluate` scores
+        scoring_tokens = 0  # padded tokens per scoring pass
+        sums: dict[str, tuple] = {}  # the last evaluation's (summed loss, trained tokens) per row, per set
 
-        def evaluate(self, *args, **kwargs):
+        def evaluate(self, *args: Any, base_cache: dict | None = None, **kwargs: Any) -> dict:
+            """Each eval set's loss per trained token, from every row's own loss (kept in `sums` for
+            the per-item comparisons of `curate ablate`). TRL's loop would score the rows packed and
+            weight batches, not tokens. Before training the adapter changes nothing, so `base_cache`
+            (a loaded base's) keeps what one run measured for the next run on the same rows."""
             t0 = time.perf_counter()
-            self._eval_depth += 1
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                self._eval_depth -= 1
-                if self._eval_depth == 0:
-                    self.eval_seconds += time.perf_counter() - t0
+            model = self.model
+            training = model.training
+            model.eval()
+            pad = self.processing_class.pad_token_id
+            self.sums = {}
+            for name, rows in self.scored.items():
+                key = (name, _rows_digest(rows), self.scoring_tokens)
+                if base_cache is not None and key in base_cache:
+                    self.sums[name] = base_cache[key]
+                    continue
+                self.sums[name] = summed_losses(model, rows, pad, self.scoring_tokens)
+                if base_cache is not None:
+                    base_cache[key] = self.sums[name]
+            metrics = {f"eval_{name}_loss": mean_loss(sums) for name, sums in self.sums.items()}
+            self.log(dict(metrics))  # in eval mode, so TRL adds no training metrics to it
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            model.train(training)
+            self.eval_seconds += time.perf_counter() - t0
+            return metrics
 
         if model_loss:
 
@@ -427,6 +462,14 @@ def _trainer_class(base: type, model_loss: bool) -> type:
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return CurateSFTTrainer
+
+
+def _rows_digest(rows: list[dict]) -> str:
+    """A fingerprint of token rows (ids and labels), to know a loss already measured on them."""
+    digest = hashlib.blake2b(digest_size=16)
+    for row in rows:
+        digest.update(repr((row["input_ids"], row["labels"])).encode())
+    return digest.hexdigest()
 
 
 def _write_merged(model_path: str, recipe: TrainRecipe, tokenizer: Any, out: Path) -> None:
