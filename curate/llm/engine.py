@@ -45,6 +45,15 @@ class Answer:
     finish: str = "stop"  # "stop" or "length" (cut at max_tokens)
     cached: bool = False
 
+    def stored(self) -> dict:
+        """What the request cache keeps of it (whether it came from the cache is not the answer's)."""
+        return {
+            "text": self.text,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "finish": self.finish,
+        }
+
 
 @dataclass
 class Failure:
@@ -173,11 +182,16 @@ class RequestEngine:
             else:
                 todo.setdefault(key, (requests[i], described))
         if todo:
-            answers = _run_coroutine(self._send_all(todo))
+            answers = self._send(todo)
             for i, (key, _) in enumerate(keyed):
                 if results[i] is None:
                     results[i] = answers[key]
         return results  # type: ignore[return-value]
+
+    def _send(self, todo: dict[str, tuple[Request, dict]]) -> dict[str, Answer | Failure]:
+        """Answers for the requests the cache did not have, sent from this process (an engine that
+        fans them out to other processes overrides this: curate.llm.fanout)."""
+        return _run_coroutine(self._send_all(todo))
 
     def _worst(self, request: Request) -> tuple[int, float]:
         """The most a request can cost: its prompt (estimated, scaled by what answers showed) and
@@ -316,7 +330,7 @@ class RequestEngine:
                 out[key] = result
                 if isinstance(result, Answer):
                     self._count(result, todo[key][0])
-                    stored.append((key, todo[key][1], _stored(result)))
+                    stored.append((key, todo[key][1], result.stored()))
         if self.cache is not None:
             self.cache.put_many(stored)
         if fatal is not None:
@@ -355,15 +369,6 @@ class RequestEngine:
             attempt += 1
             backoff = min(60.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + self._random.random() / 2)
             await asyncio.sleep(error.retry_after if error.retry_after is not None else backoff)
-
-
-def _stored(answer: Answer) -> dict:
-    return {
-        "text": answer.text,
-        "input_tokens": answer.input_tokens,
-        "output_tokens": answer.output_tokens,
-        "finish": answer.finish,
-    }
 
 
 def _run_coroutine(coroutine) -> Any:

@@ -111,6 +111,12 @@ class RemoteProvider:
         """The generation parameters as this provider sends them (what the cache key holds)."""
         return params
 
+    def environment(self) -> dict[str, str]:
+        """What a process elsewhere (a generation worker) needs from this one's environment to send
+        these requests: the API key, when this process has it (else the worker's own is used)."""
+        key = os.environ.get(self.key_env)
+        return {self.key_env: key} if key else {}
+
     def _key(self) -> str:
         key = os.environ.get(self.key_env)
         if not key:
@@ -296,6 +302,10 @@ class LocalProvider:
 
     def sent(self, params: dict) -> dict:
         return params
+
+    def environment(self) -> dict[str, str]:
+        """Nothing: a local model needs no key."""
+        return {}
 
     def identity(self) -> dict:
         files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
