@@ -178,17 +178,24 @@ def decided_task(
 
 
 def decide(
-    call: StageCall, features: RecordFiles, source: RecordFiles, progress, shuffle: Shuffle | None = None
+    call: StageCall,
+    features: RecordFiles,
+    source: RecordFiles,
+    progress,
+    shuffle: Shuffle | None = None,
+    llm_workers: Any = None,
 ) -> Decisions:
     """A global stage's decisions about every record, made in this process (with `shuffle`, the
-    engine's way to group rows by key over many machines, for a stage that can use it)."""
+    engine's way to group rows by key over many machines, for a stage that can use it; with
+    `llm_workers`, the processes that send a generating stage's LLM requests: curate.llm.fanout)."""
     stage = call.build()
     stage.context.progress = progress
+    stage.context.llm_workers = llm_workers
     before = stage.context.llm_usage()
     try:
         decisions = stage.process(FeatureTable(features, source, shuffle))
     finally:
-        stage.context.progress = None
+        stage.context.progress = stage.context.llm_workers = None
         release_memory()
     decisions.llm = _usage_since(before, stage.context.llm_usage())
     if decisions.rows != source.num_rows:

@@ -39,11 +39,12 @@ class StageContext:
     progress: Any = None  # callable(n) while a global stage decides in the runner's process
     status: Any = None  # callable(text): how the stage's work goes, beside its progress bar
     llm_engines: list = field(default_factory=list)  # every request engine a stage made, for usage
+    llm_workers: Any = None  # an engine's generation workers (curate.llm.fanout.Workers), while deciding
 
     def __getstate__(self) -> dict:
         """Progress and status are this process's callables: a worker gets the context without them,
-        and without the engines (it counts its own usage)."""
-        return {**self.__dict__, "progress": None, "status": None, "llm_engines": []}
+        without the engines (it counts its own usage) and without the generation workers (it sends)."""
+        return {**self.__dict__, "progress": None, "status": None, "llm_engines": [], "llm_workers": None}
 
     def advance(self, n: int = 1) -> None:
         if self.progress is not None:
@@ -55,14 +56,20 @@ class StageContext:
 
     def llm_engine(self, config: Any) -> Any:
         """A request engine for an LLMConfig, answering from the shared request cache; its usage
-        reaches the manifest, from whichever process it runs in."""
+        reaches the manifest, from whichever process it runs in. With `llm_workers` its requests
+        are sent by those workers, within the same budget (curate.llm.fanout)."""
         from curate.cache import shared_cache_dir
         from curate.llm import RequestCache, RequestEngine, make_provider
 
         shared = self.shared_cache or shared_cache_dir()
         provider = make_provider(config, shared, self.base_dir)
         cache = RequestCache.at(shared / "llm" / "requests.sqlite")
-        engine = RequestEngine(provider, config, cache, status=self.say, seed=self.seed)
+        if self.llm_workers is not None:
+            from curate.llm.fanout import FanOutEngine
+
+            engine = FanOutEngine(provider, config, cache, self.llm_workers, status=self.say, seed=self.seed)
+        else:
+            engine = RequestEngine(provider, config, cache, status=self.say, seed=self.seed)
         self.llm_engines.append(engine)
         return engine
 
