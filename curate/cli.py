@@ -114,6 +114,13 @@ def main() -> None:
     "--workers CPUs, stopped after the run.",
 )
 @click.option(
+    "--generation-workers",
+    type=click.IntRange(min=1),
+    help="With --engine ray: processes that send evol's and respond's LLM requests, each with the "
+    "stage's concurrency in flight (at most workers x concurrency in all); default: the recipe's, "
+    "else one per node.",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Fail when an input file yields no records or mostly unreadable rows (else: a warning).",
@@ -140,6 +147,7 @@ def run(
     workers: int | None,
     engine: str | None,
     address: str | None,
+    generation_workers: int | None,
     strict: bool,
     parent: Path | None,
     dry_run: bool,
@@ -161,7 +169,7 @@ def run(
         _estimate(loaded, out_dir, workers, engine, as_json, address)
         return
     with Progress(enabled=not as_json) as progress:
-        result = run_recipe(loaded, out_dir, progress, workers, engine, parent, address)
+        result = run_recipe(loaded, out_dir, progress, workers, engine, parent, address, generation_workers)
     if as_json:
         _print_json({**result.manifest, "path": str(result.folder), "this_run": result.run})
         return

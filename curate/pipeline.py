@@ -374,15 +374,19 @@ def run_recipe(
     engine: Engine | str | None = None,
     parent: Path | str | None = None,
     address: str | None = None,
+    generation_workers: int | None = None,
 ) -> RunResult:
     """Run a recipe and write its version (or find it written already). Its parent is `parent` (a
     version or output folder), else the recipe's `output.parent`, else the output folder's latest.
-    The engine is `engine` (or its name, with a Ray cluster's `address`), else the recipe's."""
+    The engine is `engine` (or its name, with a Ray cluster's `address` and `generation_workers`),
+    else the recipe's."""
     from curate import versions
 
     started = time.perf_counter()
     run_id = new_run_id()
-    out_dir, progress, engine = _setup(recipe, out_dir, progress, workers, engine, address)
+    out_dir, progress, engine = _setup(
+        recipe, out_dir, progress, workers, engine, address, generation_workers
+    )
     with versions.output_lock(out_dir):
         return _run_locked(recipe, out_dir, progress, engine, parent, run_id, started)
 
@@ -394,17 +398,20 @@ def _setup(
     workers: int | None,
     engine: Engine | str | None,
     address: str | None = None,
+    generation_workers: int | None = None,
 ) -> tuple[Path, Progress, Engine]:
     """The output folder (checked writable), the progress display and the engine a run uses: the
-    one given, else the recipe's (a name given overrides the recipe's address too)."""
+    one given, else the recipe's (a name given overrides the recipe's address and generation
+    workers too)."""
     from curate import versions
 
     out_dir = Path(out_dir) if out_dir else recipe.output_dir or recipe.base_dir / "runs" / recipe.name
     if engine is None or isinstance(engine, str):
         name = engine or recipe.engine.name
-        if address is None and name == recipe.engine.name:
-            address = recipe.engine.address
-        engine = make_engine(name, workers, address)
+        if name == recipe.engine.name:
+            address = recipe.engine.address if address is None else address
+            generation_workers = generation_workers or recipe.engine.generation_workers
+        engine = make_engine(name, workers, address, generation_workers)
     versions.check_writable(out_dir)
     return out_dir, progress or Progress(enabled=False), engine
 

@@ -82,10 +82,21 @@ class EngineSpec:
         help="ray: the cluster to join (host:port, or `auto` for the one this machine belongs to); "
         "default: a local cluster started for the run.",
     )
+    generation_workers: int | None = option(
+        None,
+        help="ray: processes that send a generating stage's LLM requests, each with the stage's "
+        "`concurrency` in flight (so at most workers x concurrency) and an even share of its rate "
+        "limits; default: one per node.",
+        minimum=1,
+    )
 
     def check(self) -> None:
         if self.address and self.name != "ray":
             raise ValueError("address is for the ray engine", "set name: ray, or leave address out")
+        if self.generation_workers is not None and self.name != "ray":
+            raise ValueError(
+                "generation_workers is for the ray engine", "set name: ray, or leave generation_workers out"
+            )
 
 
 @dataclass

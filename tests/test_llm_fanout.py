@@ -8,6 +8,7 @@ requests as one process does. The request cache they share is written by several
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,13 +16,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from curate.errors import CurateError
+from curate.cli import main
+from curate.errors import CurateError, RecipeError
 from curate.llm import Answer, Budget, Failure, LLMConfig, Request, RequestCache
 from curate.llm.engine import prompt_tokens
 from curate.llm.fanout import FanOutEngine, ShardWorker, worker_config
+from curate.recipe import recipe_from_dict
 from curate.stages.base import StageContext
-from tests.conftest import REPO
+from tests.conftest import EXAMPLES, REPO
 from tests.llm_server import FakeLLM
 from tests.test_llm_engine import KEY, KEY_ENV, config, questions
 
@@ -161,3 +165,19 @@ def test_the_request_cache_takes_answers_from_several_processes_at_once(tmp_path
     keys = [f"{w}-{i}" for w in range(4) for i in range(300)]
     found = cache.get_many(keys)
     assert len(cache) == 1200 and all(found[k] == {"text": f"answer {k}"} for k in keys)
+
+
+def test_generation_workers_are_for_the_ray_engine_only(tmp_path):
+    recipe = {"inputs": [str(EXAMPLES / "raw")], "stages": [{"normalize": {}}]}
+    with pytest.raises(RecipeError, match="generation_workers is for the ray engine"):
+        recipe_from_dict({**recipe, "engine": {"name": "local", "generation_workers": 2}}, tmp_path)
+    with pytest.raises(RecipeError, match="generation_workers"):
+        recipe_from_dict({**recipe, "engine": {"name": "ray", "generation_workers": 0}}, tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    refused = CliRunner().invoke(
+        main, ["run", str(path), "--generation-workers", "2", "--out", str(tmp_path)]
+    )
+    assert refused.exit_code == 1 and not list(tmp_path.glob("v*"))
+    assert "generation workers are for the ray engine, not local" in refused.output
+    assert "add --engine ray" in refused.output

@@ -1,13 +1,15 @@
 """The Ray engine writes the local engine's version, byte for byte, on real recipes over raw/.
 
 One local Ray cluster of two CPUs serves the module (`ray.init(num_cpus=2)`); the engine joins it
-and leaves it running. A last test starts a cluster of two nodes with `ray start` (a head and a
-worker on 127.0.0.1) and runs `curate run --engine ray --address` against it. Ray is in the `all`
-extra, so CI runs all of this (about two minutes on two cores).
+and leaves it running. Generating stages send their LLM requests from generation workers (actors)
+to a local fake server (tests/llm_server.py). A last test starts a cluster of two nodes with
+`ray start` (a head and a worker on 127.0.0.1) and runs `curate run --engine ray --address`
+against it. Ray is in the `all` extra, so CI runs all of this (about two minutes on two cores).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from curate.dataset import FeatureTable, RecordFiles, read_part, write_part
 from curate.decisions import apply_decisions
 from curate.engines import LocalEngine
 from curate.engines.ray import RayEngine
+from curate.errors import CurateError
 from curate.pipeline import RunResult, run_recipe
 from curate.recipe import load_recipe, recipe_from_dict
 from curate.stages.base import StageContext
@@ -38,7 +41,10 @@ from curate.stages.dedup import DedupConfig, DedupStage
 from curate.text.minhash import MinHashConfig
 from curate.versions import read_manifest
 from tests.conftest import EXAMPLES
+from tests.llm_server import FakeLLM
 from tests.same_version import assert_same_version, raw_recipe
+from tests.test_generation import KEY, RAW, llm, responder, write_recipe
+from tests.test_llm_fanout import most_in_flight
 
 
 class WatchedRayEngine(RayEngine):
@@ -120,6 +126,86 @@ def test_dedup_across_sources_with_exact_jaccard_on_ray(cluster, shared_data: Pa
     on_ray = run_recipe(recipe, tmp_path / "ray", engine=RayEngine())
     assert_same_version(local, on_ray)
     assert local.manifest["stages"][1]["dropped"]["near_duplicate"] >= 700
+
+
+def test_generation_fans_out_to_workers_and_writes_the_local_version(
+    cluster, shared_data: Path, tmp_path: Path, monkeypatch
+):
+    """normalize, evol, respond and blend over raw/ files: the local engine, then Ray with two
+    generation workers of concurrency 2 each (the cluster started before the key was set: it
+    reaches the workers with the shards), each run with a request cache of its own; Ray again on
+    the Ray run's cache; then respond alone again, with a budget it passes, and with a key the
+    server refuses."""
+    monkeypatch.setenv("CURATE_GEN_KEY", KEY)
+    with FakeLLM(responder=responder, latency=0.02) as server:
+        evol = llm(server, seeds=20, rounds=2, concurrency=2, prices={"input": 1.0, "output": 2.0})
+        respond = llm(server, concurrency=2)
+        inputs = [
+            {"path": str(shared_data / RAW), "name": "alpaca"},
+            {"path": str(shared_data / "raw/instructionwild_v2_user_3.jsonl.gz"), "name": "wild"},
+        ]
+        stages = [
+            {"normalize": {"system_prompt": "You are a helpful assistant."}},
+            {"filter": {"keep_prompt_only": True}},
+            {"evol": evol},
+            {"respond": respond},
+            {"blend": {}},
+        ]
+
+        def run(respond_options: dict, out: str, cache: str, engine):
+            stages[3] = {"respond": {**respond, **respond_options}}
+            monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / cache))
+            return run_recipe(
+                load_recipe(write_recipe(tmp_path, stages, inputs)), tmp_path / out, engine=engine
+            )
+
+        local = run({}, "local", "cache-local", LocalEngine(workers=1))
+        sent = server.requests
+        on_ray = run({}, "ray", "cache-ray", RayEngine(generation_workers=2))
+        assert_same_version(local, on_ray)  # the version, and every stage's report and LLM usage
+        assert server.requests == 2 * sent
+        first_version = on_ray.manifest["version"]
+        first = {s["name"]: s for s in on_ray.manifest["stages"]}
+        made = first["evol"]["report"]
+        assert made["seeds"] == 20 and made["kept"] > 10 and made["eliminated"] and made["failed"] == 0
+        assert first["respond"]["report"]["prompts"] == 198 and first["respond"]["llm"]["failed"] == 0
+        # two workers sent at once, never more than 2 x 2 requests in flight
+        assert 2 < most_in_flight(server.log[sent:]) <= 4
+
+        # again on Ray, in a new output folder: every answer from the request cache the workers wrote
+        again = run({}, "again", "cache-ray", RayEngine(generation_workers=2))
+        assert server.requests == 2 * sent
+        assert again.manifest["version"] == local.manifest["version"]
+        for name in ("data.parquet", "dropped.parquet", "train.jsonl", "edits.parquet"):
+            assert (again.folder / name).read_bytes() == (local.folder / name).read_bytes()
+        for stage in ("evol", "respond"):
+            usage = next(s for s in again.manifest["stages"] if s["name"] == stage)["llm"]
+            assert usage["requests"] == 0 and usage["cached"] >= first[stage]["llm"]["answered"] > 0
+
+        # respond with a budget of 150 requests, on fresh caches (evol comes from the stage cache):
+        # one budget over both workers, the first 150 requests in order, as the local engine sends
+        budget = {"budget": {"requests": 150, "allow_partial": True}}
+        local = run(budget, "local", "cache-budget-local", LocalEngine(workers=1))
+        sent = server.requests
+        on_ray = run(budget, "ray", "cache-budget-ray", RayEngine(generation_workers=2))
+        assert local.manifest["parent"] == on_ray.manifest["parent"] == first_version
+        # the same manifests but for where their parents are (each output folder's first version)
+        assert_same_version(
+            *(dataclasses.replace(r, manifest={**r.manifest, "parent_path": None}) for r in (local, on_ray))
+        )
+        assert server.requests - sent == 150
+        spent = next(s for s in on_ray.manifest["stages"] if s["name"] == "respond")
+        assert spent["llm"]["answered"] == 150 and spent["llm"]["budget_exhausted"] is True
+        # 198 prompts, two of them alike (one request): the first 150 requests answer 151 prompts
+        assert spent["report"]["unsent_budget"] == spent["llm"]["unsent"] == 47
+        assert spent["dropped"]["unanswered"] >= 47
+
+        # a key refused in a worker ends the run with curate's message, not Ray's wrapper
+        server.faults.extend([{"status": 401, "message": "Incorrect API key"}] * 8)
+        with pytest.raises(CurateError, match=r"was refused \(401\): check CURATE_GEN_KEY") as refused:
+            run({"max_tokens": 100}, "ray", "cache-refused", RayEngine(generation_workers=2))
+        assert type(refused.value) is CurateError and "Incorrect API key" in refused.value.message
+        assert len(list((tmp_path / "ray").glob("v*"))) == 2
 
 
 def _in_process_shuffle(features, columns, emit, reduce, partitions: int = 3) -> pa.Table:

@@ -15,7 +15,10 @@ What is spread beyond batches:
   cluster has GPUs, else one per CPU, so each worker loads the model once;
 - a global stage decides here, in the driver, but may group rows by key with `shuffle`: dedup's
   MinHash band keys go through Ray Data's hash shuffle (`groupby().map_groups`), and only the
-  edges of the buckets that link anything come back (curate/text/lsh_shuffle.py).
+  edges of the buckets that link anything come back (curate/text/lsh_shuffle.py);
+- a generating stage (evol, respond) decides here too, but its LLM requests are sent by generation
+  workers: actors spread over the nodes (one per node unless `generation_workers` says), each with
+  the stage's `concurrency` in flight, the budget kept here (curate/llm/fanout.py).
 
 Receipts travel back as JSON and are yielded in task order.
 """
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +56,32 @@ from curate.engines.base import (
 )
 from curate.engines.local import INGEST_TASK_BYTES, default_workers, file_runs
 from curate.errors import CurateError
+from curate.llm.config import LLMConfig
+from curate.llm.engine import Request
+from curate.llm.fanout import Shard, ShardWorker
+from curate.stages.base import StageContext
 
 
 class RayEngine(Engine):
     """Tasks on a Ray cluster: the one this process already joined, the one at `address` (or
-    $RAY_ADDRESS), or a local one of `workers` CPUs started on first use (and stopped at `close`)."""
+    $RAY_ADDRESS), or a local one of `workers` CPUs started on first use (and stopped at `close`).
+    A generating stage's requests go to `generation_workers` actors (default: one per node)."""
 
     name = "ray"
 
-    def __init__(self, workers: int | None = None, address: str | None = None, batch_rows: int = BATCH_ROWS):
+    def __init__(
+        self,
+        workers: int | None = None,
+        address: str | None = None,
+        batch_rows: int = BATCH_ROWS,
+        generation_workers: int | None = None,
+    ):
+        if generation_workers is not None and generation_workers < 1:
+            raise CurateError(f"generation workers must be 1 or more, not {generation_workers}")
         self.workers = workers or default_workers()
         self.address = address
         self.batch_rows = batch_rows
+        self.generation_workers = generation_workers
         self._started = False
 
     def close(self) -> None:
@@ -101,7 +119,8 @@ class RayEngine(Engine):
         self._connect()
         from curate.stages import STAGES
 
-        uses_model = STAGES[call.name](call.config, call.context).uses_model()
+        cls = STAGES[call.name]
+        uses_model = cls(call.config, call.context).uses_model()
         plan = source.plan(self.batch_rows)
         parts = []
         tasks = [(call, segments, out, i) for i, segments in enumerate(plan)]
@@ -110,7 +129,12 @@ class RayEngine(Engine):
             if progress is not None:
                 progress(sum(s.length for s in segments))
         features = RecordFiles([p for p in parts if p is not None])
-        decisions = decide(call, features, source, None, self.shuffle)
+        workers = GenerationWorkers(self._generation_workers(), call.context) if cls.generates else None
+        try:
+            decisions = decide(call, features, source, None, self.shuffle, workers)
+        finally:
+            if workers is not None:
+                workers.close()
         starts = np.cumsum([0] + [sum(s.length for s in segments) for segments in plan])
         apply = [
             (call.name, segments, decisions.slice(int(starts[i]), int(starts[i + 1])), out, i)
@@ -176,6 +200,9 @@ class RayEngine(Engine):
 
     def _cpus(self) -> int:
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def _generation_workers(self) -> int:
+        return self.generation_workers or sum(1 for node in ray.nodes() if node["Alive"])
 
     def _map(
         self,
@@ -246,6 +273,76 @@ def _emit(
 
 def _reduce(group: pa.Table, reduce: Callable) -> pa.Table:
     return reduce(group.drop_columns(["partition"]))
+
+
+class GenerationWorkers:
+    """A generating stage's generation workers (curate.llm.fanout.Workers): `count` actors spread
+    over the nodes, started when the first shard goes out (a stage answered from the request cache
+    starts none) and stopped when the stage has decided.
+
+    A worker sending to a remote API reserves no CPU (it waits on the network); one generating with
+    a local model takes a GPU, or a CPU where the cluster has no GPU. The API key reaches a worker
+    with each shard, in memory, never in Ray's runtime environment (which Ray keeps and shows)."""
+
+    def __init__(self, count: int, context: StageContext) -> None:
+        from curate.cache import shared_cache_dir
+
+        self.count = count
+        # the driver's request cache, by an absolute path: workers start in folders of their own
+        shared = (context.shared_cache or shared_cache_dir()).resolve()
+        self.context = dataclasses.replace(context, shared_cache=shared)
+        self._actors: list = []
+
+    def submit(
+        self, worker: int, config: LLMConfig, requests: list[Request], environment: dict[str, str]
+    ) -> Future[Shard]:
+        if not self._actors:
+            self._start(config)
+        return _unwrapped(self._actors[worker].answer.remote(config, requests, environment).future())
+
+    def _start(self, config: LLMConfig) -> None:
+        resources: dict = {"num_cpus": 0}
+        if config.provider == "local":
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+            have = gpus or int(ray.cluster_resources().get("CPU", 0))
+            if self.count > have:
+                raise CurateError(
+                    f"{self.count} generation workers with a local model need {self.count} "
+                    f"{'GPUs' if gpus else 'CPUs'}; the cluster has {have}",
+                    hint="set --generation-workers (or engine.generation_workers) to at most that",
+                )
+        actor = ray.remote(ShardWorker).options(scheduling_strategy="SPREAD", **resources)
+        self._actors = [actor.remote(self.context) for _ in range(self.count)]
+
+    def close(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+
+
+def _unwrapped(future: Future) -> Future:
+    """A worker's future failing with curate's error, not Ray's wrapper: a provider's fatal error
+    as the worker raised it, a worker that died as what to do about it."""
+    out: Future = Future()
+
+    def done(finished: Future) -> None:
+        try:
+            out.set_result(finished.result())
+        except ray.exceptions.RayTaskError as exc:
+            out.set_exception(exc.cause if isinstance(exc.cause, CurateError) else exc)
+        except ray.exceptions.RayActorError as exc:
+            out.set_exception(
+                CurateError(
+                    f"a generation worker died: {exc}",
+                    hint="the answers it received are in the request cache; run again to go on",
+                )
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver as it is
+            out.set_exception(exc)
+
+    future.add_done_callback(done)
+    return out
 
 
 # receipts, back from JSON ------------------------------------------------------------------------------

@@ -61,10 +61,22 @@ class LLMConfig:
     temperature: float = option(0.7, help="Sampling temperature (0: greedy).", minimum=0)
     top_p: float | None = option(None, help="Nucleus sampling; empty: the provider's default.", maximum=1)
     max_tokens: int = option(512, help="Most tokens of each generated answer.", minimum=1)
-    concurrency: int = option(16, help="Requests in flight at once.", minimum=1)
-    requests_per_minute: int | None = option(None, help="Rate limit on requests sent.", minimum=1)
+    concurrency: int = option(
+        16,
+        help="Requests in flight at once; on the Ray engine per generation worker (at most workers x "
+        "concurrency in all).",
+        minimum=1,
+    )
+    requests_per_minute: int | None = option(
+        None,
+        help="Rate limit on requests sent (on Ray: for all generation workers, each an even share).",
+        minimum=1,
+    )
     tokens_per_minute: int | None = option(
-        None, help="Rate limit on tokens (prompt estimate plus max_tokens, reserved when sent).", minimum=1
+        None,
+        help="Rate limit on tokens (prompt estimate plus max_tokens, reserved when sent; on Ray: for all "
+        "generation workers, each an even share).",
+        minimum=1,
     )
     timeout: float = option(
         120.0, help="Seconds one request may take before it is retried.", exclusiveMinimum=0
