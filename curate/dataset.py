@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -186,18 +186,28 @@ class InMemory:
 
 class Shuffle(Protocol):
     """An engine's way to bring rows with equal keys together across machines (Ray: a shuffle by
-    hash partition). Engines on one machine offer none: a stage then groups in its own process."""
+    hash partition), round after round, its results kept by the engine until collected. Engines on
+    one machine offer none: a stage then groups in its own process."""
 
     def __call__(
         self,
-        features: RecordFiles,
+        rows: Any,
         columns: list[str],
         emit: Callable[[pa.Table, int], pa.Table],
         reduce: Callable[[pa.Table], pa.Table],
-    ) -> pa.Table:
-        """emit(part, first_row) on every part of `features` (only `columns` read) gives rows with a
-        uint64 `key`; all rows of a key reach the same reduce(rows) call (with other keys' rows);
-        what the reduce calls return comes back as one table, in no set order."""
+    ) -> Any:
+        """emit(table, first_row) on every part of `rows` (RecordFiles: only `columns` read, with
+        the part's first row; or an earlier result of this shuffle, in pieces, with 0) gives rows
+        with a uint64 `key`; all rows of a key reach the same reduce(rows) call (with other keys'
+        rows); what the reduce calls return is the result, held by the engine, in no set order."""
+        ...
+
+    def collect(self, result: Any) -> pa.Table:
+        """A result, as one table here."""
+        ...
+
+    def total(self, result: Any, column: str) -> int:
+        """The sum of an integer column of a result, computed where it is."""
         ...
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import ray
 import yaml
@@ -32,12 +33,13 @@ import yaml
 from curate.dataset import FeatureTable, RecordFiles, read_part, write_part
 from curate.decisions import apply_decisions
 from curate.engines import LocalEngine
-from curate.engines.ray import RayEngine
+from curate.engines.ray import RayEngine, RayShuffle
 from curate.errors import CurateError
 from curate.pipeline import RunResult, run_recipe
 from curate.recipe import load_recipe, recipe_from_dict
 from curate.stages.base import StageContext
 from curate.stages.dedup import DedupConfig, DedupStage
+from curate.text import lsh_shuffle
 from curate.text.minhash import MinHashConfig
 from curate.versions import read_manifest
 from tests.conftest import EXAMPLES
@@ -45,6 +47,19 @@ from tests.llm_server import FakeLLM
 from tests.same_version import assert_same_version, raw_recipe
 from tests.test_generation import KEY, RAW, llm, responder, write_recipe
 from tests.test_llm_fanout import most_in_flight
+
+
+class WatchedShuffle(RayShuffle):
+    """Ray's shuffle, noting how many rows each round gave."""
+
+    def __init__(self, partitions: int, counts: list[int]) -> None:
+        super().__init__(partitions)
+        self.counts = counts
+
+    def __call__(self, rows, columns, emit, reduce):
+        result = super().__call__(rows, columns, emit, reduce)
+        self.counts.append(result.dataset.count())
+        return result
 
 
 class WatchedRayEngine(RayEngine):
@@ -55,10 +70,8 @@ class WatchedRayEngine(RayEngine):
         self.shuffled: list[int] = []
         self.model_pools = 0
 
-    def shuffle(self, features, columns, emit, reduce):
-        edges = super().shuffle(features, columns, emit, reduce)
-        self.shuffled.append(edges.num_rows)
-        return edges
+    def shuffler(self) -> RayShuffle:
+        return WatchedShuffle(super().shuffler().partitions, self.shuffled)
 
     def _map(self, fn, tasks, decode, uses_model=False, prepared=None):
         self.model_pools += bool(uses_model and tasks)
@@ -95,9 +108,13 @@ def test_the_ray_engine_writes_the_local_engines_version(cluster, shared_data: P
     assert stages["decontaminate"]["dropped"]["eval_overlap"] >= 252
     assert on_ray.manifest["counts"]["kept"] == 5000
     assert (on_ray.folder / "diversity-map.png").is_file()
-    # dedup's buckets met in the shuffle (its edges joined every near-duplicate to its cluster);
-    # diversity embedded in the actor pool
-    assert len(engine.shuffled) == 1 and engine.shuffled[0] >= stages["dedup"]["dropped"]["near_duplicate"]
+    # dedup's buckets met in the shuffle (its edges joined every near-duplicate to its cluster), the
+    # components took rounds of shuffles (large-star, then small-star and large-star pairs), and the
+    # clusters' kept records were picked in one more; diversity embedded in the actor pool
+    near = stages["dedup"]["dropped"]["near_duplicate"]
+    edges, *rounds, picked = engine.shuffled
+    assert edges >= near and len(rounds) % 2 == 1 and len(rounds) <= 15, engine.shuffled
+    assert picked >= near
     assert engine.model_pools == 1
 
 
@@ -208,14 +225,29 @@ def test_generation_fans_out_to_workers_and_writes_the_local_version(
         assert len(list((tmp_path / "ray").glob("v*"))) == 2
 
 
-def _in_process_shuffle(features, columns, emit, reduce, partitions: int = 3) -> pa.Table:
-    """The Shuffle contract without Ray: every part emitted, rows split by key, each share reduced."""
-    keyed = pa.concat_tables(
-        emit(read_part(p.path, columns), int(start))
-        for p, start in zip(features.parts, features.starts, strict=False)
-    )
-    share = keyed["key"].to_numpy() % np.uint64(partitions)
-    return pa.concat_tables(reduce(keyed.filter(pa.array(share == i))) for i in range(partitions))
+class InProcessShuffle:
+    """The Shuffle contract without Ray: every part (or earlier result) emitted, rows split by key,
+    each share reduced."""
+
+    def __init__(self, partitions: int = 3) -> None:
+        self.partitions = partitions
+
+    def __call__(self, rows, columns, emit, reduce) -> pa.Table:
+        if isinstance(rows, pa.Table):
+            keyed = emit(rows, 0)
+        else:
+            keyed = pa.concat_tables(
+                emit(read_part(p.path, columns), int(start))
+                for p, start in zip(rows.parts, rows.starts, strict=False)
+            )
+        share = keyed["key"].to_numpy() % np.uint64(self.partitions)
+        return pa.concat_tables(reduce(keyed.filter(pa.array(share == i))) for i in range(self.partitions))
+
+    def collect(self, result: pa.Table) -> pa.Table:
+        return result
+
+    def total(self, result: pa.Table, column: str) -> int:
+        return int(pc.sum(result[column]).as_py() or 0)
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +275,11 @@ def test_shuffled_buckets_make_the_clusters_of_one_process(
     two_sources: pa.Table, shared_data: Path, tmp_path: Path, scope: str, verify: str
 ):
     """dedup decided with a shuffle (here in this process) drops the same records with the same
-    evidence as dedup sorting every bucket itself, for every scope and check."""
+    evidence as dedup sorting every bucket itself, for every scope and check (and both ways to
+    choose the kept record)."""
     minhash = MinHashConfig(threshold=0.6, num_perm=64, verify=verify)
-    config = DedupConfig(key="user", exact=False, scope=scope, minhash=minhash)
+    keep = "longest" if verify == "estimate" else "first"
+    config = DedupConfig(key="user", exact=False, scope=scope, minhash=minhash, keep=keep)
     stage = DedupStage(config, StageContext(base_dir=shared_data))
     record_parts, feature_parts = [], []
     for i, lo in enumerate(range(0, two_sources.num_rows, 1000)):
@@ -254,11 +288,66 @@ def test_shuffled_buckets_make_the_clusters_of_one_process(
         feature_parts.append(write_part(tmp_path / f"features-{i}.arrow", stage.features(batch)))
     records, features = RecordFiles(record_parts), RecordFiles(feature_parts)
     here = apply_decisions("dedup", two_sources, stage.process(FeatureTable(features, records)))
-    shuffled = stage.process(FeatureTable(features, records, _in_process_shuffle))
+    shuffled = stage.process(FeatureTable(features, records, InProcessShuffle()))
     shuffled = apply_decisions("dedup", two_sources, shuffled)
     assert here.dropped.num_rows > 50
     assert shuffled.dropped.equals(here.dropped)
     assert shuffled.kept.equals(here.kept)
+
+
+def _graph(seed: int) -> tuple[pa.Table, dict[int, int]]:
+    """Edges of chains (the worst case for label propagation: one round per link), stars, cycles,
+    isolated pairs and a few random clumps, on sparse node numbers, each edge in a random direction
+    and some twice; and the lowest node of each node's component, by networkx."""
+    import networkx as nx
+
+    rng = np.random.default_rng(seed)
+    labels = iter(rng.choice(10**9, 40_000, replace=False))
+    graph = nx.Graph()
+    ascending = sorted(next(labels) for _ in range(2_000))  # one chain whose labels rise along it
+    nx.add_path(graph, ascending)
+    for length in (2_000, 500, 50, 3):
+        nx.add_path(graph, [next(labels) for _ in range(length)])
+    for size in (1_000, 20, 2):
+        nx.add_star(graph, [next(labels) for _ in range(size)])
+    for size in (300, 3):
+        nx.add_cycle(graph, [next(labels) for _ in range(size)])
+    for _ in range(500):
+        graph.add_edge(next(labels), next(labels))
+    for _ in range(5):
+        clump = [next(labels) for _ in range(40)]
+        graph.add_edges_from(zip(rng.choice(clump, 120), rng.choice(clump, 120), strict=True))
+    graph.remove_edges_from(nx.selfloop_edges(graph))
+    edges = np.array(graph.edges(), np.int64)
+    flip = rng.random(len(edges)) < 0.5
+    edges[flip] = edges[flip][:, ::-1]
+    edges = np.concatenate([edges, edges[rng.random(len(edges)) < 0.1]])
+    edges = edges[rng.permutation(len(edges))]
+    lowest = {int(n): int(min(c)) for c in nx.connected_components(graph) for n in c}
+    return pa.table({"left": edges[:, 0], "right": edges[:, 1]}), lowest
+
+
+@pytest.mark.parametrize("engine", ["in_process", "ray"])
+def test_components_in_shuffles_are_networkx_components(engine: str, tmp_path: Path, request):
+    """Large-star and small-star rounds give every node with an edge its component's lowest node,
+    as networkx does, in few rounds even on a chain of 2,000 links; nodes without edges are absent."""
+    edges, lowest = _graph(seed=7)
+    parts = [
+        write_part(tmp_path / f"edges-{i}.arrow", edges.slice(lo, 4_000))
+        for i, lo in enumerate(range(0, edges.num_rows, 4_000))
+    ]
+    if engine == "ray":
+        request.getfixturevalue("cluster")
+        shuffle = RayEngine().shuffler()  # the engine's settings: the sort shuffle, 2 partitions a CPU
+    else:
+        shuffle = InProcessShuffle(4)
+    stars, rounds = lsh_shuffle.components(shuffle, RecordFiles(parts))
+    stars = shuffle.collect(stars).filter(pc.field("left") >= 0)
+    node, root = stars["left"].to_numpy(), stars["right"].to_numpy()
+    assert np.unique(node).size == node.size  # one edge per node that is not its star's centre
+    found = {int(r): int(r) for r in root} | dict(zip(node.tolist(), root.tolist(), strict=True))
+    assert found == lowest
+    assert rounds <= 25, rounds
 
 
 def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path):

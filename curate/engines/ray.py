@@ -13,9 +13,11 @@ What is spread beyond batches:
   in Ray's object store, which hands it to every worker;
 - a stage that `uses_model` (embeddings) runs in an actor pool, one actor per GPU where the
   cluster has GPUs, else one per CPU, so each worker loads the model once;
-- a global stage decides here, in the driver, but may group rows by key with `shuffle`: dedup's
-  MinHash band keys go through Ray Data's hash shuffle (`groupby().map_groups`), and only the
-  edges of the buckets that link anything come back (curate/text/lsh_shuffle.py);
+- a global stage decides here, in the driver, but may group rows by key, round after round, with
+  `RayShuffle` (Ray Data's `groupby().map_groups`, results kept in the object store): dedup's
+  MinHash band keys meet in buckets, the edges that join them become connected components, and
+  each cluster keeps one record, all in shuffles; only the drops come back here
+  (curate/text/lsh_shuffle.py);
 - a generating stage (evol, respond) decides here too, but its LLM requests are sent by generation
   workers: actors spread over the nodes (one per node unless `generation_workers` says), each with
   the stage's `concurrency` in flight, the budget kept here (curate/llm/fanout.py).
@@ -131,7 +133,7 @@ class RayEngine(Engine):
         features = RecordFiles([p for p in parts if p is not None])
         workers = GenerationWorkers(self._generation_workers(), call.context) if cls.generates else None
         try:
-            decisions = decide(call, features, source, None, self.shuffle, workers)
+            decisions = decide(call, features, source, None, self.shuffler(), workers)
         finally:
             if workers is not None:
                 workers.close()
@@ -143,29 +145,10 @@ class RayEngine(Engine):
         yield from self._map(decided_task, apply, _batch_receipt)
         yield added_receipt(call.name, decisions, out, len(plan))
 
-    def shuffle(
-        self,
-        features: RecordFiles,
-        columns: list[str],
-        emit: Callable[[pa.Table, int], pa.Table],
-        reduce: Callable[[pa.Table], pa.Table],
-    ) -> pa.Table:
-        """Rows that `emit` keys, brought together by key with Ray Data's hash shuffle, reduced
-        where they meet (see `curate.dataset.Shuffle`)."""
-        partitions = 2 * self._cpus()
-        empty = reduce(emit(read_part(features.parts[0].path, columns).slice(0, 0), 0))
-        items = [{"part": i} for i in range(len(features.parts))]
-        keyed = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            _emit,
-            batch_size=1,
-            batch_format="numpy",
-            fn_kwargs={"features": features, "columns": columns, "emit": emit, "partitions": partitions},
-        )
-        reduced = keyed.groupby("partition", num_partitions=partitions).map_groups(
-            _reduce, batch_format="pyarrow", fn_kwargs={"reduce": reduce}
-        )
-        tables = [t for t in reduced.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
-        return pa.concat_tables([empty, *tables])
+    def shuffler(self) -> RayShuffle:
+        """The shuffle a global stage may group rows with (`curate.dataset.Shuffle`)."""
+        self._connect()
+        return RayShuffle(2 * self._cpus())
 
     # running tasks -------------------------------------------------------------------------------
 
@@ -261,14 +244,74 @@ class _ModelWorker:
         return _run(batch, fn, tasks, prepared)
 
 
+@dataclasses.dataclass
+class _Shuffled:
+    """A shuffle's result: a materialized dataset in the object store (the driver holds only its
+    block references), and an empty table of its schema, for when no rows came out."""
+
+    dataset: ray.data.Dataset
+    empty: pa.Table
+
+
+class RayShuffle:
+    """`curate.dataset.Shuffle` on Ray Data: emit per part (or per block of an earlier result),
+    rows brought together by `key % partitions` with the sort shuffle (`groupby().map_groups`),
+    reduced where they meet; the result stays in the object store, materialized so that the next
+    round reads it instead of running the rounds before it again."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+
+    def __call__(
+        self,
+        rows: RecordFiles | _Shuffled,
+        columns: list[str],
+        emit: Callable[[pa.Table, int], pa.Table],
+        reduce: Callable[[pa.Table], pa.Table],
+    ) -> _Shuffled:
+        args = {"emit": emit, "partitions": self.partitions}
+        if isinstance(rows, _Shuffled):
+            empty = reduce(emit(rows.empty, 0))
+            keyed = rows.dataset.map_batches(
+                _emit_rows, batch_size=None, batch_format="pyarrow", fn_kwargs=args
+            )
+        else:
+            empty = reduce(emit(read_part(rows.parts[0].path, columns).slice(0, 0), 0))
+            items = [{"part": i} for i in range(len(rows.parts))]
+            keyed = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+                _emit,
+                batch_size=1,
+                batch_format="numpy",
+                fn_kwargs={**args, "features": rows, "columns": columns},
+            )
+        reduced = keyed.groupby("partition", num_partitions=self.partitions).map_groups(
+            _reduce, batch_format="pyarrow", fn_kwargs={"reduce": reduce}
+        )
+        return _Shuffled(reduced.materialize(), empty)
+
+    def collect(self, result: _Shuffled) -> pa.Table:
+        tables = result.dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+        return pa.concat_tables([result.empty, *(t for t in tables if t.num_rows)])
+
+    def total(self, result: _Shuffled, column: str) -> int:
+        return int(result.dataset.sum(column) or 0)
+
+
+def _keyed(keyed: pa.Table, partitions: int) -> pa.Table:
+    partition = pa.array((keyed["key"].to_numpy() % np.uint64(partitions)).astype(np.int64))
+    return keyed.append_column("partition", partition)
+
+
 def _emit(
     batch: dict[str, np.ndarray], features: RecordFiles, columns: list[str], emit: Callable, partitions: int
 ) -> pa.Table:
     (index,) = batch["part"]
     part = features.parts[int(index)]
-    keyed = emit(read_part(part.path, columns), int(features.starts[int(index)]))
-    partition = pa.array((keyed["key"].to_numpy() % np.uint64(partitions)).astype(np.int64))
-    return keyed.append_column("partition", partition)
+    return _keyed(emit(read_part(part.path, columns), int(features.starts[int(index)])), partitions)
+
+
+def _emit_rows(rows: pa.Table, emit: Callable, partitions: int) -> pa.Table:
+    return _keyed(emit(rows, 0), partitions)
 
 
 def _reduce(group: pa.Table, reduce: Callable) -> pa.Table:

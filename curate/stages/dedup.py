@@ -8,8 +8,9 @@ the same verdicts. Records whose compared text is empty are never judged here (f
 A global stage: `features` reduces each batch to what deciding needs (content keys, LSH band
 hashes, signatures, ranks), so no record's text is held while deciding; the signatures of the few
 records that share an LSH bucket are the only ones ever loaded. On an engine that spans machines
-(Ray) the buckets meet in a shuffle of band keys instead (curate/text/lsh_shuffle.py): the same
-clusters, without one process sorting every band of every record.
+(Ray) the buckets meet in a shuffle of band keys, and clusters and their kept records are found
+in further shuffles (curate/text/lsh_shuffle.py): the same drops, without one process sorting every
+band of every record or holding every record's cluster.
 """
 
 from __future__ import annotations
@@ -210,12 +211,13 @@ class DedupStage(GlobalStage):
         rows = np.nonzero(self.alive)[0]
         rows = rows[self.table.column("signed").to_numpy()[rows]]  # an empty signature matches nothing
         scope = _SCOPES[self.config.scope]
-        if self.table.shuffle is not None:  # an engine over many machines: buckets meet in a shuffle
-            roots = lsh_shuffle.clusters(self.table, rows, self.groups, mh, scope, self.config.key)
+        if self.table.shuffle is not None:  # an engine over many machines: clusters found in shuffles
+            ranked = self.config.keep != "first"
+            found = lsh_shuffle.duplicates(self.table, rows, self.groups, mh, scope, self.config.key, ranked)
             sigs = sets = None
         else:
             roots, sigs, sets = self._clusters_here(rows, mh, scope)
-        found = self._duplicates([roots], rows)
+            found = self._duplicates([roots], rows)
         a, b = found.rows, found.kept
         if sigs is None:  # only the pairs' signatures (and texts) are needed for their evidence
             involved = np.union1d(a, b)
