@@ -62,7 +62,7 @@ TRAIN = {
     "num_epochs": 1,
     "packing": True,
     "gradient_checkpointing": False,
-    "kernels": "none",
+    "kernels": "auto",  # Liger's layer kernels where installed (on the GPU)
     "fully_masked": "drop",
     "eval_steps": 1000000,  # the loss curve's periodic evals are not needed to compare arms
     "holdout": {"fraction": 0.02, "max_records": 100},

@@ -61,6 +61,7 @@ class BaseModel:
         self.base_answers: dict[tuple, list[dict]] = {}  # (prompts, max_new, batch) -> answers
         self.base_scores: dict[str, dict] = {}  # capability set -> scores
         self.base_losses: dict[tuple, tuple] = {}  # (eval set, rows digest, batch) -> per-row losses
+        self.encoded: dict[tuple, tuple] = {}  # (version, encoding settings) -> token rows of its splits
         self._decoder: Decoder | None | bool = False  # False: not decided yet; None: decode unmerged
 
     @classmethod

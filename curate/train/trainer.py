@@ -129,7 +129,18 @@ def _train(
     tmpl = template_object(template, tokenizer)
     laps("load")
 
-    train_rows, held_rows, eval_data, eval_rows, dropped = _encode_splits(recipe, version, tokenizer, tmpl)
+    # the seeds of an ablation arm train on the same rows: encoded once per loaded base
+    encoding = (
+        str(version.path),
+        version.manifest.get("version"),
+        template,
+        recipe.sequence_len,
+        recipe.fully_masked,
+        repr((recipe.holdout, recipe.eval_sets, recipe.base_dir)),
+    )
+    if encoding not in loaded.encoded:
+        loaded.encoded[encoding] = _encode_splits(recipe, version, tokenizer, tmpl)
+    train_rows, held_rows, eval_data, eval_rows, dropped = loaded.encoded[encoding]
     laps("encode")
     if not held_rows:
         raise CurateError(
