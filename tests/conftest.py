@@ -20,6 +20,23 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def raw_batches(shared_data: Path) -> list:
+    """All of raw/ read once, as read_input's batches, for the tests that check what comes after
+    reading (tests/test_formats.py checks the reading itself on them)."""
+    from curate.formats import InputSpec, read_input
+
+    return list(read_input(InputSpec(path="raw"), shared_data))
+
+
+@pytest.fixture(scope="session")
+def raw_table(raw_batches: list):
+    """All of raw/ as one Arrow table of records (85,669 rows)."""
+    import pyarrow as pa
+
+    return pa.concat_tables(b.table for b in raw_batches)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_shared_cache(tmp_path_factory):
     """Tests write LLM answers and embeddings to a cache of their own, never the user's."""

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pytest
 
 from curate.errors import RecipeError
-from curate.formats import InputSpec, read_input
 from curate.records import make_record, message, record_id, to_table
 from curate.stages import STAGES, Drop, StageContext
 from curate.stages.base import build_config
@@ -245,11 +244,10 @@ def test_normalize_equals_the_reference(options):
 
 
 @pytest.mark.parametrize("options", NORMALIZE_CONFIGS[:3])
-def test_normalize_equals_the_reference_on_raw(shared_data, options):
-    table = pa.concat_tables(b.table for b in read_input(InputSpec(path="raw"), shared_data))
+def test_normalize_equals_the_reference_on_raw(raw_table, options):
     s = stage("normalize", **options)
-    for offset in range(0, table.num_rows, 20_000):
-        _compare(s, table.slice(offset, 20_000), reference_normalize)
+    for offset in range(0, raw_table.num_rows, 20_000):
+        _compare(s, raw_table.slice(offset, 20_000), reference_normalize)
 
 
 FILTER_CONFIGS = [
@@ -269,8 +267,7 @@ def test_filter_equals_the_reference(options):
     assert len(reasons) >= 3
 
 
-def test_filter_equals_the_reference_on_raw(shared_data):
-    table = pa.concat_tables(b.table for b in read_input(InputSpec(path="raw"), shared_data))
+def test_filter_equals_the_reference_on_raw(raw_table):
     s = stage("filter", keep_prompt_only=True, min_chars=20, max_tokens=3000)
-    for offset in range(0, table.num_rows, 20_000):
-        _compare(s, table.slice(offset, 20_000), reference_filter)
+    for offset in range(0, raw_table.num_rows, 20_000):
+        _compare(s, raw_table.slice(offset, 20_000), reference_filter)
