@@ -9,7 +9,6 @@ import unicodedata
 import pyarrow as pa
 import pytest
 
-from curate.formats import InputSpec, read_input
 from curate.text.clean import PYTHON_WHITESPACE, blank_column, clean_column, clean_text, stable_code_points
 
 # Besides controls and whitespace: letters that compose with a following accent, Hangul jamo that
@@ -76,8 +75,8 @@ def test_clean_column_equals_clean_text_on_fuzzed_text(options):
     assert changed.tolist() == [t is not None and e != t for t, e in zip(texts, expected, strict=True)]
 
 
-def test_clean_column_equals_clean_text_on_raw(shared_data):
-    tables = [b.table for b in read_input(InputSpec(path="raw"), shared_data)]
+def test_clean_column_equals_clean_text_on_raw(raw_batches):
+    tables = [b.table for b in raw_batches]
     contents = pa.concat_arrays([t["messages"].combine_chunks().flatten().field("content") for t in tables])
     texts = contents.to_pylist()
     for options in OPTIONS[:3]:

@@ -18,10 +18,10 @@ from curate.text.clean import clean_text
 
 
 @pytest.fixture(scope="module")
-def raw(shared_data: Path) -> dict[str, dict]:
-    """All of raw/ read once: per file path, its format, records and quarantine entries."""
+def raw(raw_batches: list) -> dict[str, dict]:
+    """All of raw/ (read once per session): per file path, its format, records and quarantine entries."""
     out: dict[str, dict] = {}
-    for batch in read_input(InputSpec(path="raw"), shared_data):
+    for batch in raw_batches:
         for entry in batch.files:
             out.setdefault(entry["path"], {"format": entry["format"], "records": [], "quarantined": []})
         for record in batch.records:

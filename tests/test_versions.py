@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.formats import InputSpec, read_input
 from curate.records import MESSAGES_TYPE, train_messages, train_tools
 from curate.text.jsonl import chat_lines
 from curate.versions import train_lines
@@ -46,10 +45,9 @@ def test_chat_lines_equal_json_dumps_on_fuzzed_text():
     assert got == want
 
 
-def test_train_jsonl_equals_json_dumps_on_raw(shared_data: Path, tmp_path: Path):
-    table = pa.concat_tables(b.table for b in read_input(InputSpec(path="raw"), shared_data))
-    (tmp_path / "train.jsonl").write_bytes(train_lines(table))
-    rows = table.select(["messages", "tools"]).to_pylist()
+def test_train_jsonl_equals_json_dumps_on_raw(raw_table, tmp_path: Path):
+    (tmp_path / "train.jsonl").write_bytes(train_lines(raw_table))
+    rows = raw_table.select(["messages", "tools"]).to_pylist()
     assert sum(1 for r in rows if r["tools"]) > 100  # the tool-calling sets take the Python path
     want = "".join(expected_line(r["messages"], r["tools"]) for r in rows)
     assert (tmp_path / "train.jsonl").read_bytes() == want.encode("utf-8")
