@@ -16,9 +16,9 @@ from curate.recipe import recipe_from_dict
 from curate.report.diff import NOT_DROPPED, diff_versions
 
 
-def run(tmp: Path, name: str, stages: list[dict], shared: Path) -> Path:
+def run(out: Path, stages: list[dict], shared: Path) -> Path:
     raw = {"inputs": [{"path": str(shared / "raw")}], "stages": stages}
-    return run_recipe(recipe_from_dict(raw, tmp), tmp / name).folder
+    return run_recipe(recipe_from_dict(raw, out.parent), out).folder
 
 
 def dedup(threshold: float) -> list[dict]:
@@ -26,12 +26,15 @@ def dedup(threshold: float) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory, shared_data) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("diff")
-    return {
-        "loose": run(tmp, "loose", dedup(0.9), shared_data),
-        "strict": run(tmp, "strict", dedup(0.8), shared_data),
-    }
+def out(tmp_path_factory) -> Path:
+    """One output folder for every version of raw/ here: a run takes the steps it shares with an
+    earlier one (reading raw/, normalize) from the folder's stage cache, as a user's runs do."""
+    return tmp_path_factory.mktemp("diff") / "out"
+
+
+@pytest.fixture(scope="module")
+def versions(out, shared_data) -> dict[str, Path]:
+    return {"loose": run(out, dedup(0.9), shared_data), "strict": run(out, dedup(0.8), shared_data)}
 
 
 def manifest(folder: Path) -> dict:
@@ -69,11 +72,11 @@ def test_counts_agree_with_both_manifests_and_every_removal_is_explained(version
     assert loose["languages"]["sample"] == 10_000
 
 
-def test_a_normalize_change_shows_as_changed_records(tmp_path, shared_data):
+def test_a_normalize_change_shows_as_changed_records(out, shared_data):
     # a system prompt no raw record has: every record's content, and so its id, changes
-    plain = run(tmp_path, "plain", [{"normalize": {}}], shared_data)
+    plain = run(out, [{"normalize": {}}], shared_data)
     prompt = {"system_prompt": "You answer for the curate diff test.", "system_prompt_mode": "replace"}
-    prompted = run(tmp_path, "prompted", [{"normalize": prompt}], shared_data)
+    prompted = run(out, [{"normalize": prompt}], shared_data)
     records = manifest(plain)["counts"]["kept"]
     assert manifest(prompted)["counts"]["kept"] == records == 85_669
     report = diff_versions(plain, prompted, sample=2)
