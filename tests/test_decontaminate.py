@@ -223,7 +223,7 @@ def test_gsm8k_train_is_not_flagged_wholesale_against_test(shared_data, cache):
     )
 
 
-def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, cache):
+def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, raw_table, cache):
     texts, truth = [], []
     for subject in MMLU:
         path = (
@@ -261,7 +261,7 @@ def test_mmlu_paraphrases_found_by_embedding_and_raw_left_alone(shared_data, cac
     assert (again.encoded, again._model) == (0, None)
 
     # every 250th record of raw/ (343 of 85,669, all shapes): paraphrase hits against MMLU are rare
-    sample = read(shared_data, "raw").gather_every(250)
+    sample = pl.from_arrow(raw_table).gather_every(250)
     raw_verdicts = run(sample, MMLU_SETS, shared_data, cache, methods=["embedding"])
     assert sample.height == 343
     assert len(flagged(raw_verdicts)) == 0 <= 0.01 * sample.height

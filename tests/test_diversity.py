@@ -16,7 +16,6 @@ from curate import selection
 from curate.embed import Embedder
 from curate.errors import RecipeError
 from curate.evalsets import load_eval_sets
-from curate.formats import InputSpec, read_input
 from curate.pipeline import run_recipe
 from curate.recipe import recipe_from_dict
 from curate.records import make_record, message, to_table
@@ -30,34 +29,26 @@ def stage(base: Path, seed: int = 0, **options) -> DiversityStage:
 
 
 @pytest.fixture(scope="module")
-def raw(shared_data) -> pa.Table:
-    records = [
-        r
-        for batch in read_input(InputSpec.from_recipe({"path": "raw"}, "t"), shared_data)
-        for r in batch.records
-    ]
-    return to_table(records)
+def vectors(raw_table, shared_data) -> np.ndarray:
+    features = stage(shared_data, k=1).features(raw_table)
+    return np.asarray(features["vector"].combine_chunks().values).reshape(raw_table.num_rows, -1)
 
 
-@pytest.fixture(scope="module")
-def vectors(raw, shared_data) -> np.ndarray:
-    features = stage(shared_data, k=1).features(raw)
-    return np.asarray(features["vector"].combine_chunks().values).reshape(raw.num_rows, -1)
-
-
-def test_kcenter_is_deterministic_per_seed_and_every_drop_names_its_nearest_kept(raw, vectors, shared_data):
-    first = stage(shared_data, method="kcenter", k=2000).apply(raw)
-    again = stage(shared_data, method="kcenter", k=2000).apply(raw)
-    other = stage(shared_data, seed=1, method="kcenter", k=2000).apply(raw)
-    assert first.kept.num_rows == 2000 and first.rows_in == raw.num_rows == 85_669
+def test_kcenter_is_deterministic_per_seed_and_every_drop_names_its_nearest_kept(
+    raw_table, vectors, shared_data
+):
+    first = stage(shared_data, method="kcenter", k=2000).apply(raw_table)
+    again = stage(shared_data, method="kcenter", k=2000).apply(raw_table)
+    other = stage(shared_data, seed=1, method="kcenter", k=2000).apply(raw_table)
+    assert first.kept.num_rows == 2000 and first.rows_in == raw_table.num_rows == 85_669
     assert first.kept["id"].to_pylist() == again.kept["id"].to_pylist()
     assert first.kept["id"].to_pylist() != other.kept["id"].to_pylist()
 
     # evidence: the nearest kept record by id and source, at the distance a brute-force search finds
-    kept_rows = np.setdiff1d(np.arange(raw.num_rows), first.drop_rows)
+    kept_rows = np.setdiff1d(np.arange(raw_table.num_rows), first.drop_rows)
     index, distance = selection.nearest(vectors, kept_rows)
-    ids = raw["id"].to_pylist()
-    refs = [f"{s['path']}:{s['row']}" for s in raw["source"].to_pylist()]
+    ids = raw_table["id"].to_pylist()
+    refs = [f"{s['path']}:{s['row']}" for s in raw_table["source"].to_pylist()]
     verdicts = first.verdicts()
     for row in first.drop_rows[::97]:  # a spread of ~830 of the 83,669 drops
         evidence = verdicts[row].evidence
@@ -138,11 +129,11 @@ def test_semdedup_merges_mmlu_rephrases_with_their_originals(shared_data, tmp_pa
     assert applied.kept.num_rows <= 2 * n - merged
 
 
-def test_curate_batching_equals_sentence_transformers(raw, tmp_path):
+def test_curate_batching_equals_sentence_transformers(raw_table, tmp_path):
     """The embedder tokenizes with the Rust tokenizer on all cores instead of letting
     sentence-transformers tokenize on one: the vectors must be the library's."""
-    rows = np.random.default_rng(2).choice(raw.num_rows, 150, replace=False)
-    texts = [m[0]["content"][:1024] for m in raw.take(rows)["messages"].to_pylist()]
+    rows = np.random.default_rng(2).choice(raw_table.num_rows, 150, replace=False)
+    texts = [m[0]["content"][:1024] for m in raw_table.take(rows)["messages"].to_pylist()]
     texts += ["", "x", "Übersetze: 这是一个测试。 " * 200]  # empty, one letter, long and non-Latin
     embedder = Embedder("", tmp_path, max_seq_length=128)
     ours = embedder.encode(texts)
@@ -154,18 +145,18 @@ def test_curate_batching_equals_sentence_transformers(raw, tmp_path):
     assert np.array_equal(again.encode(texts), ours) and again.encoded == 0 and again._model is None
 
 
-def test_cluster_shares_and_score_order(raw, vectors, shared_data):
+def test_cluster_shares_and_score_order(raw_table, vectors, shared_data):
     assert selection.quotas(np.array([5, 100, 100, 0]), 90, "equal").tolist() == [5, 43, 42, 0]
     assert selection.quotas(np.array([10, 30, 60]), 10, "proportional").tolist() == [1, 3, 6]
     # cluster: each of the 20 k-means clusters gives its equal share, chosen inside it
-    applied = stage(shared_data, method="cluster", k=500, clusters=20).apply(raw)
+    applied = stage(shared_data, method="cluster", k=500, clusters=20).apply(raw_table)
     labels, _ = selection.kmeans(vectors, 20, 0)  # the stage's own clustering (same vectors, seed)
-    kept = np.setdiff1d(np.arange(raw.num_rows), applied.drop_rows)
+    kept = np.setdiff1d(np.arange(raw_table.num_rows), applied.drop_rows)
     sizes = np.bincount(labels, minlength=20)
     assert np.bincount(labels[kept], minlength=20).tolist() == selection.quotas(sizes, 500, "equal").tolist()
 
     # score: the highest-scored record first, no two kept closer than min_distance, the budget met
-    sample = raw.slice(0, 3000)
+    sample = raw_table.slice(0, 3000)
     scores = np.random.default_rng(3).random(sample.num_rows)
     meta = pa.array([json.dumps({"quality": float(s)}) for s in scores])
     scored = sample.set_column(sample.schema.get_field_index("meta"), "meta", meta)
