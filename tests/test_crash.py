@@ -114,7 +114,7 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path: Path, shared_data: Pat
     assert killed_mid_run >= 15  # most kills land inside a run, not after it
 
     # one more, killed as soon as two steps (ingest and a stage) are in the cache: their work stays
-    shutil.rmtree(out / ".cache")
+    shutil.rmtree(out / ".cache", ignore_errors=True)  # under load the last kills may precede any cache
     process = start(target_recipe, out)
     while len(list((out / ".cache").glob("stages/*/done.json"))) < 2 and process.poll() is None:
         time.sleep(0.02)
