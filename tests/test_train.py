@@ -239,6 +239,35 @@ def test_packed_examples_do_not_attend_across_each_other(stories, tokenizer):
     torch.testing.assert_close(joint[n:], alone_b, atol=1e-4, rtol=1e-4)
 
 
+def test_the_step_loss_is_the_models_own_cross_entropy(stories, tokenizer, version, tmp_path):
+    """curate's step computes TRL's fused LM-head loss and none of TRL's per-step metrics (their host
+    syncs stall the GPU): on a packed batch it equals the model's own cross-entropy over the trained
+    tokens."""
+    from trl import SFTTrainer
+
+    from curate.train.model import load_model, lora_config
+    from curate.train.trainer import _dataset, _encode_splits, _sft_config, _trainer_class
+
+    recipe = load_recipe(TINY, {"max_steps": 1})
+    model = load_model(str(stories), recipe, tokenizer)
+    rows = _encode_splits(recipe, load_version(version), tokenizer, "chatml")[0][:24]
+    trainer = _trainer_class(SFTTrainer, model_loss=False)(
+        model=model,
+        peft_config=lora_config(recipe, model, tokenizer, []),
+        args=_sft_config(recipe, tmp_path, tokenizer, rows, on_gpu=False),
+        train_dataset=_dataset(rows),
+        eval_dataset=_dataset(rows[:2]),
+        processing_class=tokenizer,
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert (batch["position_ids"][0] == 0).sum() > 1  # several examples packed in a row
+    with torch.no_grad():
+        step = trainer.compute_loss(trainer.model, dict(batch))
+        own = trainer.model(**batch, use_cache=False).loss  # the model's forward with labels
+    torch.testing.assert_close(step, own, atol=1e-5, rtol=1e-5)
+    assert not trainer._metrics["train"]  # no entropy, token accuracy or token count was computed
+
+
 def test_holdout_is_by_record_id_deterministic_and_stable(version):
     v = load_version(version)
     assert len(v.ids) == 120 and v.template == "chatml"

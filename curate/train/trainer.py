@@ -86,16 +86,18 @@ def run_training(
     show_progress: bool = True,
     verbose: bool = False,
     bases: BaseModels | None = None,
+    callbacks: list | None = None,
 ) -> dict:
     """Train a QLoRA adapter on a version; returns metrics.json's content (gates included).
 
     The terminal shows one progress display (none with show_progress=False); the libraries' own
     logs, bars and warnings only with verbose (curate.train.console). Runs given the same `bases`
-    share the loaded base model and its measured figures (curate.train.session)."""
+    share the loaded base model and its measured figures (curate.train.session). `callbacks`
+    (transformers TrainerCallbacks) see the training loop, e.g. to profile steps."""
     from curate.train.console import TrainConsole
 
     with TrainConsole(show_progress, verbose) as console:
-        return _train(recipe_path, data_version, out_dir, overrides, console, bases)
+        return _train(recipe_path, data_version, out_dir, overrides, console, bases, callbacks or [])
 
 
 def _train(
@@ -105,6 +107,7 @@ def _train(
     overrides: dict | None,
     console: Any,
     bases: BaseModels | None,
+    callbacks: list,
 ) -> dict:
     import torch
     from transformers import set_seed
@@ -167,7 +170,11 @@ def _train(
             train_dataset=_dataset(train_rows),
             eval_dataset=eval_data,
             processing_class=tokenizer,
-            callbacks=[log] if recipe.save_steps else [log, _checkpoint_clock(recipe.checkpoint_minutes)],
+            callbacks=[
+                log,
+                *([] if recipe.save_steps else [_checkpoint_clock(recipe.checkpoint_minutes)]),
+                *callbacks,
+            ],
         )
         model = trainer.model
         trainer.scored = {"heldout": held_rows, **{name: rows for name, (_, rows) in eval_rows.items()}}
@@ -427,10 +434,13 @@ def use_liger(kernels: str, on_gpu: bool) -> bool:
 
 def _trainer_class(base: type, model_loss: bool) -> type:
     """SFTTrainer whose evaluation scores every eval set row by row (see `evaluate`) and is timed apart
-    (so tokens/s counts training alone); when tokens were added for the template, it trains with the
-    model's own loss: TRL's fused LM head reads `lm_head.weight` directly and would skip the trained
-    rows of the added tokens."""
+    (so tokens/s counts training alone), and whose step computes the loss and nothing else (see
+    `compute_loss`). When tokens were added for the template, it trains with the model's own loss:
+    TRL's fused LM head reads `lm_head.weight` directly and would skip the trained rows of the added
+    tokens."""
+    import torch
     from transformers import Trainer
+    from trl.trainer.utils import add_fused_lm_head
 
     from curate.train.gates import mean_loss, summed_losses
 
@@ -439,6 +449,14 @@ def _trainer_class(base: type, model_loss: bool) -> type:
         scored: dict[str, list[dict]] = {}  # eval set -> token rows that `evaluate` scores
         scoring_tokens = 0  # padded tokens per scoring pass
         sums: dict[str, tuple] = {}  # the last evaluation's (summed loss, trained tokens) per row, per set
+        lm_head_outputs: tuple[str, ...] = ("log_probs",)  # what the fused LM head computes per token
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if not model_loss:  # TRL's head also computes entropy and top-1 hits, for metrics we skip
+                inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                inner.__dict__.pop("forward", None)
+                add_fused_lm_head(inner, outputs=self.lm_head_outputs)
 
         def evaluate(self, *args: Any, base_cache: dict | None = None, **kwargs: Any) -> dict:
             """Each eval set's loss per trained token, from every row's own loss (kept in `sums` for
@@ -471,6 +489,21 @@ def _trainer_class(base: type, model_loss: bool) -> type:
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 inputs["use_cache"] = False
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        else:
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                """TRL's fused LM-head loss without TRL's per-step metrics: its entropy, token accuracy
+                and token count cost three host syncs a step, which stall the GPU until the host
+                catches up (on 8B shapes the step took 0.60 s with them, 0.42 s without:
+                bench/results/train_profile.md)."""
+                inputs["use_cache"] = False
+                outputs = model(**inputs, fused_lm_head=True)
+                count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+                loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * self.accelerator.num_processes  # DDP averages; the count spans ranks
+                return (loss, outputs) if return_outputs else loss
 
     return CurateSFTTrainer
 

@@ -1,0 +1,237 @@
+"""Where a training step's time goes: step time, GPU busy fraction and the top operators, per variant.
+
+`bench/train_speed.py` says how fast curate trains against TRL; this says why. Each variant is a curate
+configuration (micro batch, checkpointing, kernels) with, optionally, one change to what runs in a step
+(`PATCHES`), trained for a few dozen steps on the same rows as train_speed. It prints, per variant: the
+median step time after warm-up, tokens per step, tokens/s, memory as the loop starts and at its peak,
+the GPU's kernel time per step and its share of the step (low = the host is the bottleneck: Python,
+kernel launches, syncs), and the operators that take the most GPU and the most host time.
+
+  here:    python bench/train_gpu.py build      # stages the version (.gpu-data/version)
+  on GPU:  python bench/train_profile.py --model $CURATE_GPU_MODEL --workload smollm2
+  check:   python bench/train_profile.py --model DIR --workload smollm2 --smoke   # tiny, on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_speed import llama3_8b_shape, recipe_for, subset_version  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from curate.train.trainer import run_training  # noqa: E402
+
+
+@contextlib.contextmanager
+def trl_loss():
+    """TRL's own compute_loss, with its per-step metrics (entropy, token accuracy, token count: three
+    host syncs a step), as curate trained until it computed the loss alone."""
+    import curate.train.trainer as trainer_module
+
+    original = trainer_module._trainer_class
+
+    def with_trl_loss(base: type, model_loss: bool) -> type:
+        class WithTRLLoss(original(base, model_loss)):
+            lm_head_outputs = ("log_probs", "entropy", "is_top1")
+            compute_loss = base.compute_loss
+
+        return WithTRLLoss
+
+    trainer_module._trainer_class = with_trl_loss
+    try:
+        yield
+    finally:
+        trainer_module._trainer_class = original
+
+
+@contextlib.contextmanager
+def dequantized_once():
+    """Every 4-bit layer multiplies by its weight dequantized once and kept (the same bf16 values
+    bitsandbytes makes on every call), to see what dequantizing per call costs; it costs the memory of
+    a bf16 copy of the base."""
+    import bitsandbytes as bnb
+    import torch
+
+    original = bnb.nn.Linear4bit.forward
+
+    def forward(self, x):
+        weight = getattr(self, "_dequantized", None)
+        if weight is None:
+            weight = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+            self._dequantized = weight.to(self.compute_dtype or x.dtype)
+            weight = self._dequantized
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, self.bias).to(x.dtype)
+
+    bnb.nn.Linear4bit.forward = forward
+    try:
+        yield
+    finally:
+        bnb.nn.Linear4bit.forward = original
+
+
+PATCHES = {"none": contextlib.nullcontext, "trl_loss": trl_loss, "dequantized_once": dequantized_once}
+
+
+def config(micro_batch: int, checkpointing: bool, kernels: str = "auto", **more) -> dict:
+    return {
+        "micro_batch_size": micro_batch,
+        "gradient_checkpointing": checkpointing,
+        "kernels": kernels,
+        **more,
+    }
+
+
+MATCHED = config(1, True)  # train_speed's `matched`: about TRL's tokens per step and memory
+SMOL = {
+    "matched": (MATCHED, "none"),
+    "matched+trl_loss": (MATCHED, "trl_loss"),
+    "matched+dequantized_once": (MATCHED, "dequantized_once"),
+    "matched-liger": (config(1, True, "none"), "none"),
+    "seq1536": (config(1, True, sequence_len=1536), "none"),
+    "mb4+ckpt": (config(4, True), "none"),
+    "mb8+ckpt": (config(8, True), "none"),
+    "mb1-ckpt": (config(1, False), "none"),
+}
+BIG = {
+    "matched": (MATCHED, "none"),
+    "matched+trl_loss": (MATCHED, "trl_loss"),
+    "matched+log10": (config(1, True, logging_steps=10), "none"),
+    "seq1536": (config(1, True, sequence_len=1536), "none"),
+    "matched+dequantized_once": (MATCHED, "dequantized_once"),
+    "mb4-ckpt": (config(4, False), "none"),
+}
+WORKLOADS = {"smollm2": (1024, 800, SMOL), "llama3-8b-shape": (2048, 300, BIG)}
+
+
+class StepClock(TrainerCallback):
+    """The wall time and tokens of every step, and a torch profiler over a few steps."""
+
+    def __init__(self, profile_from: int, profile_steps: int) -> None:
+        import torch
+
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.profile_from, self.profile_steps = profile_from, profile_steps
+        self.profiler = None
+        self.cuda = torch.cuda.is_available()
+        self.start_memory_gb = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        import torch
+
+        if self.cuda:  # base, adapter and optimizer as the loop starts; the rest of the peak is the step's
+            self.start_memory_gb = torch.cuda.memory_allocated() / 1e9
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        import torch
+
+        self.times.append(time.perf_counter())
+        self.tokens.append(int(state.num_input_tokens_seen))
+        step = state.global_step
+        if step == self.profile_from:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                torch.cuda.synchronize()
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        elif step == self.profile_from + self.profile_steps and self.profiler is not None:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+
+
+def report(name: str, clock: StepClock, metrics: dict, skip: int, top: int) -> dict:
+    steps = [b - a for a, b in zip(clock.times[skip:], clock.times[skip + 1 :], strict=False)]
+    tokens = [b - a for a, b in zip(clock.tokens[skip:], clock.tokens[skip + 1 :], strict=False)]
+    step = statistics.median(steps) if steps else float("nan")
+    per_step = statistics.fmean(tokens) if tokens else 0.0
+    row = {
+        "variant": name,
+        "step_seconds": step,
+        "tokens_per_step": per_step,
+        "tokens_per_second": per_step / step if step else 0.0,
+        "peak_gpu_memory_gb": metrics.get("peak_gpu_memory_gb") or 0.0,
+        "start_gpu_memory_gb": clock.start_memory_gb,
+        "gpu_ms_per_step": None,
+        "gpu_busy": None,
+    }
+    prof = clock.profiler
+    if prof is None:
+        return row
+    averages = prof.key_averages()
+    device_key = "self_device_time_total"
+    if not hasattr(averages[0], device_key):  # torch before 2.4
+        device_key = "self_cuda_time_total"
+    if clock.cuda:  # kernel time per step against the unprofiled step: the profiler slows the host
+        kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type.name == "CUDA")
+        row["gpu_ms_per_step"] = kernel_us / 1e3 / clock.profile_steps
+        row["gpu_busy"] = row["gpu_ms_per_step"] / 1e3 / step
+    print(f"\n=== {name}: top operators by GPU time ({clock.profile_steps} steps) ===")
+    if clock.cuda:
+        print(averages.table(sort_by=device_key, row_limit=top, max_name_column_width=60))
+    print(f"\n=== {name}: top operators by host time ===")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, help="SmolLM2-135M-Instruct folder (its tokenizer serves both)"
+    )
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="smollm2")
+    parser.add_argument("--variants", help="comma-separated names (default: all of the workload's)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per variant")
+    parser.add_argument("--top", type=int, default=12, help="operators listed per table")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/train-profile-work"))
+    parser.add_argument("--smoke", action="store_true", help="tiny rows and steps, on the CPU")
+    args = parser.parse_args()
+    sequence_len, records, variants = WORKLOADS[args.workload]
+    if args.smoke:
+        sequence_len, records, args.steps = 128, 48, 6
+    model = args.model
+    if args.workload != "smollm2":
+        model = str(llama3_8b_shape(args.model, args.work, args.smoke))
+    version = subset_version(records, args.work)
+    names = args.variants.split(",") if args.variants else list(variants)
+    skip = max(2, args.steps // 3)
+    rows = []
+    for name in names:
+        settings, patch = variants[name]
+        clock = StepClock(profile_from=skip, profile_steps=3 if not args.smoke else 2)
+        recipe = recipe_for(model, sequence_len, settings, max_steps=args.steps)
+        print(f"[{args.workload}] {name} ...", flush=True)
+        with PATCHES[patch]():
+            metrics = run_training(recipe, version, args.work / "run", show_progress=False, callbacks=[clock])
+        rows.append(report(name, clock, metrics, skip, args.top))
+    print(
+        f"\n{args.workload}: median step after {skip} warm-up steps; GPU ms = kernel time per profiled "
+        "step; GPU busy = GPU ms / median step"
+    )
+    print("| variant | step s | tokens/step | tokens/s | GB at start | peak GB | GPU ms | GPU busy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        busy = (
+            f"{r['gpu_ms_per_step']:.0f} | {100 * r['gpu_busy']:.0f}%"
+            if r["gpu_busy"] is not None
+            else "- | -"
+        )
+        print(
+            f"| {r['variant']} | {r['step_seconds']:.3f} | {r['tokens_per_step']:,.0f} | "
+            f"{r['tokens_per_second']:,.0f} | {r['start_gpu_memory_gb']:.2f} | "
+            f"{r['peak_gpu_memory_gb']:.2f} | {busy} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
