@@ -154,9 +154,9 @@ def _gate_means(report: dict) -> dict:
 
 
 def test_runs_spread_over_two_devices_give_the_same_report(tmp_path):
-    """Two devices (CPU stand-ins: each run is a `curate train` process that sees one
-    CUDA_VISIBLE_DEVICES id): two runs at a time, each device used, the same figures as one device
-    in one process, and a lost run is the only one trained again."""
+    """Two devices (CPU stand-ins: a worker process per device that sees one CUDA_VISIBLE_DEVICES id
+    and trains run after run on one loaded base): two runs at a time, each device used, the same
+    figures as one device in one process, and a lost run is the only one trained again."""
     clean = _version(tmp_path, "clean", [])
     other = _version(tmp_path, "other", [{"instruction": "Name a prime number.", "output": "Seven."}] * 3)
     spec = {
@@ -179,11 +179,14 @@ def test_runs_spread_over_two_devices_give_the_same_report(tmp_path):
     two = ablate("two", "--devices", "0,1")
     assert all(p is None for runs in one["devices"].values() for p in runs)
     placed = [p for runs in two["devices"].values() for p in runs]
-    assert sorted(p["device"] for p in placed) == ["0", "0", "1", "1"]
+    assert len(placed) == 4 and {p["device"] for p in placed} == {"0", "1"}
+    for device in ("0", "1"):  # one process (one loaded base) per device, whatever it trained
+        assert len({p["process"] for p in placed if p["device"] == device}) == 1
+    assert not any(p["failed"] for p in placed)
     spans = sorted((p["started"], p["ended"]) for p in placed)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two ran at once
-    # one process trains every run on one loaded base (a fresh adapter each): the same figures as a
-    # process per run that loads its own
+    # a worker trains its runs on one loaded base, a fresh adapter each: the same figures as the
+    # ablation's own process on one device
     assert two["comparisons"] == one["comparisons"]
     assert _gate_means(two) == _gate_means(one) and len(_gate_means(one)["clean"]) >= 5
     assert two["tokens_seen"] == one["tokens_seen"]
@@ -194,3 +197,13 @@ def test_runs_spread_over_two_devices_give_the_same_report(tmp_path):
     again = ablate("two", "--devices", "0,1")
     assert {p: p.stat().st_mtime for p in kept} == kept and lost.is_file()
     assert again["comparisons"] == two["comparisons"]
+
+    # a run that fails stops the ablation with its name and the end of its log; finished runs stay
+    (other / "data.parquet").write_bytes(b"not parquet")
+    for seed in (0, 1):
+        (tmp_path / "two" / "other" / f"seed-{seed}" / "metrics.json").unlink()
+    args = ["ablate", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "two"), "--devices", "0,1"]
+    failed = CliRunner().invoke(main, args)
+    assert failed.exit_code != 0
+    assert "ablation run other seed" in failed.output and "only as written" in failed.output
+    assert all((tmp_path / "two" / "clean" / f"seed-{seed}" / "metrics.json").is_file() for seed in (0, 1))

@@ -259,68 +259,80 @@ def run_ablation(spec: Spec, show_progress: bool = True, say=print, devices: lis
 
 
 def schedule(spec: Spec, todo: list[tuple], settings: dict, devices: list[str], say) -> None:
-    """Runs spread over devices: each device trains one run at a time, in a `curate train` process
-    that sees only that device (CUDA_VISIBLE_DEVICES); a failed run stops the ablation once the
-    others in flight have finished (their results stay, and a re-run resumes)."""
-    waiting = list(todo)
-    busy: dict[str, tuple] = {}  # device -> (process, run, log)
-    failed = []
+    """Runs spread over devices: one worker process per device (curate.train.device_worker) that sees
+    only that device (CUDA_VISIBLE_DEVICES) and trains run after run on one loaded base, taking the
+    next unclaimed run when it is free. A failed run stops the ablation once the runs in flight have
+    finished (their results stay, and a re-run resumes)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    workers = spec.out / ".workers"
+    shutil.rmtree(workers, ignore_errors=True)  # an interrupted ablation's claims and stop sign
+    workers.mkdir(parents=True)
+    for *_, folder in todo:
+        (folder / "claim").unlink(missing_ok=True)
+        (folder / "device.json").unlink(missing_ok=True)
+    job = {
+        "train": str(spec.train),
+        "settings": settings,
+        "runs": [[name, str(version), seed, str(folder)] for name, version, seed, folder in todo],
+        "stop": str(workers / "stop"),
+    }
+    busy: dict[str, tuple] = {}  # device -> (process, log)
     try:
-        _drive(spec, waiting, busy, failed, settings, devices, say)
+        for device in devices[: len(todo)]:
+            path = workers / f"device-{device}.json"
+            cache = workers / f"base-{device}"  # two workers never convert a llama2.c base into one folder
+            path.write_text(json.dumps({**job, "device": device, "base_cache": str(cache)}))
+            log = open(workers / f"device-{device}.log", "w")  # noqa: SIM115 - closed when the worker ends
+            command = [sys.executable, "-m", "curate.train.device_worker", str(path)]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+            busy[device] = (subprocess.Popen(command, env=env, stdout=log, stderr=log), log)
+        _watch(todo, busy, workers, say)
     finally:  # interrupted (Ctrl-C, an error here): no training process is left running
-        for process, _, log in busy.values():
+        for process, log in busy.values():
             process.terminate()
             process.wait()
             log.close()
+    failed = [run for run in todo if (_placement(run[3]) or {}).get("failed")]
     if failed:
-        (name, _, seed, folder), code = failed[0]
+        name, _, seed, folder = failed[0]
         tail = (folder / "train.log").read_text()[-1500:]
         raise CurateError(
-            f"ablation run {name} seed {seed} failed (exit {code}); its log: {folder / 'train.log'}\n{tail}",
+            f"ablation run {name} seed {seed} failed; its log: {folder / 'train.log'}\n{tail}",
             hint="fix the cause and run curate ablate again: finished runs are kept",
+        )
+    lost = [run for run in todo if not (run[3] / "metrics.json").is_file()]
+    if lost:  # a worker died outside a run (killed, out of memory): its own log says why
+        logs = ", ".join(str(p) for p in sorted(workers.glob("device-*.log")))
+        raise CurateError(
+            f"{len(lost)} ablation runs did not finish, the first {lost[0][0]} seed {lost[0][2]}",
+            hint=f"the device workers' logs: {logs}; run curate ablate again to resume",
         )
 
 
-def _drive(
-    spec: Spec, waiting: list, busy: dict, failed: list, settings: dict, devices: list[str], say
-) -> None:
-    """Start runs on free devices and collect finished ones until none is left (or one failed)."""
-    import os
-    import subprocess
-    import sys
+def _watch(todo: list[tuple], busy: dict, workers: Path, say) -> None:
+    """Say which run starts on which device, until every worker has ended; a failed worker puts up
+    the stop sign so the others claim no more runs."""
     import time
 
-    while waiting or busy:
-        for device in devices:
-            if device not in busy and waiting and not failed:
-                name, version, seed, folder = run = waiting.pop(0)
-                folder.mkdir(parents=True, exist_ok=True)
-                args = [
-                    a
-                    for k, v in {**settings, "seed": seed}.items()
-                    for a in ("--set", f"{k}={json.dumps(v)}")
-                ]
-                command = [sys.executable, "-m", "curate", "train", str(spec.train), "--data", str(version)]
-                command += ["--out", str(folder), "--json", *args]
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-                log = open(folder / "train.log", "w")  # noqa: SIM115 - closed when the run ends
-                say(f"{name} seed {seed}: training on device {device}")
-                (folder / "device.json").write_text(json.dumps({"device": device, "started": time.time()}))
-                busy[device] = (subprocess.Popen(command, env=env, stdout=log, stderr=log), run, log)
-        for device, (process, run, log) in list(busy.items()):
-            if process.poll() is None:
-                continue
-            log.close()
-            del busy[device]
-            stamp = json.loads((run[3] / "device.json").read_text())
-            (run[3] / "device.json").write_text(json.dumps({**stamp, "ended": time.time()}))
-            if process.returncode != 0:
-                failed.append((run, process.returncode))
+    told: set[int] = set()
+    while any(process.poll() is None for process, _ in busy.values()):
+        for i, (name, _, seed, folder) in enumerate(todo):
+            placed = _placement(folder) if i not in told else None
+            if placed:
+                told.add(i)
+                say(f"{name} seed {seed}: training on device {placed['device']}")
+        if any(process.poll() not in (None, 0) for process, _ in busy.values()):
+            (workers / "stop").touch()
         time.sleep(0.2)
 
 
 def _placement(folder: Path) -> dict | None:
-    """Which device trained a run, and when (None: it ran in the ablation's own process)."""
+    """Which device and worker process trained a run, when, and whether it failed (None: it ran in the
+    ablation's own process)."""
     stamp = folder / "device.json"
     return json.loads(stamp.read_text()) if stamp.is_file() else None
 
