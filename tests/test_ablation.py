@@ -145,6 +145,19 @@ def test_a_tiny_ablation_runs_flags_contamination_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime for p in out.glob("*/seed-*/metrics.json")} == stamps  # nothing retrained
 
 
+def test_an_eval_item_copied_into_several_records_counts_once():
+    from curate.train.ablation import _contamination_lines
+
+    copies = [
+        {"eval_set": "gsm8k", "eval_id": str(i), "record": f"r{i}{k}"} for i in range(3) for k in range(4)
+    ]
+    once = [{"eval_set": "gsm8k", "eval_id": "7", "record": "r7"}]
+    assert _contamination_lines({"contamination": {"copied": copies, "once": once}}) == [
+        "copied: 3 eval items in its training data in 12 records (gsm8k:0, gsm8k:1, gsm8k:2)",
+        "once: 1 eval item in its training data (gsm8k:7)",
+    ]
+
+
 def _gate_means(report: dict) -> dict:
     """Every gate's mean per arm, less latency (a clock, not a result)."""
     return {

@@ -524,11 +524,15 @@ def _seconds(value: float | None) -> str:
 
 
 def _contamination_lines(report: dict) -> list[str]:
+    """Per arm, the eval items its training data holds, each named once (an item copied into several
+    records is one item; the records are counted apart)."""
     lines = []
-    for name, items in report["contamination"].items():
-        named = ", ".join(f"{c['eval_set']}:{c['eval_id']}" for c in items[:20])
-        more = " ..." if len(items) > 20 else ""
-        lines.append(f"{name}: {len(items)} eval items in its training data ({named}{more})")
+    for name, copies in report["contamination"].items():
+        items = list(dict.fromkeys(f"{c['eval_set']}:{c['eval_id']}" for c in copies))
+        named = ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+        records = f" in {len(copies)} records" if len(copies) != len(items) else ""
+        count = f"{len(items)} eval item{'s' if len(items) > 1 else ''}"
+        lines.append(f"{name}: {count} in its training data{records} ({named})")
     return lines
 
 
