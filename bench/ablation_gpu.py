@@ -4,14 +4,16 @@ Four arms, each a version built by the curate runner from the same mix of ../sha
 
   1. raw            the mix, normalized and filtered, no dedup
   2. dedup          (1) with exact and MinHash dedup
-  3. raw+gsm8k      (1) with the first 100 GSM8K test questions and answers mixed in
+  3. raw+gsm8k      (1) with the first 100 GSM8K test questions and answers mixed in (`--copies N`
+                    of each: at this token budget a single copy is trained at most once, too little
+                    for a 135M model to memorise it; copies show whether the memorisation check fires)
   4. decontaminated (3) decontaminated against GSM8K test (exact, n-gram, MinHash)
 
 Before any arm, 200 records of the mix are frozen (`curate freeze`): every arm's recipe
 decontaminates against them, and every arm is judged on them and on the first 200 GSM8K test
 items (100 of which arm 3 trained on). SmolLM2-135M-Instruct, 3 seeds, an equal token budget.
 
-  here:    python bench/ablation_gpu.py build       # versions, frozen set and spec in .gpu-data/ablation
+  here:    python bench/ablation_gpu.py build [--copies N]   # versions, frozen set, spec: .gpu-data/ablation
   on GPU:  python bench/ablation_gpu.py run --model $CURATE_GPU_MODEL --out $OUT/ablation
 """
 
@@ -90,8 +92,9 @@ def _run(recipe: dict, folder: Path) -> Path:
     return (out / "latest").resolve()
 
 
-def build() -> None:
-    """Build the four arm versions, the frozen set and the ablation spec here (polars, no GPU)."""
+def build(copies: int = 1) -> None:
+    """Build the four arm versions, the frozen set and the ablation spec here (polars, no GPU); arm 3
+    holds `copies` copies of each planted GSM8K test item (its version is not deduplicated)."""
     shutil.rmtree(STAGE, ignore_errors=True)
     STAGE.mkdir(parents=True)
     work = STAGE / "work"
@@ -104,6 +107,7 @@ def build() -> None:
         "".join(
             json.dumps({"instruction": i["question"], "output": i["answer"]}) + "\n"
             for i in gsm8k[:GSM8K_MIXED]
+            for _ in range(copies)
         )
     )
     judged = STAGE / "gsm8k_test_judged.jsonl"
@@ -198,13 +202,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build")
+    b = sub.add_parser("build")
+    b.add_argument("--copies", type=int, default=1, help="copies of each planted GSM8K item in arm 3")
     r = sub.add_parser("run")
     r.add_argument("--model", required=True)
     r.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.cmd == "build":
-        build()
+        build(args.copies)
     else:
         run(args.model, args.out)
 
