@@ -2,10 +2,11 @@
 
 `bench/train_speed.py` says how fast curate trains against TRL; this says why. Each variant is a curate
 configuration (micro batch, checkpointing, kernels) with, optionally, one change to what runs in a step
-(`PATCHES`), trained for a few dozen steps on the same rows as train_speed. It prints, per variant: the
-median step time after warm-up, tokens per step, tokens/s, memory as the loop starts and at its peak,
-the GPU's kernel time per step and its share of the step (low = the host is the bottleneck: Python,
-kernel launches, syncs), and the operators that take the most GPU and the most host time.
+(`PATCHES`), trained for a few dozen steps on the same rows as train_speed, twice in mirrored order
+after a discarded warm-up training. It prints, per variant: the median step time after warm-up,
+tokens per step, tokens/s, memory as the loop starts and at its peak, the GPU's kernel time per step
+and its share of the step (low = the host is the bottleneck: Python, kernel launches, syncs), and the
+operators that take the most GPU and the most host time.
 
   here:    python bench/train_gpu.py build      # stages the version (.gpu-data/version)
   on GPU:  python bench/train_profile.py --model $CURATE_GPU_MODEL --workload smollm2
@@ -113,7 +114,7 @@ WORKLOADS = {"smollm2": (1024, 800, SMOL), "llama3-8b-shape": (2048, 300, BIG)}
 class StepClock(TrainerCallback):
     """The wall time and tokens of every step, and a torch profiler over a few steps."""
 
-    def __init__(self, profile_from: int, profile_steps: int) -> None:
+    def __init__(self, profile_from: int | None, profile_steps: int) -> None:
         import torch
 
         self.times: list[float] = []
@@ -142,7 +143,7 @@ class StepClock(TrainerCallback):
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
-        elif step == self.profile_from + self.profile_steps and self.profiler is not None:
+        elif self.profiler is not None and step == self.profile_from + self.profile_steps:
             if self.cuda:
                 torch.cuda.synchronize()
             self.profiler.__exit__(None, None, None)
@@ -157,11 +158,9 @@ def report(name: str, clock: StepClock, metrics: dict, skip: int, top: int) -> d
         "variant": name,
         "step_seconds": step,
         "tokens_per_step": per_step,
-        "tokens_per_second": per_step / step if step else 0.0,
         "peak_gpu_memory_gb": metrics.get("peak_gpu_memory_gb") or 0.0,
         "start_gpu_memory_gb": clock.start_memory_gb,
         "gpu_ms_per_step": None,
-        "gpu_busy": None,
     }
     prof = clock.profiler
     if prof is None:
@@ -173,7 +172,6 @@ def report(name: str, clock: StepClock, metrics: dict, skip: int, top: int) -> d
     if clock.cuda:  # kernel time per step against the unprofiled step: the profiler slows the host
         kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type.name == "CUDA")
         row["gpu_ms_per_step"] = kernel_us / 1e3 / clock.profile_steps
-        row["gpu_busy"] = row["gpu_ms_per_step"] / 1e3 / step
     print(f"\n=== {name}: top operators by GPU time ({clock.profile_steps} steps) ===")
     if clock.cuda:
         print(averages.table(sort_by=device_key, row_limit=top, max_name_column_width=60))
@@ -205,31 +203,39 @@ def main() -> None:
     version = subset_version(records, args.work)
     names = args.variants.split(",") if args.variants else list(variants)
     skip = max(2, args.steps // 3)
-    rows = []
-    for name in names:
+
+    def train(name: str, steps: int, profile: bool) -> tuple[StepClock, dict]:
         settings, patch = variants[name]
-        clock = StepClock(profile_from=skip, profile_steps=3 if not args.smoke else 2)
-        recipe = recipe_for(model, sequence_len, settings, max_steps=args.steps)
-        print(f"[{args.workload}] {name} ...", flush=True)
+        clock = StepClock(profile_from=skip if profile else None, profile_steps=3 if not args.smoke else 2)
+        recipe = recipe_for(model, sequence_len, settings, max_steps=steps)
         with PATCHES[patch]():
             metrics = run_training(recipe, version, args.work / "run", show_progress=False, callbacks=[clock])
-        rows.append(report(name, clock, metrics, skip, args.top))
+        return clock, metrics
+
+    # the first training in a process runs slower whoever goes first: a discarded one, then every
+    # variant twice in mirrored order (each once early and once late), profiled on its first run
+    train(names[0], skip + 2, profile=False)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for name in [*names, *reversed(names)]:
+        print(f"[{args.workload}] {name} ...", flush=True)
+        clock, metrics = train(name, args.steps, profile=not runs[name])
+        runs[name].append(report(name, clock, metrics, skip, args.top))
     print(
-        f"\n{args.workload}: median step after {skip} warm-up steps; GPU ms = kernel time per profiled "
-        "step; GPU busy = GPU ms / median step"
+        f"\n{args.workload}: median step after {skip} warm-up steps, the mean of two runs in mirrored "
+        "order (each run's in brackets); GPU ms = kernel time per profiled step; GPU busy = GPU ms / step"
     )
-    print("| variant | step s | tokens/step | tokens/s | GB at start | peak GB | GPU ms | GPU busy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        busy = (
-            f"{r['gpu_ms_per_step']:.0f} | {100 * r['gpu_busy']:.0f}%"
-            if r["gpu_busy"] is not None
-            else "- | -"
-        )
+    print("| variant | step s (runs) | tokens/step | tokens/s | GB at start | peak GB | GPU ms | GPU busy |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, results in runs.items():
+        step = statistics.fmean(r["step_seconds"] for r in results)
+        per_step = statistics.fmean(r["tokens_per_step"] for r in results)
+        gpu_ms = results[0]["gpu_ms_per_step"]
+        busy = "- | -" if gpu_ms is None else f"{gpu_ms:.0f} | {100 * gpu_ms / 1e3 / step:.0f}%"
+        each = ", ".join(f"{r['step_seconds']:.3f}" for r in results)
         print(
-            f"| {r['variant']} | {r['step_seconds']:.3f} | {r['tokens_per_step']:,.0f} | "
-            f"{r['tokens_per_second']:,.0f} | {r['start_gpu_memory_gb']:.2f} | "
-            f"{r['peak_gpu_memory_gb']:.2f} | {busy} |"
+            f"| {name} | {step:.3f} ({each}) | {per_step:,.0f} | {per_step / step:,.0f} | "
+            f"{results[0]['start_gpu_memory_gb']:.2f} | "
+            f"{max(r['peak_gpu_memory_gb'] for r in results):.2f} | {busy} |"
         )
 
 
