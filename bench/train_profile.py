@@ -105,16 +105,68 @@ BIG = {
     "matched+trl_loss": (MATCHED, "trl_loss"),
     "matched+log10": (config(1, True, logging_steps=10), "none"),
     "seq1536": (config(1, True, sequence_len=1536), "none"),
+    "mb2+ckpt": (config(2, True), "none"),
     "matched+dequantized_once": (MATCHED, "dequantized_once"),
     "mb4-ckpt": (config(4, False), "none"),
 }
 WORKLOADS = {"smollm2": (1024, 800, SMOL), "llama3-8b-shape": (2048, 300, BIG)}
 
 
-class StepClock(TrainerCallback):
-    """The wall time and tokens of every step, and a torch profiler over a few steps."""
+LIBRARIES = ("peft", "bitsandbytes", "liger_kernel", "trl", "transformers", "accelerate", "curate")
 
-    def __init__(self, profile_from: int | None, profile_steps: int) -> None:
+
+def allocation_site(frames: list[dict]) -> str:
+    """Where a block was allocated: the innermost frame in a training library (torch's own frames
+    say little), marked `recompute` when checkpointing's second forward made it and `backward` when
+    the autograd engine did (its C++ operators have no Python frame of their own)."""
+    names = {f["name"] for f in frames}
+    phase = "forward"
+    if "recompute_fn" in names or "unpack_hook" in names:
+        phase = "recompute"
+    elif "_engine_run_backward" in names or "backward" in names:
+        phase = "backward"
+    for frame in frames:
+        path = frame["filename"].replace("\\", "/")
+        for library in LIBRARIES:
+            if f"/{library}/" in path:
+                where = path.split(f"/{library}/", 1)[1]
+                return f"{phase}: {library}/{where}:{frame['line']} {frame['name']}"
+    return f"{phase}: (no library frame)"
+
+
+def memory_at_peak(events: list[dict], before_bytes: int, top: int) -> tuple[int, list[tuple]]:
+    """The bytes allocated at the step's peak and the blocks live then that the step allocated,
+    grouped by `allocation_site`: a replay of the allocator's trace (torch.cuda.memory's history) from
+    `before_bytes`, the memory allocated when recording began."""
+    total = peak = 0
+    peak_at = -1
+    for i, event in enumerate(events):
+        if event["action"] == "alloc":
+            total += event["size"]
+        elif event["action"] == "free_requested":  # allocated bytes drop here
+            total -= event["size"]
+        if total > peak:
+            peak, peak_at = total, i
+    live: dict[int, dict] = {}
+    for event in events[: peak_at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] == "free_requested":  # allocated bytes drop here
+            live.pop(event["addr"], None)
+    sites: dict[str, list[int]] = {}
+    for block in live.values():
+        entry = sites.setdefault(allocation_site(block.get("frames") or []), [0, 0])
+        entry[0] += block["size"]
+        entry[1] += 1
+    ranked = sorted(((b, n, site) for site, (b, n) in sites.items()), reverse=True)
+    return before_bytes + peak, ranked[:top]
+
+
+class StepClock(TrainerCallback):
+    """The wall time and tokens of every step, a torch profiler over a few steps and, optionally, the
+    allocator's trace of one step (what is live at its memory peak)."""
+
+    def __init__(self, profile_from: int | None, profile_steps: int, memory_step: int | None = None) -> None:
         import torch
 
         self.times: list[float] = []
@@ -123,6 +175,17 @@ class StepClock(TrainerCallback):
         self.profiler = None
         self.cuda = torch.cuda.is_available()
         self.start_memory_gb = 0.0
+        self.memory_step = memory_step if self.cuda else None
+        self.memory_before = 0
+        self.memory_peak: tuple[int, list[tuple]] | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        import torch
+
+        if state.global_step == self.memory_step:
+            torch.cuda.synchronize()
+            self.memory_before = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         import torch
@@ -136,6 +199,12 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter())
         self.tokens.append(int(state.num_input_tokens_seen))
         step = state.global_step
+        if self.memory_step is not None and step == self.memory_step + 1:
+            torch.cuda.synchronize()
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            events = snapshot["device_traces"][torch.cuda.current_device()]
+            self.memory_peak = memory_at_peak(events, self.memory_before, top=25)
         if step == self.profile_from:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
@@ -177,6 +246,16 @@ def report(name: str, clock: StepClock, metrics: dict, skip: int, top: int) -> d
         print(averages.table(sort_by=device_key, row_limit=top, max_name_column_width=60))
     print(f"\n=== {name}: top operators by host time ===")
     print(averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+    if clock.memory_peak is not None:
+        peak, sites = clock.memory_peak
+        print(
+            f"\n=== {name}: memory at one step's peak: {peak / 1e9:.2f} GB, of which "
+            f"{clock.memory_before / 1e9:.2f} GB were allocated as the step began; the rest, by where it "
+            "was allocated ==="
+        )
+        print("| GB | blocks | site |\n| ---: | ---: | --- |")
+        for size, count, site in sites:
+            print(f"| {size / 1e9:.3f} | {count} | {site} |")
     return row
 
 
@@ -193,6 +272,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="operators listed per table")
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-profile-work"))
     parser.add_argument("--smoke", action="store_true", help="tiny rows and steps, on the CPU")
+    parser.add_argument(
+        "--memory", action="store_true", help="trace one step's allocations: what is live at its peak (GPU)"
+    )
     args = parser.parse_args()
     sequence_len, records, variants = WORKLOADS[args.workload]
     if args.smoke:
@@ -206,7 +288,9 @@ def main() -> None:
 
     def train(name: str, steps: int, profile: bool) -> tuple[StepClock, dict]:
         settings, patch = variants[name]
-        clock = StepClock(profile_from=skip if profile else None, profile_steps=3 if not args.smoke else 2)
+        profile_steps = 3 if not args.smoke else 2
+        memory_step = skip + profile_steps + 1 if profile and args.memory else None
+        clock = StepClock(skip if profile else None, profile_steps, memory_step)
         recipe = recipe_for(model, sequence_len, settings, max_steps=steps)
         with PATCHES[patch]():
             metrics = run_training(recipe, version, args.work / "run", show_progress=False, callbacks=[clock])
