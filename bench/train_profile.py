@@ -112,59 +112,22 @@ BIG = {
 WORKLOADS = {"smollm2": (1024, 800, SMOL), "llama3-8b-shape": (2048, 300, BIG)}
 
 
-LIBRARIES = ("peft", "bitsandbytes", "liger_kernel", "trl", "transformers", "accelerate", "curate")
+def memory_at_peak(profiler, device: str) -> tuple[int, dict[str, int]]:
+    """The bytes live at the traced step's memory peak, by what the profiler says each tensor is
+    (parameter, optimizer state, gradient, activation, temporary, ...). torch's allocator history
+    (`torch.cuda.memory._record_memory_history`) would name the line, but on torch 2.11 it breaks
+    autograd Functions under activation checkpointing (pytorch/pytorch#179536)."""
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
 
-
-def allocation_site(frames: list[dict]) -> str:
-    """Where a block was allocated: the innermost frame in a training library (torch's own frames
-    say little), marked `recompute` when checkpointing's second forward made it and `backward` when
-    the autograd engine did (its C++ operators have no Python frame of their own)."""
-    names = {f["name"] for f in frames}
-    phase = "forward"
-    if "recompute_fn" in names or "unpack_hook" in names:
-        phase = "recompute"
-    elif "_engine_run_backward" in names or "backward" in names:
-        phase = "backward"
-    for frame in frames:
-        path = frame["filename"].replace("\\", "/")
-        for library in LIBRARIES:
-            if f"/{library}/" in path:
-                where = path.split(f"/{library}/", 1)[1]
-                return f"{phase}: {library}/{where}:{frame['line']} {frame['name']}"
-    return f"{phase}: (no library frame)"
-
-
-def memory_at_peak(events: list[dict], before_bytes: int, top: int) -> tuple[int, list[tuple]]:
-    """The bytes allocated at the step's peak and the blocks live then that the step allocated,
-    grouped by `allocation_site`: a replay of the allocator's trace (torch.cuda.memory's history) from
-    `before_bytes`, the memory allocated when recording began."""
-    total = peak = 0
-    peak_at = -1
-    for i, event in enumerate(events):
-        if event["action"] == "alloc":
-            total += event["size"]
-        elif event["action"] == "free_requested":  # allocated bytes drop here
-            total -= event["size"]
-        if total > peak:
-            peak, peak_at = total, i
-    live: dict[int, dict] = {}
-    for event in events[: peak_at + 1]:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-        elif event["action"] == "free_requested":  # allocated bytes drop here
-            live.pop(event["addr"], None)
-    sites: dict[str, list[int]] = {}
-    for block in live.values():
-        entry = sites.setdefault(allocation_site(block.get("frames") or []), [0, 0])
-        entry[0] += block["size"]
-        entry[1] += 1
-    ranked = sorted(((b, n, site) for site, (b, n) in sites.items()), reverse=True)
-    return before_bytes + peak, ranked[:top]
+    _, sizes = MemoryProfileTimeline(profiler._memory_profile())._coalesce_timeline(device)
+    peak = max(sizes, key=sum)
+    names = [category.name.lower() if category else "unknown" for category in _CATEGORY_TO_INDEX]
+    return sum(peak), {name: peak[i + 1] for i, name in enumerate(names) if peak[i + 1]}
 
 
 class StepClock(TrainerCallback):
-    """The wall time and tokens of every step, a torch profiler over a few steps and, optionally, the
-    allocator's trace of one step (what is live at its memory peak)."""
+    """The wall time and tokens of every step, a torch profiler over a few steps and, optionally, a
+    memory profile of one step (what is live at its peak, by kind)."""
 
     def __init__(self, profile_from: int | None, profile_steps: int, memory_step: int | None = None) -> None:
         import torch
@@ -176,16 +139,20 @@ class StepClock(TrainerCallback):
         self.cuda = torch.cuda.is_available()
         self.start_memory_gb = 0.0
         self.memory_step = memory_step if self.cuda else None
-        self.memory_before = 0
-        self.memory_peak: tuple[int, list[tuple]] | None = None
+        self.memory_profiler = None
+        self.memory_peak: tuple[int, dict[str, int]] | None = None
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         import torch
 
         if state.global_step == self.memory_step:
-            torch.cuda.synchronize()
-            self.memory_before = torch.cuda.memory_allocated()
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+            self.memory_profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                profile_memory=True,
+                record_shapes=True,
+                with_stack=True,
+            )
+            self.memory_profiler.__enter__()
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         import torch
@@ -201,10 +168,11 @@ class StepClock(TrainerCallback):
         step = state.global_step
         if self.memory_step is not None and step == self.memory_step + 1:
             torch.cuda.synchronize()
-            snapshot = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
-            events = snapshot["device_traces"][torch.cuda.current_device()]
-            self.memory_peak = memory_at_peak(events, self.memory_before, top=25)
+            self.memory_profiler.__exit__(None, None, None)
+            try:  # a private API of torch's: a failure here must not cost the run
+                self.memory_peak = memory_at_peak(self.memory_profiler, f"cuda:{torch.cuda.current_device()}")
+            except Exception as error:  # noqa: BLE001
+                print(f"memory categories failed: {error!r}", flush=True)
         if step == self.profile_from:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
@@ -247,15 +215,11 @@ def report(name: str, clock: StepClock, metrics: dict, skip: int, top: int) -> d
     print(f"\n=== {name}: top operators by host time ===")
     print(averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
     if clock.memory_peak is not None:
-        peak, sites = clock.memory_peak
-        print(
-            f"\n=== {name}: memory at one step's peak: {peak / 1e9:.2f} GB, of which "
-            f"{clock.memory_before / 1e9:.2f} GB were allocated as the step began; the rest, by where it "
-            "was allocated ==="
+        peak, categories = clock.memory_peak
+        shares = ", ".join(
+            f"{kind} {size / 1e9:.2f}" for kind, size in sorted(categories.items(), key=lambda c: -c[1])
         )
-        print("| GB | blocks | site |\n| ---: | ---: | --- |")
-        for size, count, site in sites:
-            print(f"| {size / 1e9:.3f} | {count} | {site} |")
+        print(f"\n=== {name}: memory at one step's peak: {peak / 1e9:.2f} GB ({shares}) ===")
     return row
 
 
@@ -273,7 +237,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-profile-work"))
     parser.add_argument("--smoke", action="store_true", help="tiny rows and steps, on the CPU")
     parser.add_argument(
-        "--memory", action="store_true", help="trace one step's allocations: what is live at its peak (GPU)"
+        "--memory", action="store_true", help="profile one step's memory: what is live at its peak (GPU)"
     )
     args = parser.parse_args()
     sequence_len, records, variants = WORKLOADS[args.workload]
