@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -266,6 +267,52 @@ def test_the_step_loss_is_the_models_own_cross_entropy(stories, tokenizer, versi
         own = trainer.model(**batch, use_cache=False).loss  # the model's forward with labels
     torch.testing.assert_close(step, own, atol=1e-5, rtol=1e-5)
     assert not trainer._metrics["train"]  # no entropy, token accuracy or token count was computed
+
+
+def test_scoring_equals_whole_pass_cross_entropy_without_float32_logits_of_a_pass(
+    stories, tokenizer, version, monkeypatch
+):
+    """Eval losses are scored a slice of trained positions at a time: the same per-row sums as one
+    float32 cross-entropy over a whole pass, but no float32 logits of the whole pass (on Llama-3-8B
+    those made scoring, not training, set a run's peak memory)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from curate.train import gates
+    from curate.train.model import load_model
+    from curate.train.trainer import _encode_splits
+
+    recipe = load_recipe(TINY)
+    model = load_model(str(stories), recipe, tokenizer).eval()
+    rows = _encode_splits(recipe, load_version(version), tokenizer, "chatml")[0][:12]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(gates, "SCORED_LOGITS", 8 * vocab)  # 8 positions a slice
+
+    class LargestFloat32Logits(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape[-1:] == (vocab,):
+                    if func not in (torch.ops.aten.mm.default, torch.ops.aten.view.default):  # the head
+                        self.rows = max(self.rows, t.numel() // vocab)
+            return out
+
+    with LargestFloat32Logits() as watch:
+        total, count = gates.summed_losses(model, rows, tokenizer.pad_token_id, 4096)
+    assert watch.rows <= 8
+    alone = gates.summed_losses(model, rows, tokenizer.pad_token_id, 1)  # a pass per row: no padding
+    np.testing.assert_allclose(total, alone[0], rtol=5e-3)  # batch shapes change bf16 rounding only
+    total, count = alone
+
+    for i, row in enumerate(rows):  # each row alone, the whole pass in float32
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor(row["labels"][1:])
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits.float()[0, :-1]
+        own = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        assert count[i] == int((labels != -100).sum()) > 0
+        assert total[i] == pytest.approx(float(own), rel=1e-5)
 
 
 def test_holdout_is_by_record_id_deterministic_and_stable(version):

@@ -112,11 +112,11 @@ def loglikelihoods(
                 ids = encoded[i][0][:-1]
                 inputs[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-            logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits.float()
-            for row, i in enumerate(chunk):
+            logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits
+            for row, i in enumerate(chunk):  # float32 for the few scored positions only
                 ids, n = encoded[i]
                 end = len(ids) - 1
-                picked = torch.log_softmax(logits[row, end - n : end], dim=-1)
+                picked = torch.log_softmax(logits[row, end - n : end].float(), dim=-1)
                 target = torch.tensor(ids[len(ids) - n :], device=picked.device)
                 scores[i] = float(picked.gather(1, target[:, None]).sum())
     return scores

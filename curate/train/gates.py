@@ -109,14 +109,30 @@ def summed_losses(model: Any, rows: list[dict], pad_id: int, max_tokens: int) ->
                 ids[j, :n] = torch.tensor(r["input_ids"])
                 labels[j, :n] = torch.tensor(r["labels"])
                 mask[j, :n] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(dev)
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none"
-            ).view(len(chunk), -1)
-            total[picked] = loss.sum(dim=1).cpu().numpy()
-            count[picked] = (shift_labels != IGNORE).sum(dim=1).cpu().numpy()
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            losses = token_losses(logits[:, :-1], labels[:, 1:].to(dev))
+            total[picked] = losses.sum(dim=1).cpu().numpy()
+            count[picked] = (labels[:, 1:] != IGNORE).sum(dim=1).numpy()
     return total, count
+
+
+SCORED_LOGITS = 2**25  # float32 logits scored at a time (128 MB): about 260 positions of a 128K vocabulary
+
+
+def token_losses(logits: Any, labels: Any) -> Any:
+    """Each position's cross-entropy in float32 (0 where the label is IGNORE), from logits in the model's
+    dtype. Only trained positions are scored, a slice at a time: a float32 copy of a whole pass's logits
+    (2 x 2048 x 128K for Llama-3-8B: 2 GB, and as much again for the log-softmax) would make scoring,
+    not training, set a run's peak memory."""
+    import torch
+
+    losses = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+    step = max(1, SCORED_LOGITS // logits.size(-1))
+    for a in range(0, len(rows), step):
+        r, c = rows[a : a + step], cols[a : a + step]
+        losses[r, c] = torch.nn.functional.cross_entropy(logits[r, c].float(), labels[r, c], reduction="none")
+    return losses
 
 
 def generate(
