@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from curate.train.ablation import paired_interval, verdict
+from curate.train.ablation import memorisation_interval, paired_interval, verdict
 from tests.conftest import EXAMPLES, REPO
 
 
@@ -58,6 +58,25 @@ def test_the_interval_holds_the_noise_between_seeds():
     assert verdict(paired_interval(arm.mean(axis=0), base.mean(axis=0), 2000)) == "better"
     steady = base.mean(axis=0) - 0.05 + rng.normal(0, 0.005, (3, items))  # the same gain in every seed
     assert verdict(paired_interval(steady, base, 2000)) == "better"
+
+
+def test_memorisation_is_the_trained_items_extra_gain_not_their_own_loss():
+    """Memorisation is what the trained items gained over the baseline beyond the clean items' gain.
+    Trained items that were simply easier (lower loss in both arms) show no memorisation; items that
+    gained more than the rest do."""
+    rng = np.random.default_rng(3)
+    hardness = rng.uniform(1.0, 2.0, 200)
+    hardness[:50] -= 0.5  # the planted items happen to be easier
+    trained = np.arange(200) < 50
+    base = hardness + rng.normal(0, 0.02, (3, 200))
+    learned_the_kind = base - 0.3 + rng.normal(0, 0.02, (3, 200))  # every item gains the same
+    gap = memorisation_interval(learned_the_kind, base, trained, 2000)
+    assert learned_the_kind[:, trained].mean() < learned_the_kind[:, ~trained].mean() - 0.4  # a raw "gap"
+    assert gap["low"] < 0 < gap["high"] and abs(gap["mean"]) < 0.01
+    memorised = learned_the_kind - 0.1 * trained  # the trained items gain 0.1 more
+    gap = memorisation_interval(memorised, base, trained, 2000)
+    assert gap["high"] < 0 and gap["mean"] == pytest.approx(-0.1, abs=0.01)
+    assert (gap["trained"], gap["clean"]) == (50, 150)
 
 
 def _version(tmp_path: Path, name: str, extra: list[dict]) -> Path:
@@ -121,8 +140,10 @@ def test_a_tiny_ablation_runs_flags_contamination_and_resumes(tmp_path):
     assert sorted(entry["contaminated"]["items"]) == sorted(i["id"] for i in planted)
     (line,) = report["verdicts"]
     assert line.startswith(f"dirty vs clean on demo_eval: {entry['verdict']}") and "CONTAMINATED" in line
-    gap = entry["contaminated"]["loss_contaminated"] < entry["contaminated"]["loss_clean"]
-    assert ("the gap is memorisation" in line) == gap  # said only when the trained items show it
+    memorised = entry["contaminated"]["memorisation"]
+    assert (memorised["trained"], memorised["clean"]) == (len(planted), len(items) - len(planted))
+    assert ("; memorisation: the items it trained on gained more" in line) == (memorised["high"] < 0)
+    assert f"trained items minus clean ones: {memorised['mean']:+.4f}" in line
     assert all(i["id"] in line for i in planted)
     clean_part = entry["contaminated"]["clean_difference"]
     assert clean_part["items"] == len(items) - len(planted)  # judged again on the items it never saw

@@ -6,9 +6,11 @@ benchmarks) go into every run, and each item's own loss is kept, so arms are com
 the difference of the per-item losses (averaged over seeds) against the baseline arm, with a paired
 bootstrap interval over items. An interval wholly below zero is "better", wholly above "worse",
 else "no detectable difference". Before judging, every arm's version is checked for exact copies of
-the eval items: an arm that trained on eval items is flagged, the items are named, and their loss is
-shown beside the clean items' (memorisation shows as a gap), so a "win" bought by contamination is
-called what it is.
+the eval items: an arm that trained on eval items is flagged, the items are named, their loss is
+shown beside the clean items', and memorisation is measured as how much more the trained items
+gained over the baseline than the clean ones did (each item against itself, so hard and easy items do
+not pass for a gap). The arm is judged again on the clean items alone, so a "win" bought by
+contamination is called what it is.
 
 Finished runs (a metrics.json in their folder) are not run again: an interrupted ablation resumes.
 """
@@ -133,16 +135,38 @@ def paired_interval(arm: np.ndarray, base: np.ndarray, resamples: int, seed: int
     items = arm2.shape[1]
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, items, size=(resamples, items))
-
-    def seed_means(losses: np.ndarray) -> np.ndarray:  # (resamples, items): per draw, a seed average
-        picked = rng.integers(0, losses.shape[0], size=(resamples, losses.shape[0]))
-        return losses[picked].mean(axis=1)
-
-    diff = seed_means(arm2) - seed_means(base2)
+    diff = _seed_means(arm2, rng, resamples) - _seed_means(base2, rng, resamples)
     means = np.take_along_axis(diff, draws, axis=1).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     mean = float(arm2.mean() - base2.mean())
     return {"mean": mean, "low": float(low), "high": float(high), "items": items, "seeds": arm2.shape[0]}
+
+
+def _seed_means(losses: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """Per resample, each item's loss averaged over seeds drawn with replacement (resamples x items)."""
+    picked = rng.integers(0, losses.shape[0], size=(resamples, losses.shape[0]))
+    return losses[picked].mean(axis=1)
+
+
+def memorisation_interval(
+    arm: np.ndarray, base: np.ndarray, trained: np.ndarray, resamples: int, seed: int = 0
+) -> dict:
+    """How much more an arm gained (arm - base, lower is better) on the eval items it trained on than
+    on the clean ones, with a 95% bootstrap interval: items drawn with replacement within each group,
+    seeds within each side. Comparing the trained items' loss with the clean items' own loss would
+    confound memorisation with how hard the items are; against the baseline on the same items, each
+    item is its own control. `trained` marks the trained items (a boolean per item)."""
+    arm2, base2 = np.atleast_2d(np.asarray(arm, np.float64)), np.atleast_2d(np.asarray(base, np.float64))
+    trained = np.asarray(trained, bool)
+    dirty, clean = np.flatnonzero(trained), np.flatnonzero(~trained)
+    rng = np.random.default_rng(seed)
+    diff = _seed_means(arm2, rng, resamples) - _seed_means(base2, rng, resamples)  # (resamples, items)
+    on_dirty = np.take_along_axis(diff, rng.choice(dirty, size=(resamples, dirty.size)), axis=1)
+    on_clean = np.take_along_axis(diff, rng.choice(clean, size=(resamples, clean.size)), axis=1)
+    low, high = np.percentile(on_dirty.mean(axis=1) - on_clean.mean(axis=1), [2.5, 97.5])
+    gain = (arm2 - base2).mean(axis=0)
+    mean = float(gain[dirty].mean() - gain[clean].mean())
+    return {"mean": mean, "low": float(low), "high": float(high), "trained": dirty.size, "clean": clean.size}
 
 
 def verdict(interval: dict) -> str:
@@ -405,11 +429,16 @@ def compare(
                     "loss_clean": float(np.mean([per_arm[name][i] for i in clean])) if clean else None,
                 }
                 if clean and name != spec.baseline:  # judged on the items it did not train on only
-                    keep = [k for k, i in enumerate(shared) if i not in dirty]
+                    trained = np.array([i in dirty for i in shared])
+                    arm_losses, base_losses = by_seed[name], by_seed[spec.baseline]
                     interval = paired_interval(
-                        by_seed[name][:, keep], by_seed[spec.baseline][:, keep], spec.bootstrap
+                        arm_losses[:, ~trained], base_losses[:, ~trained], spec.bootstrap
                     )
-                    entry["contaminated"].update(clean_difference=interval, clean_verdict=verdict(interval))
+                    entry["contaminated"].update(
+                        clean_difference=interval,
+                        clean_verdict=verdict(interval),
+                        memorisation=memorisation_interval(arm_losses, base_losses, trained, spec.bootstrap),
+                    )
             comparisons[eval_set]["arms"][name] = entry
     return {
         "name": spec.name,
@@ -462,18 +491,32 @@ def _verdict_lines(spec: Spec, comparisons: dict, contamination: dict) -> list[s
                     f"{dirty['loss_contaminated']:.4f} against {'-' if clean is None else f'{clean:.4f}'} "
                     "for the clean ones"
                 )
-                if clean is not None and dirty["loss_contaminated"] < clean:
-                    line += ": the gap is memorisation, so a win on this set is not evidence"
-                else:
-                    line += ": no memorisation gap shows, but this set is no clean judge of the arm"
+                if "memorisation" in dirty:
+                    line += _memorisation_words(dirty["memorisation"], spec.baseline)
                 if "clean_difference" in dirty:
                     c = dirty["clean_difference"]
                     line += (
                         f"; on the {c['items']} items it did not train on: {dirty['clean_verdict']} "
                         f"(loss {c['mean']:+.4f}, 95% interval {c['low']:+.4f} to {c['high']:+.4f})"
                     )
+                    if dirty["clean_verdict"] == "better":
+                        line += ": data taken from this eval set also taught it the set's kind of item"
+                line += ". A result on a set it trained on is not evidence"
             lines.append(line)
     return lines
+
+
+def _memorisation_words(m: dict, baseline: str) -> str:
+    gap = (
+        f"(loss against {baseline}'s, trained items minus clean ones: {m['mean']:+.4f}, 95% interval "
+        f"{m['low']:+.4f} to {m['high']:+.4f})"
+    )
+    if m["high"] < 0:
+        return f"; memorisation: the items it trained on gained more than the clean ones {gap}"
+    return (
+        "; no memorisation shows: the items it trained on gained no more than the clean ones, beyond "
+        f"noise {gap}"
+    )
 
 
 # output --------------------------------------------------------------------------------------------
