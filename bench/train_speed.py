@@ -45,12 +45,16 @@ def workloads(smoke: bool) -> dict:
     """Per workload: rows, records, and curate's configurations. `matched` trains one packed row per
     step with gradient checkpointing, about TRL's memory; `trl_steps` packs rows of 1,536 tokens, about
     the 1,490-1,520 real tokens of TRL's padded batches of 8, so both make about as many optimizer steps
-    and their losses compare at the same learning rate; `fast` spends memory on speed (several rows a
-    step, no checkpointing), with a larger learning rate for its fewer steps on SmolLM2 (`fast_lr`)."""
+    and their losses compare at the same learning rate; `rows4_lr` (SmolLM2) and `rows2_lr` (8B shapes)
+    keep checkpointing but train several rows a step, which a host-bound step takes in about the same
+    time, with a learning rate raised for their fewer steps: the candidates for more speed at TRL's
+    memory; `fast` spends memory on speed (several rows a step, no checkpointing), with a larger
+    learning rate for its fewer steps on SmolLM2 (`fast_lr`)."""
     checkpointed = {"micro_batch_size": 1, "gradient_checkpointing": True, "kernels": "auto"}
     smol = {
         "matched": checkpointed,
         "trl_steps": {**checkpointed, "sequence_len": 1536},
+        "rows4_lr": {**checkpointed, "micro_batch_size": 4, "learning_rate": 6e-4},
         "fast_lr": {
             "micro_batch_size": 8,
             "gradient_checkpointing": False,
@@ -61,6 +65,7 @@ def workloads(smoke: bool) -> dict:
     big = {
         "matched": checkpointed,
         "trl_steps": {**checkpointed, "sequence_len": 1536},
+        "rows2_lr": {**checkpointed, "micro_batch_size": 2, "learning_rate": 4e-4},
         "fast": {"micro_batch_size": 4, "gradient_checkpointing": False, "kernels": "auto"},
     }
     if smoke:
