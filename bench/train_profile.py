@@ -249,6 +249,8 @@ def main() -> None:
     version = subset_version(records, args.work)
     names = args.variants.split(",") if args.variants else list(variants)
     skip = max(2, args.steps // 3)
+    if args.memory and not args.smoke and args.steps < skip + 5:  # 3 profiled steps, then the traced one
+        parser.error(f"--memory needs --steps of at least {skip + 5}")
 
     def train(name: str, steps: int, profile: bool) -> tuple[StepClock, dict]:
         settings, patch = variants[name]

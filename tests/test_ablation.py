@@ -144,6 +144,9 @@ def test_a_tiny_ablation_runs_flags_contamination_and_resumes(tmp_path):
     assert (memorised["trained"], memorised["clean"]) == (len(planted), len(items) - len(planted))
     assert ("; memorisation: the items it trained on gained more" in line) == (memorised["high"] < 0)
     assert f"trained items minus clean ones: {memorised['mean']:+.4f}" in line
+    taught = entry["contaminated"]["clean_verdict"] == "better"
+    assert ("also taught it the set's kind of item" in line) == taught
+    assert line.endswith(". A result on a set it trained on is not evidence")
     assert all(i["id"] in line for i in planted)
     clean_part = entry["contaminated"]["clean_difference"]
     assert clean_part["items"] == len(items) - len(planted)  # judged again on the items it never saw
