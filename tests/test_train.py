@@ -203,41 +203,49 @@ def test_an_example_with_nothing_to_train_is_an_error(tokenizer):
 
 
 def test_packed_examples_do_not_attend_across_each_other(stories, tokenizer):
+    """curate's collator keeps each packed row a row (TRL's concatenates them: SDPA would then attend
+    over the whole micro-batch). Conversations packed in a row see only themselves, a shorter row's pads
+    carry no label, and the loss equals the one over TRL's single concatenated row."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    from curate.train.collate import PackedRowCollator
+
     model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
-    a = encode(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Tom ran."}],
-        tokenizer,
-        "chatml",
-        99,
-    )
-    b = encode(
-        [{"role": "user", "content": "Go"}, {"role": "assistant", "content": "Sue sat."}],
-        tokenizer,
-        "chatml",
-        99,
-    )
-    a["input_ids"] = [t % 512 for t in a["input_ids"]]  # keep to the base vocabulary: no resize needed here
-    b["input_ids"] = [t % 512 for t in b["input_ids"]]
-    packed = {
-        "input_ids": a["input_ids"] + b["input_ids"],
-        "labels": a["labels"] + b["labels"],
-        "seq_lengths": [len(a["input_ids"]), len(b["input_ids"])],
-    }
-    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([packed])
-    assert "attention_mask" not in batch
+
+    def conversation(user: str, answer: str) -> dict:
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        row = encode(turns, tokenizer, "chatml", 99)
+        row["input_ids"] = [t % 512 for t in row["input_ids"]]  # the base vocabulary: no resize needed
+        row["labels"] = [t if t == -100 else t % 512 for t in row["labels"]]
+        return row
+
+    a, b, c = conversation("Hi", "Tom ran."), conversation("Go", "Sue sat."), conversation("Yes", "A cat.")
+    packed = [
+        {
+            "input_ids": a["input_ids"] + b["input_ids"],
+            "labels": a["labels"] + b["labels"],
+            "seq_lengths": [len(a["input_ids"]), len(b["input_ids"])],
+        },
+        {"input_ids": c["input_ids"], "labels": c["labels"], "seq_lengths": [len(c["input_ids"])]},
+    ]
+    batch = PackedRowCollator(pad_token_id=0)(packed)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, len(packed[0]["input_ids"]))
+    n, m = len(a["input_ids"]), len(c["input_ids"])
+    assert (batch["labels"][1, m:] == -100).all() and (batch["input_ids"][1, m:] == 0).all()
     with torch.no_grad():
         # as in training (TRL passes use_cache=False): with no cache, restarting position ids split examples
-        joint = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits[0]
-        alone_a = model(input_ids=torch.tensor([a["input_ids"]])).logits[0]
-        alone_b = model(input_ids=torch.tensor([b["input_ids"]])).logits[0]
-    n = len(a["input_ids"])
-    torch.testing.assert_close(joint[:n], alone_a, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(joint[n:], alone_b, atol=1e-4, rtol=1e-4)
+        out = model(**batch, use_cache=False)
+        alone = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in (a, b, c)]
+        flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(packed)
+        flat_loss = model(
+            **{k: flat[k] for k in ("input_ids", "position_ids", "labels")}, use_cache=False
+        ).loss
+    torch.testing.assert_close(out.logits[0, :n], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits[0, n:], alone[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits[1, :m], alone[2], atol=1e-4, rtol=1e-4)
+    assert int((batch["labels"] != -100).sum()) == int((flat["labels"] != -100).sum())
+    torch.testing.assert_close(out.loss, flat_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_the_step_loss_is_the_models_own_cross_entropy(stories, tokenizer, version, tmp_path):
@@ -261,6 +269,7 @@ def test_the_step_loss_is_the_models_own_cross_entropy(stories, tokenizer, versi
         processing_class=tokenizer,
     )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert batch["input_ids"].shape[0] > 1  # the packed rows (24 conversations in 6) stay rows
     assert (batch["position_ids"][0] == 0).sum() > 1  # several examples packed in a row
     with torch.no_grad():
         step = trainer.compute_loss(trainer.model, dict(batch))
@@ -281,7 +290,7 @@ def test_scoring_equals_whole_pass_cross_entropy_without_float32_logits_of_a_pas
     from curate.train.model import load_model
     from curate.train.trainer import _encode_splits
 
-    recipe = load_recipe(TINY)
+    recipe = load_recipe(TINY, {"bnb_4bit_compute_dtype": "bfloat16"})  # the model's logits are not float32
     model = load_model(str(stories), recipe, tokenizer).eval()
     rows = _encode_splits(recipe, load_version(version), tokenizer, "chatml")[0][:12]
     vocab = model.get_output_embeddings().weight.shape[0]

@@ -177,6 +177,10 @@ def _train(
             ],
         )
         model = trainer.model
+        if recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype == "float32":
+            for param in model.parameters():  # TRL keeps QLoRA adapters in bf16, for a bf16 compute dtype
+                if param.requires_grad:
+                    param.data = param.data.float()
         trainer.scored = {"heldout": held_rows, **{name: rows for name, (_, rows) in eval_rows.items()}}
         trainer.scoring_tokens = gate_mod.scoring_tokens(recipe)
         console.prepare(trainer)
@@ -442,6 +446,7 @@ def _trainer_class(base: type, model_loss: bool) -> type:
     from transformers import Trainer
     from trl.trainer.utils import add_fused_lm_head
 
+    from curate.train.collate import PackedRowCollator
     from curate.train.gates import mean_loss, summed_losses
 
     class CurateSFTTrainer(base):
@@ -453,6 +458,8 @@ def _trainer_class(base: type, model_loss: bool) -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if self.padding_free:  # packed rows stay rows: SDPA's attention would span all of them
+                self.data_collator = PackedRowCollator(self.processing_class.pad_token_id)
             if not model_loss:  # TRL's head also computes entropy and top-1 hits, for metrics we skip
                 inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
                 inner.__dict__.pop("forward", None)
