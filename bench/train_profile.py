@@ -77,7 +77,28 @@ def dequantized_once():
         bnb.nn.Linear4bit.forward = original
 
 
-PATCHES = {"none": contextlib.nullcontext, "trl_loss": trl_loss, "dequantized_once": dequantized_once}
+@contextlib.contextmanager
+def concatenated_rows():
+    """TRL's padding-free collator: a micro-batch's packed rows concatenated into one row, which SDPA
+    attends over whole, as curate did until it kept the rows apart (curate.train.collate)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    import curate.train.collate as collate
+
+    original = collate.PackedRowCollator
+    collate.PackedRowCollator = lambda pad: DataCollatorForLanguageModeling(pad, padding_free=True)
+    try:
+        yield
+    finally:
+        collate.PackedRowCollator = original
+
+
+PATCHES = {
+    "none": contextlib.nullcontext,
+    "trl_loss": trl_loss,
+    "dequantized_once": dequantized_once,
+    "concatenated_rows": concatenated_rows,
+}
 
 
 def config(micro_batch: int, checkpointing: bool, kernels: str = "auto", **more) -> dict:
@@ -99,6 +120,9 @@ SMOL = {
     "mb4+ckpt": (config(4, True), "none"),
     "mb8+ckpt": (config(8, True), "none"),
     "mb1-ckpt": (config(1, False), "none"),
+    "mb8-ckpt": (config(8, False), "none"),  # the ablation's and train_speed's fast_lr setting
+    "mb8-ckpt+concatenated": (config(8, False), "concatenated_rows"),
+    "mb8+ckpt+concatenated": (config(8, True), "concatenated_rows"),
 }
 BIG = {
     "matched": (MATCHED, "none"),
@@ -106,6 +130,7 @@ BIG = {
     "matched+log10": (config(1, True, logging_steps=10), "none"),
     "seq1536": (config(1, True, sequence_len=1536), "none"),
     "mb2+ckpt": (config(2, True), "none"),
+    "mb2+ckpt+concatenated": (config(2, True), "concatenated_rows"),
     "matched+dequantized_once": (MATCHED, "dequantized_once"),
     "mb4-ckpt": (config(4, False), "none"),
 }
