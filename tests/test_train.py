@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors import safe_open
 
 from curate.errors import CurateError, RecipeError
 from curate.records import make_record, message, to_table, train_messages
@@ -417,6 +418,9 @@ def test_tiny_qlora_run_end_to_end(trained, demo_version):
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 32
     assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as saved:
+        dtypes = {saved.get_tensor(name).dtype for name in saved.keys()}  # noqa: SIM118 (not iterable)
+    assert dtypes == {torch.float32}  # float32 compute trains float32 adapters (TRL casts QLoRA's to bf16)
     gates = {g["name"]: g for g in metrics["gates"]["gates"]}
     assert list(gates) == [
         "heldout_loss",
