@@ -177,10 +177,6 @@ def _train(
             ],
         )
         model = trainer.model
-        if recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype == "float32":
-            for param in model.parameters():  # TRL keeps QLoRA adapters in bf16, for a bf16 compute dtype
-                if param.requires_grad:
-                    param.data = param.data.float()
         trainer.scored = {"heldout": held_rows, **{name: rows for name, (_, rows) in eval_rows.items()}}
         trainer.scoring_tokens = gate_mod.scoring_tokens(recipe)
         console.prepare(trainer)
@@ -460,6 +456,10 @@ def _trainer_class(base: type, model_loss: bool) -> type:
             super().__init__(*args, **kwargs)
             if self.padding_free:  # packed rows stay rows: SDPA's attention would span all of them
                 self.data_collator = PackedRowCollator(self.processing_class.pad_token_id)
+            if not (self.args.bf16 or self.args.fp16):  # TRL casts QLoRA adapters to bf16 whatever the
+                for param in self.model.parameters():  # compute dtype: float32 training keeps them float32
+                    if param.requires_grad:
+                        param.data = param.data.float()
             if not model_loss:  # TRL's head also computes entropy and top-1 hits, for metrics we skip
                 inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
                 inner.__dict__.pop("forward", None)
