@@ -123,6 +123,10 @@ SMOL = {
     "mb8-ckpt": (config(8, False), "none"),  # the ablation's and train_speed's fast_lr setting
     "mb8-ckpt+concatenated": (config(8, False), "concatenated_rows"),
     "mb8+ckpt+concatenated": (config(8, True), "concatenated_rows"),
+    "seq1536-liger": (config(1, True, "none", sequence_len=1536), "none"),
+    "seq1536+compile": (config(1, True, sequence_len=1536, compile=True), "none"),
+    "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
+    "mb8-ckpt+compile": (config(8, False, compile=True), "none"),
 }
 BIG = {
     "matched": (MATCHED, "none"),
@@ -133,6 +137,9 @@ BIG = {
     "mb2+ckpt+concatenated": (config(2, True), "concatenated_rows"),
     "matched+dequantized_once": (MATCHED, "dequantized_once"),
     "mb4-ckpt": (config(4, False), "none"),
+    "seq1536+compile": (config(1, True, sequence_len=1536, compile=True), "none"),
+    "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
+    "mb4-ckpt+compile": (config(4, False, compile=True), "none"),
 }
 WORKLOADS = {"smollm2": (1024, 800, SMOL), "llama3-8b-shape": (2048, 300, BIG)}
 

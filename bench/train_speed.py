@@ -68,10 +68,16 @@ def workloads(smoke: bool) -> dict:
         "rows2_lr": {**checkpointed, "micro_batch_size": 2, "learning_rate": 4e-4},
         "fast": {"micro_batch_size": 4, "gradient_checkpointing": False, "kernels": "auto"},
     }
+    for configs in (smol, big):  # each with its decoder layers compiled (curate.train.compile)
+        configs.update({f"{k}+compile": {**v, "compile": True} for k, v in list(configs.items())})
     if smoke:
         return {
             "smollm2": {"sequence_len": 256, "records": 48, "curate": {"fast": smol["fast_lr"]}},
-            "llama3-8b-shape": {"sequence_len": 256, "records": 24, "curate": {"matched": big["matched"]}},
+            "llama3-8b-shape": {
+                "sequence_len": 256,
+                "records": 24,
+                "curate": {"matched": big["matched"], "matched+compile": big["matched+compile"]},
+            },
         }
     return {
         "smollm2": {"sequence_len": 1024, "records": 800, "curate": smol},
@@ -283,10 +289,14 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
     configs = {
         f"curate:{k}": recipe_for(model, settings["sequence_len"], v) for k, v in settings["curate"].items()
     }
-    reference = next(iter(configs.values()))  # TRL reads the schedule and row length from it
+    # TRL reads the schedule and row length from the workload's first configuration (`matched`)
+    reference = recipe_for(
+        model, settings["sequence_len"], settings.get("reference") or next(iter(settings["curate"].values()))
+    )
     train, held, tokenizer = rows_for(reference, version)
     warm = 2 if smoke else 4
-    kernels = {c["kernels"]: c for c in settings["curate"].values()}  # one warm-up per kernel choice
+    # one warm-up per kernel choice, and per compiled configuration (each compiles its own graphs)
+    kernels = {(c["kernels"], c.get("compile") and k): c for k, c in settings["curate"].items()}
     for curate in kernels.values():  # warm-up: a few discarded steps of each side
         run_curate(recipe_for(model, settings["sequence_len"], curate, max_steps=warm), version, out / "warm")
     run_trl(reference, train, held, tokenizer, out / "warm-trl", steps=warm)
@@ -357,6 +367,9 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=["smollm2", "llama3-8b-shape"], help="one workload")
     parser.add_argument(
+        "--configs", help="comma-separated curate configurations to run (default: all of the workload's)"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny runs of both workloads on the CPU, to check the script"
     )
     args = parser.parse_args()
@@ -364,6 +377,15 @@ def main() -> None:
     for name, settings in workloads(args.smoke).items():
         if args.only and name != args.only:
             continue
+        if args.configs:
+            chosen = args.configs.split(",")
+            unknown = set(chosen) - set(settings["curate"])
+            if unknown:
+                parser.error(
+                    f"{name} has no configuration {sorted(unknown)}; it has {sorted(settings['curate'])}"
+                )
+            first = next(iter(settings["curate"].values()))
+            settings = {**settings, "reference": first, "curate": {k: settings["curate"][k] for k in chosen}}
         model = args.model if name == "smollm2" else str(llama3_8b_shape(args.model, args.work, args.smoke))
         results.append(measure(name, model, settings, args.work / name, args.smoke))
         print(table(results), flush=True)

@@ -325,6 +325,14 @@ def test_scoring_equals_whole_pass_cross_entropy_without_float32_logits_of_a_pas
         assert count[i] == int((labels != -100).sum()) > 0
         assert total[i] == pytest.approx(float(own), rel=1e-5)
 
+    # through TRL's fused LM head, which scores in tiles, as curate's trainer does: the same sums
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model)
+    fused, fused_count = gates.summed_losses(model, rows, tokenizer.pad_token_id, 4096, fused_head=True)
+    np.testing.assert_array_equal(fused_count, count)
+    np.testing.assert_allclose(fused, total, rtol=5e-3)
+
 
 def test_holdout_is_by_record_id_deterministic_and_stable(version):
     v = load_version(version)
@@ -560,6 +568,46 @@ def test_gate_helpers():
     assert json_of('```json\n{"a": 1}\n```') == {"a": 1}
     with pytest.raises(ValueError):
         json_of("name: Ada")
+
+
+def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path):
+    """`compile: true` trains the decoder layers compiled (inductor, as on a GPU; checkpointed) and to
+    the same losses as eager, step by step; the evaluation in the middle of training and everything after it
+    (scoring, generation, the next run on the shared base) run the layers eager."""
+    from transformers import TrainerCallback
+
+    from curate.train.compile import decoder_layers
+    from curate.train.session import BaseModels
+    from curate.train.trainer import run_training
+
+    class CompiledDuringSteps(TrainerCallback):
+        seen: list[bool] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen.append(all(layer._compiled_call_impl is not None for layer in decoder_layers(model)))
+
+    bases = BaseModels(tmp_path / "base")
+    short = {**FAST, "max_steps": 4, "eval_steps": 2, "gates.max_new_tokens": 2, "gates.max_items": 2}
+    short["gradient_checkpointing"] = True  # as on a GPU: the compiled layer is also recomputed
+    watch = CompiledDuringSteps()
+    runs = {}
+    for compiled in (True, False):
+        settings = {**short, "compile": compiled}
+        out = tmp_path / str(compiled)
+        runs[compiled] = run_training(
+            TINY, demo_version, out, settings, False, bases=bases, callbacks=[watch]
+        )
+        layers = decoder_layers(bases.current.model)
+        assert layers and all(layer._compiled_call_impl is None for layer in layers)
+    assert watch.seen == [True] * 4 + [False] * 4
+    compiled, eager = runs[True], runs[False]
+    assert [r["step"] for r in compiled["train_loss"]] == [1, 2, 3, 4]
+    for a, b in zip(compiled["train_loss"], eager["train_loss"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert len(compiled["eval_loss"]) == len(eager["eval_loss"]) >= 3  # before, at step 2, after
+    assert compiled["eval_loss_after"]["heldout"] == pytest.approx(
+        eager["eval_loss_after"]["heldout"], rel=1e-4
+    )
 
 
 def test_train_json_prints_metrics_and_nothing_else(demo_version, tmp_path):

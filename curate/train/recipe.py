@@ -91,6 +91,7 @@ class TrainRecipe:
     packing: bool = True
     gradient_checkpointing: bool = True
     kernels: str = "auto"
+    compile: bool = False
     fully_masked: str = "error"
     holdout: Holdout = field(default_factory=Holdout)
     eval_steps: int | None = None

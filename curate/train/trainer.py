@@ -161,7 +161,7 @@ def _train(
         config = _sft_config(recipe, out, tokenizer, train_rows, on_gpu)
         resume = resume_point(out / "checkpoints", _run_fingerprint(recipe, version, base), console)
         log = RunLog(recipe.max_tokens)
-        trainer_cls = _trainer_class(SFTTrainer, model_loss=bool(added))
+        trainer_cls = _trainer_class(SFTTrainer, model_loss=bool(added), compile_layers=recipe.compile)
         set_seed(recipe.seed)  # here, after any load: a run on a reused base starts its adapter alike
         trainer = trainer_cls(
             model=model,
@@ -411,15 +411,16 @@ def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
-        use_liger_kernel=use_liger(recipe.kernels, on_gpu),
+        use_liger_kernel=use_liger(recipe.kernels, on_gpu, recipe.compile),
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
     )
 
 
-def use_liger(kernels: str, on_gpu: bool) -> bool:
+def use_liger(kernels: str, on_gpu: bool, compiled: bool = False) -> bool:
     """Whether to train with Liger's kernels: `liger` asks for them (an error without a GPU or the
-    package), `auto` takes them when both are there. TRL applies the layer kernels (RMSNorm, RoPE,
+    package), `auto` takes them when both are there and the layers are not compiled (the compiler fuses
+    the same norms, rotations and activations itself). TRL applies the layer kernels (RMSNorm, RoPE,
     SwiGLU) only; it keeps its own chunked LM-head loss, which never materializes the logits."""
     import importlib.util
 
@@ -429,20 +430,21 @@ def use_liger(kernels: str, on_gpu: bool) -> bool:
             "kernels: liger needs a CUDA GPU and the liger-kernel package",
             hint="pip install liger-kernel, or set kernels: auto",
         )
-    return kernels != "none" and have and on_gpu
+    return kernels == "liger" or (kernels == "auto" and have and on_gpu and not compiled)
 
 
-def _trainer_class(base: type, model_loss: bool) -> type:
+def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -> type:
     """SFTTrainer whose evaluation scores every eval set row by row (see `evaluate`) and is timed apart
     (so tokens/s counts training alone), and whose step computes the loss and nothing else (see
     `compute_loss`). When tokens were added for the template, it trains with the model's own loss:
     TRL's fused LM head reads `lm_head.weight` directly and would skip the trained rows of the added
-    tokens."""
+    tokens. With `compile_layers`, the decoder layers train compiled (curate.train.compile)."""
     import torch
     from transformers import Trainer
     from trl.trainer.utils import add_fused_lm_head
 
     from curate.train.collate import PackedRowCollator
+    from curate.train.compile import compiled_layers, eager_layers
     from curate.train.gates import mean_loss, summed_losses
 
     class CurateSFTTrainer(base):
@@ -451,6 +453,7 @@ def _trainer_class(base: type, model_loss: bool) -> type:
         scoring_tokens = 0  # padded tokens per scoring pass
         sums: dict[str, tuple] = {}  # the last evaluation's (summed loss, trained tokens) per row, per set
         lm_head_outputs: tuple[str, ...] = ("log_probs",)  # what the fused LM head computes per token
+        compiled: list = []  # the decoder layers while they train compiled
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -464,6 +467,13 @@ def _trainer_class(base: type, model_loss: bool) -> type:
                 inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
                 inner.__dict__.pop("forward", None)
                 add_fused_lm_head(inner, outputs=self.lm_head_outputs)
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            with compiled_layers(self.model, compile_layers) as self.compiled:
+                try:
+                    return super().train(*args, **kwargs)
+                finally:
+                    self.compiled = []
 
         def evaluate(self, *args: Any, base_cache: dict | None = None, **kwargs: Any) -> dict:
             """Each eval set's loss per trained token, from every row's own loss (kept in `sums` for
@@ -481,7 +491,8 @@ def _trainer_class(base: type, model_loss: bool) -> type:
                 if base_cache is not None and key in base_cache:
                     self.sums[name] = base_cache[key]
                     continue
-                self.sums[name] = summed_losses(model, rows, pad, self.scoring_tokens)
+                with eager_layers(self.compiled):
+                    self.sums[name] = summed_losses(model, rows, pad, self.scoring_tokens, not model_loss)
                 if base_cache is not None:
                     base_cache[key] = self.sums[name]
             metrics = {f"eval_{name}_loss": mean_loss(sums) for name, sums in self.sums.items()}
