@@ -590,17 +590,18 @@ def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path):
     short = {**FAST, "max_steps": 4, "eval_steps": 2, "gates.max_new_tokens": 2, "gates.max_items": 2}
     short["gradient_checkpointing"] = True  # as on a GPU: the compiled layer is also recomputed
     watch = CompiledDuringSteps()
-    runs = {}
-    for compiled in (True, False):
+    runs = []
+    for compiled in (True, False, True):  # the third: compiled again on the reused base, as in an ablation
         settings = {**short, "compile": compiled}
-        out = tmp_path / str(compiled)
-        runs[compiled] = run_training(
-            TINY, demo_version, out, settings, False, bases=bases, callbacks=[watch]
-        )
+        out = tmp_path / str(len(runs))
+        runs.append(run_training(TINY, demo_version, out, settings, False, bases=bases, callbacks=[watch]))
         layers = decoder_layers(bases.current.model)
         assert layers and all(layer._compiled_call_impl is None for layer in layers)
-    assert watch.seen == [True] * 4 + [False] * 4
-    compiled, eager = runs[True], runs[False]
+    assert watch.seen == [True] * 4 + [False] * 4 + [True] * 4
+    compiled, eager, again = runs
+    assert [r["loss"] for r in again["train_loss"]] == pytest.approx(
+        [r["loss"] for r in compiled["train_loss"]]
+    )
     assert [r["step"] for r in compiled["train_loss"]] == [1, 2, 3, 4]
     for a, b in zip(compiled["train_loss"], eager["train_loss"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
