@@ -570,7 +570,7 @@ def test_gate_helpers():
         json_of("name: Ada")
 
 
-def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path):
+def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path, monkeypatch):
     """`compile: true` trains the decoder layers compiled (inductor, as on a GPU; checkpointed) and to
     the same losses as eager, step by step; the evaluation in the middle of training and everything after it
     (scoring, generation, the next run on the shared base) run the layers eager."""
@@ -586,6 +586,16 @@ def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.seen.append(all(layer._compiled_call_impl is not None for layer in decoder_layers(model)))
 
+    from curate.train import gates
+
+    scored_compiled = []  # per scoring pass of an evaluation: whether any layer ran compiled
+    score = gates.summed_losses
+
+    def watched_scoring(model, *args, **kwargs):
+        scored_compiled.append(any(layer._compiled_call_impl is not None for layer in decoder_layers(model)))
+        return score(model, *args, **kwargs)
+
+    monkeypatch.setattr(gates, "summed_losses", watched_scoring)
     bases = BaseModels(tmp_path / "base")
     short = {**FAST, "max_steps": 4, "eval_steps": 2, "gates.max_new_tokens": 2, "gates.max_items": 2}
     short["gradient_checkpointing"] = True  # as on a GPU: the compiled layer is also recomputed
@@ -598,6 +608,7 @@ def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path):
         layers = decoder_layers(bases.current.model)
         assert layers and all(layer._compiled_call_impl is None for layer in layers)
     assert watch.seen == [True] * 4 + [False] * 4 + [True] * 4
+    assert len(scored_compiled) >= 6 and not any(scored_compiled)  # evaluations ran eager, mid-training too
     compiled, eager, again = runs
     assert [r["loss"] for r in again["train_loss"]] == pytest.approx(
         [r["loss"] for r in compiled["train_loss"]]
