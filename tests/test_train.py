@@ -570,6 +570,22 @@ def test_gate_helpers():
         json_of("name: Ada")
 
 
+def test_the_compiled_blocks_are_the_decoder_layers_even_beside_a_longer_list(stories, tokenizer):
+    """A mixture of experts can hold more experts in a layer than the model has layers: the decoder
+    layers are found by the class transformers names in `_no_split_modules`, not by length."""
+    from curate.train.compile import decoder_layers
+    from curate.train.model import load_model
+
+    model = load_model(str(stories), load_recipe(TINY), tokenizer)
+    layers = list(model.model.layers)
+    assert decoder_layers(model) == layers and len(layers) == 5
+    model.model.layers[0].mlp.experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(8))
+    assert decoder_layers(model) == layers
+    for module in model.modules():  # a model that names none (the outer and inner model both do): by length
+        module._no_split_modules = None
+    assert len(decoder_layers(model)) == 8
+
+
 def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path, monkeypatch):
     """`compile: true` trains the decoder layers compiled (inductor, as on a GPU; checkpointed) and to
     the same losses as eager, step by step; the evaluation in the middle of training and everything after it

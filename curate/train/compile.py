@@ -25,16 +25,19 @@ RECOMPILE_LIMIT = 64
 
 
 def decoder_layers(model: Any) -> list[Any]:
-    """The model's repeated blocks: the largest ModuleList whose modules are all of one class (a causal
-    LM's decoder layers, under any PEFT or trainer wrapping)."""
+    """The model's repeated blocks, under any PEFT or trainer wrapping: the ModuleList of the layer class
+    that transformers names in `_no_split_modules` (a causal LM's decoder layer), else the largest
+    ModuleList whose modules are all of one class. The class name comes first because a mixture of
+    experts can hold a longer list of experts inside each layer."""
     import torch
 
+    named = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
     lists = [
         m
         for m in model.modules()
         if isinstance(m, torch.nn.ModuleList) and len(m) and all(type(x) is type(m[0]) for x in m)
     ]
-    return list(max(lists, key=len)) if lists else []
+    return list(max(lists, key=lambda m: (type(m[0]).__name__ in named, len(m)))) if lists else []
 
 
 @contextlib.contextmanager
