@@ -70,18 +70,25 @@ def workloads(smoke: bool) -> dict:
     }
     for configs in (smol, big):  # each with its decoder layers compiled (curate.train.compile)
         configs.update({f"{k}+compile": {**v, "compile": True} for k, v in list(configs.items())})
+    # TRL reads its row length and schedule from `matched`, whichever configurations run
     if smoke:
         return {
-            "smollm2": {"sequence_len": 256, "records": 48, "curate": {"fast": smol["fast_lr"]}},
+            "smollm2": {
+                "sequence_len": 256,
+                "records": 48,
+                "reference": checkpointed,
+                "curate": {"fast": smol["fast_lr"]},
+            },
             "llama3-8b-shape": {
                 "sequence_len": 256,
                 "records": 24,
+                "reference": checkpointed,
                 "curate": {"matched": big["matched"], "matched+compile": big["matched+compile"]},
             },
         }
     return {
-        "smollm2": {"sequence_len": 1024, "records": 800, "curate": smol},
-        "llama3-8b-shape": {"sequence_len": 2048, "records": 300, "curate": big},
+        "smollm2": {"sequence_len": 1024, "records": 800, "reference": checkpointed, "curate": smol},
+        "llama3-8b-shape": {"sequence_len": 2048, "records": 300, "reference": checkpointed, "curate": big},
     }
 
 
@@ -289,10 +296,7 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
     configs = {
         f"curate:{k}": recipe_for(model, settings["sequence_len"], v) for k, v in settings["curate"].items()
     }
-    # TRL reads the schedule and row length from the workload's first configuration (`matched`)
-    reference = recipe_for(
-        model, settings["sequence_len"], settings.get("reference") or next(iter(settings["curate"].values()))
-    )
+    reference = recipe_for(model, settings["sequence_len"], settings["reference"])
     train, held, tokenizer = rows_for(reference, version)
     warm = 2 if smoke else 4
     # one warm-up per kernel choice, and per compiled configuration (each compiles its own graphs)
@@ -384,8 +388,7 @@ def main() -> None:
                 parser.error(
                     f"{name} has no configuration {sorted(unknown)}; it has {sorted(settings['curate'])}"
                 )
-            first = next(iter(settings["curate"].values()))
-            settings = {**settings, "reference": first, "curate": {k: settings["curate"][k] for k in chosen}}
+            settings = {**settings, "curate": {k: settings["curate"][k] for k in chosen}}
         model = args.model if name == "smollm2" else str(llama3_8b_shape(args.model, args.work, args.smoke))
         results.append(measure(name, model, settings, args.work / name, args.smoke))
         print(table(results), flush=True)

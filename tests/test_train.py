@@ -597,7 +597,8 @@ def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path, monkey
     from curate.train.trainer import run_training
 
     class CompiledDuringSteps(TrainerCallback):
-        seen: list[bool] = []
+        def __init__(self) -> None:
+            self.seen: list[bool] = []
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.seen.append(all(layer._compiled_call_impl is not None for layer in decoder_layers(model)))

@@ -63,7 +63,8 @@ def compiled_layers(model: Any, enabled: bool = True) -> Iterator[list[Any]]:
 
 @contextlib.contextmanager
 def eager_layers(layers: list[Any]) -> Iterator[None]:
-    """Compiled layers run eager within the block (an evaluation in the middle of training)."""
+    """The layers run eager within the block (an evaluation in the middle of training), whether or
+    not they were compiled."""
     compiled = [layer._compiled_call_impl for layer in layers]
     for layer in layers:
         layer._compiled_call_impl = None

@@ -444,7 +444,7 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
     from trl.trainer.utils import add_fused_lm_head
 
     from curate.train.collate import PackedRowCollator
-    from curate.train.compile import compiled_layers, eager_layers
+    from curate.train.compile import compiled_layers, decoder_layers, eager_layers
     from curate.train.gates import mean_loss, summed_losses
 
     class CurateSFTTrainer(base):
@@ -453,7 +453,6 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
         scoring_tokens = 0  # padded tokens per scoring pass
         sums: dict[str, tuple] = {}  # the last evaluation's (summed loss, trained tokens) per row, per set
         lm_head_outputs: tuple[str, ...] = ("log_probs",)  # what the fused LM head computes per token
-        compiled: list = []  # the decoder layers while they train compiled
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -469,11 +468,8 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
                 add_fused_lm_head(inner, outputs=self.lm_head_outputs)
 
         def train(self, *args: Any, **kwargs: Any) -> Any:
-            with compiled_layers(self.model, compile_layers) as self.compiled:
-                try:
-                    return super().train(*args, **kwargs)
-                finally:
-                    self.compiled = []
+            with compiled_layers(self.model, compile_layers):
+                return super().train(*args, **kwargs)
 
         def evaluate(self, *args: Any, base_cache: dict | None = None, **kwargs: Any) -> dict:
             """Each eval set's loss per trained token, from every row's own loss (kept in `sums` for
@@ -491,7 +487,7 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
                 if base_cache is not None and key in base_cache:
                     self.sums[name] = base_cache[key]
                     continue
-                with eager_layers(self.compiled):
+                with eager_layers(decoder_layers(model)):  # mid-training, the layers may be compiled
                     self.sums[name] = summed_losses(model, rows, pad, self.scoring_tokens, not model_loss)
                 if base_cache is not None:
                     base_cache[key] = self.sums[name]
