@@ -14,7 +14,7 @@ decontaminates against them, and every arm is judged on them and on the first 20
 items (100 of which arm 3 trained on). SmolLM2-135M-Instruct, 3 seeds, an equal token budget.
 
   here:    python bench/ablation_gpu.py build [--copies N]   # versions, frozen set, spec: .gpu-data/ablation
-  on GPU:  python bench/ablation_gpu.py run --model $CURATE_GPU_MODEL --out $OUT/ablation
+  on GPU:  python bench/ablation_gpu.py run --model $CURATE_GPU_MODEL --out $OUT/ablation [--compile]
 """
 
 from __future__ import annotations
@@ -171,10 +171,14 @@ def build(copies: int = 1) -> None:
     print("staged in", STAGE)
 
 
-def run(model: str, out: Path) -> None:
+def run(model: str, out: Path, compile_layers: bool) -> None:
     """`curate ablate` on the staged spec with the model given; prints the wall time and the report."""
-    train = yaml.safe_load((STAGE / "train.yaml").read_text())
-    (STAGE / "train.yaml").write_text(yaml.safe_dump({**train, "base_model": model}, sort_keys=False))
+    train = {
+        **yaml.safe_load((STAGE / "train.yaml").read_text()),
+        "base_model": model,
+        "compile": compile_layers,
+    }
+    (STAGE / "train.yaml").write_text(yaml.safe_dump(train, sort_keys=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(out.parent / "ablation_report.json", "w") as fh:
@@ -207,11 +211,12 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--model", required=True)
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--compile", action="store_true", help="train with the decoder layers compiled")
     args = parser.parse_args()
     if args.cmd == "build":
         build(args.copies)
     else:
-        run(args.model, args.out)
+        run(args.model, args.out, args.compile)
 
 
 if __name__ == "__main__":

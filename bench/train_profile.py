@@ -137,6 +137,7 @@ BIG = {
     "mb2+ckpt+concatenated": (config(2, True), "concatenated_rows"),
     "matched+dequantized_once": (MATCHED, "dequantized_once"),
     "mb4-ckpt": (config(4, False), "none"),
+    "seq1536-liger": (config(1, True, "none", sequence_len=1536), "none"),
     "seq1536+compile": (config(1, True, sequence_len=1536, compile=True), "none"),
     "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
     "mb4-ckpt+compile": (config(4, False, compile=True), "none"),

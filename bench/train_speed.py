@@ -99,7 +99,7 @@ def llama3_8b_shape(tokenizer_dir: str, out: Path, smoke: bool) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = out / "llama3-8b-shape"
-    if (folder / "config.json").is_file():
+    if folder.is_dir():  # built in a side folder and renamed into place whole
         return folder
     shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
     if smoke:
@@ -118,8 +118,12 @@ def llama3_8b_shape(tokenizer_dir: str, out: Path, smoke: bool) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -299,10 +303,17 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
     reference = recipe_for(model, settings["sequence_len"], settings["reference"])
     train, held, tokenizer = rows_for(reference, version)
     warm = 2 if smoke else 4
-    # one warm-up per kernel choice, and per compiled configuration (each compiles its own graphs)
-    kernels = {(c["kernels"], c.get("compile") and k): c for k, c in settings["curate"].items()}
-    for curate in kernels.values():  # warm-up: a few discarded steps of each side
-        run_curate(recipe_for(model, settings["sequence_len"], curate, max_steps=warm), version, out / "warm")
+    # one warm-up per kernel choice, and per compiled configuration (each compiles its own graphs). A
+    # compiled one trains a whole discarded run: a few steps may not meet every graph a run needs (packed
+    # rows of one example attend without a mask, rows of several with one: two compilations), and a
+    # compilation left for a measured run would be counted as its training time
+    kernels = {(c["kernels"], c.get("compile") and k): (k, c) for k, c in settings["curate"].items()}
+    warmups: dict[str, float] = {}
+    for key, curate in kernels.values():
+        steps = None if curate.get("compile") else warm
+        recipe = recipe_for(model, settings["sequence_len"], curate, max_steps=steps)
+        warmups[f"curate:{key}"] = run_curate(recipe, version, out / "warm")["seconds"]
+        print(f"[{name}] warm-up curate:{key}: {warmups[f'curate:{key}']:.1f} s", flush=True)
     run_trl(reference, train, held, tokenizer, out / "warm-trl", steps=warm)
     order = [*configs, "trl", "trl", *reversed(configs)]  # every side once early and once late
     runs: dict[str, list[dict]] = {side: [] for side in ["trl", *configs]}
@@ -312,6 +323,7 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
             runs[side].append(run_trl(reference, train, held, tokenizer, out / "trl"))
         else:
             runs[side].append(run_curate(configs[side], version, out / "curate"))
+        print(f"[{name}] {side}: {json.dumps(runs[side][-1])}", flush=True)  # kept if a later run dies
         _free()
     from transformers import AutoConfig
 
@@ -324,6 +336,7 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
         "records": settings["records"],
         "train_rows": len(train),
         "settings": settings,
+        "warmup_seconds": warmups,  # a compiled configuration's includes its compilations
         "sides": {},
     }
     for side, results in runs.items():
