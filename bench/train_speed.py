@@ -31,6 +31,7 @@ import json
 import shutil
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,10 +310,18 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
     # compilation left for a measured run would be counted as its training time
     kernels = {(c["kernels"], c.get("compile") and k): (k, c) for k, c in settings["curate"].items()}
     warmups: dict[str, float] = {}
+    failed: dict[str, str] = {}
     for key, curate in kernels.values():
         steps = None if curate.get("compile") else warm
         recipe = recipe_for(model, settings["sequence_len"], curate, max_steps=steps)
-        warmups[f"curate:{key}"] = run_curate(recipe, version, out / "warm")["seconds"]
+        try:
+            warmups[f"curate:{key}"] = run_curate(recipe, version, out / "warm")["seconds"]
+        except Exception as exc:  # reported with its traceback; the other configurations are still measured
+            traceback.print_exc()
+            failed[f"curate:{key}"] = f"{type(exc).__name__}: {exc}"
+            configs.pop(f"curate:{key}")
+            _free()
+            continue
         print(f"[{name}] warm-up curate:{key}: {warmups[f'curate:{key}']:.1f} s", flush=True)
     run_trl(reference, train, held, tokenizer, out / "warm-trl", steps=warm)
     order = [*configs, "trl", "trl", *reversed(configs)]  # every side once early and once late
@@ -337,6 +346,7 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
         "train_rows": len(train),
         "settings": settings,
         "warmup_seconds": warmups,  # a compiled configuration's includes its compilations
+        "failed": failed,  # configuration -> the error its warm-up raised
         "sides": {},
     }
     for side, results in runs.items():
