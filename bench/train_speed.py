@@ -236,6 +236,7 @@ def run_trl(recipe: dict, train: list[dict], held: list[dict], tokenizer, out: P
         include_num_input_tokens_seen="non_padding",
         use_cpu=not on_gpu,
         bf16=on_gpu,
+        **({"seed": recipe["seed"]} if "seed" in recipe else {}),  # else TRL's default (42)
     )
     trainer = SFTTrainer(
         model=model,
@@ -397,6 +398,11 @@ def main() -> None:
         "--configs", help="comma-separated curate configurations to run (default: all of the workload's)"
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        help="seed of every side, for the loss's seed noise (default: each side's own, TRL 42, curate 0)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny runs of both workloads on the CPU, to check the script"
     )
     args = parser.parse_args()
@@ -412,6 +418,13 @@ def main() -> None:
                     f"{name} has no configuration {sorted(unknown)}; it has {sorted(settings['curate'])}"
                 )
             settings = {**settings, "curate": {k: settings["curate"][k] for k in chosen}}
+        if args.seed is not None:
+            seeded = {"seed": args.seed}
+            settings = {
+                **settings,
+                "reference": {**settings["reference"], **seeded},
+                "curate": {k: {**v, **seeded} for k, v in settings["curate"].items()},
+            }
         model = args.model if name == "smollm2" else str(llama3_8b_shape(args.model, args.work, args.smoke))
         results.append(measure(name, model, settings, args.work / name, args.smoke))
         print(table(results), flush=True)
