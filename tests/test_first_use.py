@@ -173,9 +173,10 @@ def test_train_jsonl_of_all_raw_loads_with_datasets_and_trl_prepares_it(shared_d
     assert len(rows) == 85_669
     # the version folder itself loads too: datasets follows the dataset card (README.md) to train.jsonl
     assert load_dataset(str(folder), split="train").num_rows == 85_669
-    calls = [c for row in rows for m in row["messages"] if m["tool_calls"] for c in m["tool_calls"]]
+    conversations, tools = rows["messages"], rows["tools"]  # each column read once, not row by row
+    calls = [c for messages in conversations for m in messages if m["tool_calls"] for c in m["tool_calls"]]
     assert len(calls) == 211 and all(isinstance(json.loads(c["function"]["arguments"]), dict) for c in calls)
-    defined = [json.loads(row["tools"]) for row in rows if row["tools"]]
+    defined = [json.loads(t) for t in tools if t]
     assert len(defined) == 191 and all(
         t["type"] == "function" and t["function"]["name"] for d in defined for t in d
     )

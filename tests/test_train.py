@@ -367,15 +367,10 @@ def test_recipe_validation_names_the_key():
 
 
 @pytest.fixture(scope="module")
-def demo_version(tmp_path_factory) -> Path:
-    """The demo version, written by the runner: `curate run pipelines/demo.yaml --out DIR`."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "curate", "run", "pipelines/demo.yaml", "--out", str(out)]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    return out
+def demo_version(demo_out) -> Path:
+    """The demo version, written by the runner: `curate run pipelines/demo.yaml --out DIR`, the
+    session's run (tests/conftest.py), which the trainer only reads."""
+    return demo_out
 
 
 @pytest.fixture(scope="module")
@@ -661,9 +656,10 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(demo_version, tm
     import subprocess
     import sys
 
-    settings = [
-        "max_steps=24",
+    settings = [  # 12 steps of half the tiny batch: enough to be killed after step 8 (or 4) and go on
+        "max_steps=12",
         "save_steps=4",
+        "micro_batch_size=4",
         "eval_steps=100",
         "gates.max_new_tokens=4",
         "gates.max_items=2",
@@ -698,7 +694,7 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(demo_version, tm
     again = subprocess.run(command(tmp_path), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 8 and metrics["steps"] == 24
+    assert metrics["resumed_from_step"] >= 8 and metrics["steps"] == 12
     assert f"resuming from step {metrics['resumed_from_step']}" in again.stderr
     assert (
         not (tmp_path / "checkpoints").exists() and (tmp_path / "adapter" / "adapter_config.json").is_file()
