@@ -123,7 +123,6 @@ def llama3_8b_shape(tokenizer_dir: str, out: Path, smoke: bool) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(partial)
-    shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     del model
     if torch.cuda.is_available():
@@ -309,21 +308,25 @@ def measure(name: str, model: str, settings: dict, out: Path, smoke: bool) -> di
     # compiled one trains a whole discarded run: a few steps may not meet every graph a run needs (packed
     # rows of one example attend without a mask, rows of several with one: two compilations), and a
     # compilation left for a measured run would be counted as its training time
-    kernels = {(c["kernels"], c.get("compile") and k): (k, c) for k, c in settings["curate"].items()}
+    groups: dict[tuple, list[str]] = {}  # configurations that share a warm-up
+    for k, c in settings["curate"].items():
+        groups.setdefault((c["kernels"], c.get("compile") and k), []).append(f"curate:{k}")
     warmups: dict[str, float] = {}
     failed: dict[str, str] = {}
-    for key, curate in kernels.values():
+    for sides in groups.values():
+        curate = settings["curate"][sides[0].removeprefix("curate:")]
         steps = None if curate.get("compile") else warm
         recipe = recipe_for(model, settings["sequence_len"], curate, max_steps=steps)
         try:
-            warmups[f"curate:{key}"] = run_curate(recipe, version, out / "warm")["seconds"]
+            warmups[sides[0]] = run_curate(recipe, version, out / "warm")["seconds"]
         except Exception as exc:  # reported with its traceback; the other configurations are still measured
             traceback.print_exc()
-            failed[f"curate:{key}"] = f"{type(exc).__name__}: {exc}"
-            configs.pop(f"curate:{key}")
+            for side in sides:  # those that share its warm-up would fail alike
+                failed[side] = f"{type(exc).__name__}: {exc}"
+                configs.pop(side)
             _free()
             continue
-        print(f"[{name}] warm-up curate:{key}: {warmups[f'curate:{key}']:.1f} s", flush=True)
+        print(f"[{name}] warm-up {sides[0]}: {warmups[sides[0]]:.1f} s", flush=True)
     run_trl(reference, train, held, tokenizer, out / "warm-trl", steps=warm)
     order = [*configs, "trl", "trl", *reversed(configs)]  # every side once early and once late
     runs: dict[str, list[dict]] = {side: [] for side in ["trl", *configs]}
