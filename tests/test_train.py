@@ -367,14 +367,7 @@ def test_recipe_validation_names_the_key():
 
 
 @pytest.fixture(scope="module")
-def demo_version(demo_out) -> Path:
-    """The demo version, written by the runner: `curate run pipelines/demo.yaml --out DIR`, the
-    session's run (tests/conftest.py), which the trainer only reads."""
-    return demo_out
-
-
-@pytest.fixture(scope="module")
-def trained(demo_version, tmp_path_factory):
+def trained(demo_out, tmp_path_factory):
     from curate.train.trainer import run_training
 
     out = tmp_path_factory.mktemp("train")
@@ -384,17 +377,17 @@ def trained(demo_version, tmp_path_factory):
         {"name": "algebra", "path": str(SHARED_DATA / "eval/mmlu_abstract_algebra_test.csv.gz"),
          "layout": "mmlu", "subject": "abstract algebra", "max_items": 8},
     ]  # fmt: skip
-    return out, run_training(TINY, demo_version, out, {**FAST, "merge": True, "gates.capability": capability})
+    return out, run_training(TINY, demo_out, out, {**FAST, "merge": True, "gates.capability": capability})
 
 
-def test_tiny_qlora_run_end_to_end(trained, demo_version):
+def test_tiny_qlora_run_end_to_end(trained, demo_out):
     out, metrics = trained
     assert metrics["steps"] == 12
     assert (
         metrics["records"]["train"]
         + metrics["records"]["heldout"]
         + len(metrics["records"]["fully_masked_dropped"])
-        == json.loads((demo_version / "latest" / "manifest.json").read_text())["counts"]["kept"]
+        == json.loads((demo_out / "latest" / "manifest.json").read_text())["counts"]["kept"]
     )
     assert metrics["template"] == "chatml" and metrics["records"]["eval_sets"] == {"demo_eval": 16}
     before, after = metrics["eval_loss_before"]["heldout"], metrics["eval_loss_after"]["heldout"]
@@ -581,7 +574,7 @@ def test_the_compiled_blocks_are_the_decoder_layers_even_beside_a_longer_list(st
     assert len(decoder_layers(model)) == 8
 
 
-def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path, monkeypatch):
+def test_compiled_layers_train_to_the_same_losses(demo_out, tmp_path, monkeypatch):
     """`compile: true` trains the decoder layers compiled (inductor, as on a GPU; checkpointed) and to
     the same losses as eager, step by step; the evaluation in the middle of training and everything after it
     (scoring, generation, the next run on the shared base) run the layers eager."""
@@ -616,7 +609,7 @@ def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path, monkey
     for compiled in (True, False, True):  # the third: compiled again on the reused base, as in an ablation
         settings = {**short, "compile": compiled}
         out = tmp_path / str(len(runs))
-        runs.append(run_training(TINY, demo_version, out, settings, False, bases=bases, callbacks=[watch]))
+        runs.append(run_training(TINY, demo_out, out, settings, False, bases=bases, callbacks=[watch]))
         layers = decoder_layers(bases.current.model)
         assert layers and all(layer._compiled_call_impl is None for layer in layers)
     assert watch.seen == [True] * 4 + [False] * 4 + [True] * 4
@@ -634,21 +627,21 @@ def test_compiled_layers_train_to_the_same_losses(demo_version, tmp_path, monkey
     )
 
 
-def test_train_json_prints_metrics_and_nothing_else(demo_version, tmp_path):
+def test_train_json_prints_metrics_and_nothing_else(demo_out, tmp_path):
     """stdout is metrics.json alone (the trainer's per-step log dicts once went there) and stderr
     holds no library chatter: no bars, deprecation warnings or the bitsandbytes kernel notice."""
     import subprocess
     import sys
 
     settings = ["max_steps=2", "eval_steps=2", "gates.max_new_tokens=4", "gates.max_items=2"]
-    cmd = [sys.executable, "-m", "curate", "train", str(TINY), "--data", str(demo_version)]
+    cmd = [sys.executable, "-m", "curate", "train", str(TINY), "--data", str(demo_out)]
     cmd += ["--out", str(tmp_path), "--json", *(a for s in settings for a in ("--set", s))]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["steps"] == 2
     assert done.stderr == ""
 
 
-def test_a_killed_training_run_resumes_from_its_last_checkpoint(demo_version, tmp_path):
+def test_a_killed_training_run_resumes_from_its_last_checkpoint(demo_out, tmp_path):
     """SIGKILL mid-training: the next run of the same command resumes from the last complete
     checkpoint and says so; changed settings start over and say that; a finished run leaves no
     checkpoints behind."""
@@ -673,7 +666,7 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(demo_version, tm
             "train",
             str(TINY),
             "--data",
-            str(demo_version),
+            str(demo_out),
             "--out",
             str(out),
         ]
