@@ -16,10 +16,12 @@ operators that take the most GPU and the most host time.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,8 +95,44 @@ def concatenated_rows():
         collate.PackedRowCollator = original
 
 
+@contextlib.contextmanager
+def host_syncs():
+    """transformers' own step, which reads values back from the GPU (a wait for the GPU each): the
+    loss's NaN check, the token count, packed rows' attention mask derived from position ids, and the
+    loss and gradient norm at every log; batches copied to the GPU with a wait. curate's step reads none
+    (`curate.train.trainer._trainer_class`)."""
+    from transformers import Trainer
+
+    import curate.train.trainer as trainer_module
+
+    original_class, original_config = trainer_module._trainer_class, trainer_module._sft_config
+
+    def with_syncs(base: type, model_loss: bool, compile_layers: bool = False) -> type:
+        class WithSyncs(original_class(base, model_loss, compile_layers)):
+            _maybe_log_save_evaluate = Trainer._maybe_log_save_evaluate
+            _track_num_input_tokens = Trainer._track_num_input_tokens
+
+            def _model_inputs(self, inputs: dict) -> dict:
+                return {**{k: v for k, v in inputs.items() if k != "num_tokens"}, "use_cache": False}
+
+        return WithSyncs
+
+    def config_with_syncs(*args, **kwargs):
+        config = original_config(*args, **kwargs)
+        config.logging_nan_inf_filter = True
+        config.accelerator_config.non_blocking = False
+        return config
+
+    trainer_module._trainer_class, trainer_module._sft_config = with_syncs, config_with_syncs
+    try:
+        yield
+    finally:
+        trainer_module._trainer_class, trainer_module._sft_config = original_class, original_config
+
+
 PATCHES = {
     "none": contextlib.nullcontext,
+    "host_syncs": host_syncs,
     "trl_loss": trl_loss,
     "dequantized_once": dequantized_once,
     "concatenated_rows": concatenated_rows,
@@ -125,6 +163,7 @@ SMOL = {
     "mb8+ckpt+concatenated": (config(8, True), "concatenated_rows"),
     "seq1536-liger": (config(1, True, "none", sequence_len=1536), "none"),
     "seq1536+compile": (config(1, True, sequence_len=1536, compile=True), "none"),
+    "seq1536+compile+host_syncs": (config(1, True, sequence_len=1536, compile=True), "host_syncs"),
     "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
     "mb8-ckpt+compile": (config(8, False, compile=True), "none"),
 }
@@ -139,6 +178,7 @@ BIG = {
     "mb4-ckpt": (config(4, False), "none"),
     "seq1536-liger": (config(1, True, "none", sequence_len=1536), "none"),
     "seq1536+compile": (config(1, True, sequence_len=1536, compile=True), "none"),
+    "seq1536+compile+host_syncs": (config(1, True, sequence_len=1536, compile=True), "host_syncs"),
     "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
     "mb4-ckpt+compile": (config(4, False, compile=True), "none"),
 }
@@ -174,10 +214,22 @@ class StepClock(TrainerCallback):
         self.memory_step = memory_step if self.cuda else None
         self.memory_profiler = None
         self.memory_peak: tuple[int, dict[str, int]] | None = None
+        self.sync_catcher = None
+        self.syncs: list = []
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         import torch
 
+        if self.cuda and self.profile_from is not None and state.global_step == self.profile_from - 1:
+            # one whole step, logging included, with every host read of a GPU value reported
+            torch.cuda.set_sync_debug_mode("warn")
+            self.sync_catcher = warnings.catch_warnings(record=True)
+            self.syncs = self.sync_catcher.__enter__()
+            warnings.simplefilter("always")
+        elif self.sync_catcher is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self.sync_catcher.__exit__(None, None, None)
+            self.sync_catcher = None
         if state.global_step == self.memory_step:
             self.memory_profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
@@ -235,6 +287,12 @@ def report(name: str, clock: StepClock, metrics: dict, skip: int, top: int) -> d
     prof = clock.profiler
     if prof is None:
         return row
+    if clock.cuda:
+        where = collections.Counter(
+            f"{Path(w.filename).name}:{w.lineno}" for w in clock.syncs if "synchroniz" in str(w.message)
+        )
+        listed = ", ".join(f"{place} x{n}" for place, n in where.most_common()) or "none"
+        print(f"\n=== {name}: host waits for the GPU in one step: {sum(where.values())} ({listed}) ===")
     averages = prof.key_averages()
     device_key = "self_device_time_total"
     if not hasattr(averages[0], device_key):  # torch before 2.4

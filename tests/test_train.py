@@ -210,7 +210,7 @@ def test_packed_examples_do_not_attend_across_each_other(stories, tokenizer):
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from curate.train.collate import PackedRowCollator
+    from curate.train.collate import PackedRowCollator, packed_attention_mask
 
     model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
 
@@ -233,10 +233,13 @@ def test_packed_examples_do_not_attend_across_each_other(stories, tokenizer):
     batch = PackedRowCollator(pad_token_id=0)(packed)
     assert "attention_mask" not in batch and batch["input_ids"].shape == (2, len(packed[0]["input_ids"]))
     n, m = len(a["input_ids"]), len(c["input_ids"])
+    assert batch.pop("num_tokens") == n + len(b["input_ids"]) + m  # counted on the host, without the pads
     assert (batch["labels"][1, m:] == -100).all() and (batch["input_ids"][1, m:] == 0).all()
     with torch.no_grad():
         # as in training (TRL passes use_cache=False): with no cache, restarting position ids split examples
         out = model(**batch, use_cache=False)
+        # the trainer's mask, made on the device from the position ids, is the one transformers makes
+        masked = model(**batch, attention_mask=packed_attention_mask(batch["position_ids"]), use_cache=False)
         alone = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in (a, b, c)]
         flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(packed)
         flat_loss = model(
@@ -245,8 +248,13 @@ def test_packed_examples_do_not_attend_across_each_other(stories, tokenizer):
     torch.testing.assert_close(out.logits[0, :n], alone[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.logits[0, n:], alone[1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.logits[1, :m], alone[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(masked.logits, out.logits, atol=0, rtol=0)
     assert int((batch["labels"] != -100).sum()) == int((flat["labels"] != -100).sum())
     torch.testing.assert_close(out.loss, flat_loss, atol=1e-5, rtol=1e-5)
+
+    # rows of one conversation each: no position ids, so the model counts from 0 under a causal mask alone
+    single = PackedRowCollator(pad_token_id=0)([packed[1], packed[1]])
+    assert "position_ids" not in single and single["num_tokens"] == 2 * m
 
 
 def test_the_step_loss_is_the_models_own_cross_entropy(stories, tokenizer, version, tmp_path):
@@ -273,11 +281,77 @@ def test_the_step_loss_is_the_models_own_cross_entropy(stories, tokenizer, versi
     # the packed rows stay rows: 24 conversations in 6 rows of a micro-batch of 8
     assert batch["input_ids"].shape[0] == min(recipe.micro_batch_size, len(trainer.train_dataset)) == 6
     assert (batch["position_ids"][0] == 0).sum() > 1  # several examples packed in a row
+    tokens = batch.pop("num_tokens")
+    assert tokens == int((batch["input_ids"] != tokenizer.pad_token_id).sum())  # transformers' own count
     with torch.no_grad():
-        step = trainer.compute_loss(trainer.model, dict(batch))
-        own = trainer.model(**batch, use_cache=False).loss  # the model's forward with labels
+        step = trainer.compute_loss(trainer.model, {**batch, "num_tokens": tokens})
+        # the model's forward with labels, its attention mask derived by transformers
+        own = trainer.model(**batch, use_cache=False).loss
     torch.testing.assert_close(step, own, atol=1e-5, rtol=1e-5)
     assert not trainer._metrics["train"]  # no entropy, token accuracy or token count was computed
+
+
+def test_logs_read_without_waiting_equal_transformers_logs(stories, tokenizer, version, tmp_path):
+    """The step's loss, gradient norm and token count reach the logs without the host waiting for the
+    GPU (copied back unwaited, counted by the collator): the log history of 4 steps equals the one
+    transformers' own logging and token count write, entry by entry; and a log whose copy has not
+    arrived waits, with those after it, until it has or until something must see every log."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    from curate.train.model import load_model, lora_config
+    from curate.train.trainer import _dataset, _encode_splits, _sft_config, _trainer_class
+
+    recipe = load_recipe(TINY, {"max_steps": 4, "micro_batch_size": 2, "eval_steps": 100})
+    rows = _encode_splits(recipe, load_version(version), tokenizer, "chatml")[0][:24]
+
+    def history(cls: type) -> tuple[list[dict], object]:
+        torch.manual_seed(0)
+        model = load_model(str(stories), recipe, tokenizer)
+        trainer = cls(
+            model=model,
+            peft_config=lora_config(recipe, model, tokenizer, []),
+            args=_sft_config(recipe, tmp_path / cls.__name__, tokenizer, rows, on_gpu=False),
+            train_dataset=_dataset(rows),
+            eval_dataset=_dataset(rows[:2]),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        return [e for e in trainer.state.log_history if "loss" in e], trainer
+
+    ours = _trainer_class(SFTTrainer, model_loss=False)
+
+    class TransformersLogging(ours):
+        _maybe_log_save_evaluate = Trainer._maybe_log_save_evaluate
+        _track_num_input_tokens = Trainer._track_num_input_tokens
+
+    unwaited, trainer = history(ours)
+    waited, _ = history(TransformersLogging)
+    assert [e["step"] for e in unwaited] == [1, 2, 3, 4]
+    assert [e["num_input_tokens_seen"] for e in unwaited] == [e["num_input_tokens_seen"] for e in waited]
+    clock = {"train_runtime", "train_tokens_per_second"}  # wall-clock figures, which curate times itself
+    for a, b in zip(unwaited, waited, strict=True):
+        b = {k: v for k, v in b.items() if k not in clock}
+        assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-6)
+
+    class Copy:  # a copy still on its way until `arrived` is set
+        arrived = False
+
+        def query(self) -> bool:
+            return self.arrived
+
+        def synchronize(self) -> None:
+            self.arrived = True
+
+    late, logged = Copy(), []
+    trainer.log = lambda logs: logged.append((trainer.state.global_step, logs["loss"]))
+    for step, arrived in ((5, late), (6, None)):
+        trainer._unread_logs.append(((step, 0, 1.0), 1, [torch.tensor(float(step))], arrived, 1e-4))
+    trainer._log_arrived(wait=False)
+    assert logged == []  # step 6's copy is there, but step 5's is not: logs stay in order
+    late.arrived = True
+    trainer._log_arrived(wait=False)
+    assert logged == [(5, 5.0), (6, 6.0)] and trainer.state.global_step == 4
 
 
 def test_scoring_equals_whole_pass_cross_entropy_without_float32_logits_of_a_pass(

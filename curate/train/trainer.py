@@ -410,6 +410,8 @@ def _sft_config(recipe: TrainRecipe, out: Path, tokenizer: Any, train_rows: list
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # its check reads the loss back every step; a NaN loss is logged as NaN
+        accelerator_config={"non_blocking": on_gpu},  # batches copy to the GPU from pinned memory, unwaited
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         use_liger_kernel=use_liger(recipe.kernels, on_gpu, recipe.compile),
         dataloader_num_workers=0,
@@ -438,12 +440,21 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
     (so tokens/s counts training alone), and whose step computes the loss and nothing else (see
     `compute_loss`). When tokens were added for the template, it trains with the model's own loss:
     TRL's fused LM head reads `lm_head.weight` directly and would skip the trained rows of the added
-    tokens. With `compile_layers`, the decoder layers train compiled (curate.train.compile)."""
+    tokens. With `compile_layers`, the decoder layers train compiled (curate.train.compile).
+
+    A step never reads a value back from the GPU, so the host queues the next step's kernels while the
+    GPU still runs this one's. transformers' loop reads back four: the loss's NaN check
+    (`logging_nan_inf_filter`, off), the token count (the collator counts on the host), whether packed
+    rows' position ids restart (the mask is made on the GPU, `_model_inputs`) and, at every log, the
+    loss and gradient norm (copied back without waiting, logged once they have arrived:
+    `_maybe_log_save_evaluate`)."""
+    from collections import deque
+
     import torch
     from transformers import Trainer
     from trl.trainer.utils import add_fused_lm_head
 
-    from curate.train.collate import PackedRowCollator
+    from curate.train.collate import PackedRowCollator, packed_attention_mask
     from curate.train.compile import compiled_layers, decoder_layers, eager_layers
     from curate.train.gates import mean_loss, summed_losses
 
@@ -468,8 +479,74 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
                 add_fused_lm_head(inner, outputs=self.lm_head_outputs)
 
         def train(self, *args: Any, **kwargs: Any) -> Any:
+            self._unread_logs: deque[tuple] = deque()
             with compiled_layers(self.model, compile_layers):
-                return super().train(*args, **kwargs)
+                out = super().train(*args, **kwargs)
+            self._log_arrived(wait=True)
+            return out
+
+        def _track_num_input_tokens(self, inputs: dict) -> None:
+            """The collator's host-side count (transformers would sum on the GPU and read it back)."""
+            if "num_tokens" in inputs and self.args.world_size == 1:
+                self.state.num_input_tokens_seen += inputs["num_tokens"]
+            else:
+                super()._track_num_input_tokens(inputs)
+
+        def _maybe_log_save_evaluate(self, tr_loss: Any, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
+            """transformers' logging reads the loss and gradient norm with `.item()`, which waits for the
+            whole step. Here they are copied to the host without waiting and logged, under the step they
+            belong to, once the copy has arrived (by the next step, as a rule); an evaluation, a
+            checkpoint and the end of training wait for every earlier log, so the logs stay in order."""
+            state, control = self.state, self.control
+            if control.should_log and state.global_step > self._globalstep_last_logged:
+                steps = state.global_step - self._globalstep_last_logged
+                values = [(tr_loss.detach() / steps).to("cpu", non_blocking=True)]
+                if isinstance(grad_norm, torch.Tensor):
+                    values.append(grad_norm.detach().to("cpu", non_blocking=True))
+                arrived = None
+                if tr_loss.is_cuda:
+                    arrived = torch.cuda.Event()
+                    arrived.record()
+                rate = kwargs.get("learning_rate")
+                rate = self._get_learning_rate() if rate is None else rate
+                at = (state.global_step, state.num_input_tokens_seen, state.epoch)
+                self._unread_logs.append((at, steps, values, arrived, rate))
+                tr_loss -= tr_loss  # after the copy on the same stream, so the copy holds the sum
+                self._globalstep_last_logged = state.global_step
+                control.should_log = False
+            ends = control.should_training_stop or state.global_step >= state.max_steps
+            self._log_arrived(wait=ends or control.should_evaluate or control.should_save)
+            super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+        def _log_arrived(self, wait: bool) -> None:
+            """Logs the queued losses whose copies have arrived (with `wait`, all of them), each under
+            its own step and token count, as transformers would have logged it then."""
+            state, queue = self.state, self._unread_logs
+            while queue and (wait or queue[0][3] is None or queue[0][3].query()):
+                at, steps, values, arrived, rate = queue.popleft()
+                if arrived is not None:
+                    arrived.synchronize()  # that log's copy only, not the work queued since
+                loss = values[0].item()
+                self._total_loss_scalar += loss * steps
+                logs = {"loss": loss, "learning_rate": rate}
+                if len(values) > 1:
+                    logs["grad_norm"] = values[1].item()
+                now = (state.global_step, state.num_input_tokens_seen, state.epoch)
+                state.global_step, state.num_input_tokens_seen, state.epoch = at
+                try:
+                    self.log(logs)
+                finally:
+                    state.global_step, state.num_input_tokens_seen, state.epoch = now
+
+        def _model_inputs(self, inputs: dict) -> dict:
+            """The batch as the model takes it: without the collator's token count and, for rows of
+            several conversations, with their attention mask made on the GPU from the position ids."""
+            inputs = {k: v for k, v in inputs.items() if k != "num_tokens"}
+            inputs["use_cache"] = False
+            sdpa = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
+            if sdpa and "position_ids" in inputs and inputs.get("attention_mask") is None:
+                inputs["attention_mask"] = packed_attention_mask(inputs["position_ids"])
+            return inputs
 
         def evaluate(self, *args: Any, base_cache: dict | None = None, **kwargs: Any) -> dict:
             """Each eval set's loss per trained token, from every row's own loss (kept in `sums` for
@@ -501,7 +578,7 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
         if model_loss:
 
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                inputs["use_cache"] = False
+                inputs = self._model_inputs(inputs)
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         else:
@@ -511,8 +588,7 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
                 and token count cost three host syncs a step, which stall the GPU until the host
                 catches up (on 8B shapes the step took 0.60 s with them, 0.42 s without:
                 bench/results/train_profile.md)."""
-                inputs["use_cache"] = False
-                outputs = model(**inputs, fused_lm_head=True)
+                outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
                 count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
                 loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
