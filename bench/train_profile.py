@@ -130,8 +130,28 @@ def host_syncs():
         trainer_module._trainer_class, trainer_module._sft_config = original_class, original_config
 
 
+@contextlib.contextmanager
+def bitsandbytes_ops():
+    """The compiled layers multiply through bitsandbytes' own 4-bit operators, as curate did until its
+    compiled layers dequantized with torch operations in the graph (`curate.train.nf4`)."""
+    import curate.train.compile as compile_module
+
+    original = compile_module.torch_dequantized
+
+    @contextlib.contextmanager
+    def unswapped(modules):
+        yield 0
+
+    compile_module.torch_dequantized = unswapped
+    try:
+        yield
+    finally:
+        compile_module.torch_dequantized = original
+
+
 PATCHES = {
     "none": contextlib.nullcontext,
+    "bitsandbytes_ops": bitsandbytes_ops,
     "host_syncs": host_syncs,
     "trl_loss": trl_loss,
     "dequantized_once": dequantized_once,
@@ -164,6 +184,7 @@ SMOL = {
     "seq1536-liger": (config(1, True, "none", sequence_len=1536), "none"),
     "seq1536+compile": (config(1, True, sequence_len=1536, compile=True), "none"),
     "seq1536+compile+host_syncs": (config(1, True, sequence_len=1536, compile=True), "host_syncs"),
+    "seq1536+compile+bnb_ops": (config(1, True, sequence_len=1536, compile=True), "bitsandbytes_ops"),
     "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
     "mb8-ckpt+compile": (config(8, False, compile=True), "none"),
 }
@@ -179,6 +200,7 @@ BIG = {
     "seq1536-liger": (config(1, True, "none", sequence_len=1536), "none"),
     "seq1536+compile": (config(1, True, sequence_len=1536, compile=True), "none"),
     "seq1536+compile+host_syncs": (config(1, True, sequence_len=1536, compile=True), "host_syncs"),
+    "seq1536+compile+bnb_ops": (config(1, True, sequence_len=1536, compile=True), "bitsandbytes_ops"),
     "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
     "mb4-ckpt+compile": (config(4, False, compile=True), "none"),
 }

@@ -4,8 +4,10 @@ A QLoRA step on a small model, or on a large one at a few thousand tokens a step
 decoder layer runs Python for every 4-bit layer (dequantize, then multiply), every LoRA pair (dropout,
 two small products, scale, add), the norms, RoPE and the MLP, in the forward, in checkpointing's
 second forward and in the backward (bench/results/train_profile.md: the GPU was busy 12% of a SmolLM2
-step). Compiled, a layer is one graph whose elementwise work is fused; the 4-bit dequantization stays
-bitsandbytes' own operator inside it.
+step). Compiled, a layer is one graph whose elementwise work is fused, its 4-bit dequantization
+included: bitsandbytes' operators would split the graph and cost host time at every call, so the
+compiled layers dequantize with torch operations instead (curate.train.nf4: the same weights, bit for
+bit).
 
 Only the layers are compiled: they hold nearly all the work and share one code object, so one
 compilation serves every layer and every later run in the process (the compiler caches by code and
@@ -25,7 +27,15 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from curate.train.nf4 import bitsandbytes_forward, torch_dequantized
+
 RECOMPILE_LIMIT = 64
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def decoder_layers(model: Any) -> list[Any]:
@@ -59,7 +69,8 @@ def compiled_layers(model: Any, enabled: bool = True) -> Iterator[list[Any]]:
     for layer in layers:
         layer.compile()
     try:
-        yield layers
+        with torch_dequantized(layers) if layers and _has_bitsandbytes() else contextlib.nullcontext():
+            yield layers
     finally:
         for layer in layers:
             layer._compiled_call_impl = None  # what `nn.Module.compile` set: the layer calls forward again
@@ -73,7 +84,8 @@ def eager_layers(layers: list[Any]) -> Iterator[None]:
     for layer in layers:
         layer._compiled_call_impl = None
     try:
-        yield
+        with bitsandbytes_forward(layers) if layers and _has_bitsandbytes() else contextlib.nullcontext():
+            yield
     finally:
         for layer, call in zip(layers, compiled, strict=True):
             layer._compiled_call_impl = call
