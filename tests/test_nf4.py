@@ -90,3 +90,27 @@ def test_a_compiled_step_calls_no_bitsandbytes_operator():
     names = {event.name for event in prof.events()}
     assert not any(name.startswith("bitsandbytes::") for name in names)
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_dequantized_weight_lives_no_longer_than_its_layers_activations(checkpointed):
+    """Outside gradient checkpointing, the compiled backward dequantizes again rather than keep every
+    dequantized weight from the forward (a bf16 copy of the base); inside it, the recomputed forward's
+    weights are kept, one layer's at a time, for its backward."""
+    model = torch.nn.Sequential(linear((256, 128), "nf4", True, torch.float32), torch.nn.GELU())
+    model.gradient_checkpointing = checkpointed  # transformers' flag on a checkpointed decoder layer
+    x = torch.randn(4, 128, requires_grad=True)
+    saved: list[tuple] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch_dequantized([model]):
+        compiled = torch.compile(model)
+        compiled(x).sum().backward()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = compiled(x)
+        out.sum().backward()
+    assert ((256, 128) in saved) == checkpointed
+    assert (16384, 1) in saved or checkpointed  # what the backward dequantizes from: the packed weight
