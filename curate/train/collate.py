@@ -1,5 +1,5 @@
 """Micro-batches of packed rows in which every packed row stays a row of its own, built so that a
-training step never waits for the GPU to tell the host something the host already knew."""
+training step does not wait for the GPU to tell the host what the host already knew."""
 
 from __future__ import annotations
 

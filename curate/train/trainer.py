@@ -442,12 +442,15 @@ def _trainer_class(base: type, model_loss: bool, compile_layers: bool = False) -
     TRL's fused LM head reads `lm_head.weight` directly and would skip the trained rows of the added
     tokens. With `compile_layers`, the decoder layers train compiled (curate.train.compile).
 
-    A step never reads a value back from the GPU, so the host queues the next step's kernels while the
-    GPU still runs this one's. transformers' loop reads back four: the loss's NaN check
-    (`logging_nan_inf_filter`, off), the token count (the collator counts on the host), whether packed
-    rows' position ids restart (the mask is made on the GPU, `_model_inputs`) and, at every log, the
-    loss and gradient norm (copied back without waiting, logged once they have arrived:
-    `_maybe_log_save_evaluate`)."""
+    A step does not wait for the GPU to read back what the host knew or could read later, so the host
+    can queue the next kernels while the GPU works. transformers' loop reads back, each a wait for all
+    queued work: the loss's NaN check (`logging_nan_inf_filter`, off), the token count (the collator
+    counts on the host), whether packed rows' position ids restart (the mask is made on the GPU,
+    `_model_inputs`) and, at every log, the loss and gradient norm (copied back without waiting and
+    logged once arrived: `_maybe_log_save_evaluate`). Left: TRL's head picks the trained positions,
+    and rows of one conversation let transformers check that they are (it keeps flash attention). On
+    a host-bound step this changes nothing (bench/results/train_profile.md, run 7); it counts where
+    the GPU is the bottleneck."""
     from collections import deque
 
     import torch
