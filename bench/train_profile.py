@@ -5,8 +5,9 @@ configuration (micro batch, checkpointing, kernels) with, optionally, one change
 (`PATCHES`), trained for a few dozen steps on the same rows as train_speed, twice in mirrored order
 after a discarded warm-up training. It prints, per variant: the median step time after warm-up,
 tokens per step, tokens/s, memory as the loop starts and at its peak, the GPU's kernel time per step
-and its share of the step (low = the host is the bottleneck: Python, kernel launches, syncs), and the
-operators that take the most GPU and the most host time.
+and its share of the step (low = the host is the bottleneck: Python, kernel launches, syncs), the
+operators that take the most GPU and the most host time, and (on a GPU) each place where one step's
+host waited for the GPU.
 
   here:    python bench/train_gpu.py build      # stages the version (.gpu-data/version)
   on GPU:  python bench/train_profile.py --model $CURATE_GPU_MODEL --workload smollm2
@@ -99,8 +100,9 @@ def concatenated_rows():
 def host_syncs():
     """transformers' own step, which reads values back from the GPU (a wait for the GPU each): the
     loss's NaN check, the token count, packed rows' attention mask derived from position ids, and the
-    loss and gradient norm at every log; batches copied to the GPU with a wait. curate's step reads none
-    (`curate.train.trainer._trainer_class`)."""
+    loss and gradient norm at every log; batches copied to the GPU with a wait. curate's step reads
+    none of these (`curate.train.trainer._trainer_class`); TRL's head and the compiled code still read
+    a few."""
     from transformers import Trainer
 
     import curate.train.trainer as trainer_module
