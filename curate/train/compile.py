@@ -32,12 +32,6 @@ from curate.train.nf4 import bitsandbytes_forward, torch_dequantized
 RECOMPILE_LIMIT = 64
 
 
-def _has_bitsandbytes() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("bitsandbytes") is not None
-
-
 def decoder_layers(model: Any) -> list[Any]:
     """The model's repeated blocks, under any PEFT or trainer wrapping: the ModuleList of the layer class
     that transformers names in `_no_split_modules` (a causal LM's decoder layer), else the largest
@@ -69,7 +63,7 @@ def compiled_layers(model: Any, enabled: bool = True) -> Iterator[list[Any]]:
     for layer in layers:
         layer.compile()
     try:
-        with torch_dequantized(layers) if layers and _has_bitsandbytes() else contextlib.nullcontext():
+        with torch_dequantized(layers):
             yield layers
     finally:
         for layer in layers:
@@ -84,7 +78,7 @@ def eager_layers(layers: list[Any]) -> Iterator[None]:
     for layer in layers:
         layer._compiled_call_impl = None
     try:
-        with bitsandbytes_forward(layers) if layers and _has_bitsandbytes() else contextlib.nullcontext():
+        with bitsandbytes_forward(layers):
             yield
     finally:
         for layer, call in zip(layers, compiled, strict=True):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,6 +93,9 @@ def torch_dequantized(modules: list[Any]) -> Iterator[int]:
     included, and the step ran 0.256 s against 0.312 s with bitsandbytes' operators). Elsewhere it
     would keep every layer's from the forward to the backward, a bf16 copy of the base (the peak of 4
     rows of 2,048 a step rose from 48.4 to 62.8 GB), so there the backward dequantizes again."""
+    if importlib.util.find_spec("bitsandbytes") is None:  # then no module holds a 4-bit weight
+        yield 0
+        return
     import bitsandbytes as bnb
 
     swapped, recomputed = [], []
@@ -126,6 +130,9 @@ def torch_dequantized(modules: list[Any]) -> Iterator[int]:
 def bitsandbytes_forward(modules: list[Any]) -> Iterator[None]:
     """Within the block, the swapped linears inside `modules` run bitsandbytes' own forward (eager
     code: the torch operations would make an index per element of a weight, uncompiled)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        yield
+        return
     import bitsandbytes as bnb
 
     torch_class = _torch_dequantized_class()
