@@ -27,13 +27,17 @@ from typing import Any
 
 def dequantize_4bit(packed: Any, code: Any, absmax: Any, blocksize: int, shape: tuple, dtype: Any) -> Any:
     """The weight of `shape` from its packed 4-bit codes (two a byte, the first in the high nibble), the
-    16 values of the codes (`code`: NF4 or FP4) and one float32 absmax per block of `blocksize`."""
+    16 values of the codes (`code`: NF4 or FP4) and one float32 absmax per block of `blocksize`.
+
+    Written with reshapes, not with an index per element: the compiler kept such indices (int64, 8
+    bytes per weight) for the backward, and on the 8B shapes a step's peak rose from 48 to 92 GB."""
     import torch
 
-    index = torch.arange(shape[0] * shape[1], device=packed.device)
-    byte = packed.reshape(-1)[index // 2]
-    nibble = torch.where(index % 2 == 0, byte >> 4, byte & 15)
-    return (code[nibble.long()] * absmax[index // blocksize]).to(dtype).view(shape)
+    size, blocks = shape[0] * shape[1], absmax.numel()
+    byte = packed.reshape(-1)
+    nibble = torch.stack((byte >> 4, byte & 15), dim=-1).reshape(-1)[:size]  # odd size: half a byte spare
+    value = torch.nn.functional.pad(code[nibble.long()], (0, blocks * blocksize - size))  # partial last block
+    return (value.view(blocks, blocksize) * absmax[:, None]).reshape(-1)[:size].to(dtype).view(shape)
 
 
 def _weight(
@@ -92,7 +96,8 @@ def torch_dequantized(modules: list[Any]) -> Iterator[int]:
     layer's weights at a time (on the 8B shapes the step's peak rose from 6.82 to 7.44 GB, absmax
     included, and the step ran 0.256 s against 0.312 s with bitsandbytes' operators). Elsewhere it
     would keep every layer's from the forward to the backward, a bf16 copy of the base (the peak of 4
-    rows of 2,048 a step rose from 48.4 to 62.8 GB), so there the backward dequantizes again."""
+    rows of 2,048 a step rose from 48.4 to 62.8 GB), so there the backward dequantizes again: 48.9 GB
+    on the H200, at the same tokens/s (bench/results/train_speed.md, seventh session)."""
     if importlib.util.find_spec("bitsandbytes") is None:  # then no module holds a 4-bit weight
         yield 0
         return
