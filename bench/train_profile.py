@@ -205,6 +205,7 @@ BIG = {
     "seq1536+compile+bnb_ops": (config(1, True, sequence_len=1536, compile=True), "bitsandbytes_ops"),
     "seq1536+compile+liger": (config(1, True, "liger", sequence_len=1536, compile=True), "none"),
     "mb4-ckpt+compile": (config(4, False, compile=True), "none"),
+    "mb8-ckpt+compile": (config(8, False, compile=True), "none"),  # train_speed's fast8+compile
 }
 WORKLOADS = {"smollm2": (1024, 800, SMOL), "llama3-8b-shape": (2048, 300, BIG)}
 
