@@ -29,14 +29,17 @@ def dequantize_4bit(packed: Any, code: Any, absmax: Any, blocksize: int, shape: 
     """The weight of `shape` from its packed 4-bit codes (two a byte, the first in the high nibble), the
     16 values of the codes (`code`: NF4 or FP4) and one float32 absmax per block of `blocksize`.
 
-    Written with reshapes, not with an index per element: the compiled graph kept such indices for the
-    backward (int64 on the CPU, 8 bytes a weight), and on the 8B shapes a step's peak rose from 48 to
-    92 GB on the H200."""
+    Written with reshapes and broadcasts, not with an index per element: the compiled graph kept such
+    indices for the backward (int64 on the CPU, 8 bytes a weight), and on the 8B shapes a step's peak
+    rose from 48 to 92 GB on the H200. The two nibbles of a byte come from one `where` over a (bytes,
+    2) broadcast, which the compiler fuses with the lookup and the scaling (in the CPU compile: one
+    kernel; a `stack` of the two made a kernel of its own and a uint8 copy of the weight)."""
     import torch
 
     size, blocks = shape[0] * shape[1], absmax.numel()
-    byte = packed.reshape(-1)
-    nibble = torch.stack((byte >> 4, byte & 15), dim=-1).reshape(-1)[:size]  # odd size: half a byte spare
+    byte = packed.reshape(-1, 1)
+    high = torch.arange(2, device=packed.device) == 0  # the first code of a byte is its high nibble
+    nibble = torch.where(high, byte >> 4, byte & 15).reshape(-1)[:size]  # odd size: half a byte spare
     value = torch.nn.functional.pad(code[nibble.long()], (0, blocks * blocksize - size))  # partial last block
     return (value.view(blocks, blocksize) * absmax[:, None]).reshape(-1)[:size].to(dtype).view(shape)
 
