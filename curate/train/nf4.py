@@ -97,8 +97,8 @@ def torch_dequantized(modules: list[Any]) -> Iterator[int]:
 
     A dequantized weight lives no longer than its layer's activations. In a module that gradient
     checkpointing recomputes, the compiler keeps it from the recomputed forward to the backward: one
-    layer's weights at a time (on the 8B shapes the step's peak rose from 6.82 to 7.44 GB, absmax
-    included, and the step ran 0.256 s against 0.312 s with bitsandbytes' operators). Elsewhere it
+    layer's weights at a time (on the 8B shapes a step's peak is 7.12 GB against 6.71 with
+    bitsandbytes' operators, the float32 absmax included). Elsewhere it
     would keep every layer's from the forward to the backward, a bf16 copy of the base (the peak of 4
     rows of 2,048 a step rose from 48.4 to 62.8 GB), so there the backward dequantizes again: 48.9 GB
     on the H200, at the same tokens/s (bench/results/train_speed.md, seventh session)."""
@@ -107,15 +107,14 @@ def torch_dequantized(modules: list[Any]) -> Iterator[int]:
         return
     import bitsandbytes as bnb
 
-    swapped, recomputed = [], []
-    for module in modules:
-        layer_recomputed = bool(getattr(module, "gradient_checkpointing", False))  # transformers' flag
-        for sub in module.modules():
-            if _swappable(sub):
-                swapped.append(sub)
-                recomputed.append(layer_recomputed)
+    swapped = [  # each linear, and whether its layer is checkpointed (transformers' flag on the layer)
+        (sub, bool(getattr(module, "gradient_checkpointing", False)))
+        for module in modules
+        for sub in module.modules()
+        if _swappable(sub)
+    ]
     torch_class = _torch_dequantized_class()
-    for linear, layer_recomputed in zip(swapped, recomputed, strict=True):
+    for linear, layer_checkpointed in swapped:
         state = linear.weight.quant_state
         absmax = state.absmax
         if state.nested:
@@ -124,12 +123,12 @@ def torch_dequantized(modules: list[Any]) -> Iterator[int]:
         linear.register_buffer("code_4bit", state.code.to(linear.weight.device), persistent=False)
         linear.register_buffer("absmax_4bit", absmax.float(), persistent=False)
         linear.layout_4bit = (state.blocksize, tuple(state.shape), state.dtype)
-        linear.recompute_4bit = not layer_recomputed
+        linear.recompute_4bit = not layer_checkpointed
         linear.__class__ = torch_class
     try:
         yield len(swapped)
     finally:
-        for linear in swapped:
+        for linear, _ in swapped:
             linear.__class__ = bnb.nn.Linear4bit
             for name in ("packed_4bit", "code_4bit", "absmax_4bit", "layout_4bit", "recompute_4bit"):
                 delattr(linear, name)
@@ -138,7 +137,8 @@ def torch_dequantized(modules: list[Any]) -> Iterator[int]:
 @contextlib.contextmanager
 def bitsandbytes_forward(modules: list[Any]) -> Iterator[None]:
     """Within the block, the swapped linears inside `modules` run bitsandbytes' own forward (eager
-    code: the torch operations would make an index per element of a weight, uncompiled)."""
+    code: uncompiled, the torch operations would run a kernel per operation and materialize the
+    weight's codes and float32 values, where bitsandbytes runs one kernel)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         yield
         return
